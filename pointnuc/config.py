@@ -1,0 +1,169 @@
+"""Frozen, validated configuration of every stage; saved with every model.
+
+Lengths are in µm so that they follow the pixel size; ``px()`` converts at the
+working resolution. The defaults reproduce Qu et al. 2020 at 40x (0.25 µm/px):
+r1 = 11 px = 2.75 µm, r2 = 2·r1, σ = r1/4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pointnuc.errors import InputError
+
+DetectionVariant = Literal["GM", "ext-GM", "ST-nu", "ST-bg"]
+VARIANTS: tuple[str, ...] = ("GM", "ext-GM", "ST-nu", "ST-bg")
+ENCODERS: tuple[str, ...] = ("resnet34", "resnet18", "tiny")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InputError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How training images are read and cut."""
+
+    pixel_size_um: float = 0.25  #: resolution the networks work at (images are resampled to it)
+    nucleus_radius_um: float = 2.75  #: mean nucleus radius r1 (paper: 11 px at 0.25 µm/px)
+    patch_size: int = 250  #: patches cut from each image/region (paper: 250)
+    crop_size: int = 224  #: random crop fed to the network (paper: 224)
+    patches_per_image: int = 16  #: patches per training image per epoch (paper: 16)
+    region_margin_um: float = 25.0  #: without regions: neighbourhood kept around the points
+
+    def __post_init__(self) -> None:
+        _check(self.pixel_size_um > 0, "pixel size must be positive")
+        _check(self.nucleus_radius_um > 0, "nucleus radius must be positive")
+        _check(self.crop_size <= self.patch_size, "crop size must not exceed patch size")
+        _check(self.crop_size % 32 == 0, "crop size must be a multiple of 32 (U-Net)")
+
+    def px(self, um: float) -> float:
+        """A length in µm as pixels at the working resolution."""
+        return um / self.pixel_size_um
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Stage 1: detector trained from partial points (paper §III)."""
+
+    variant: str = "ST-bg"  #: GM | ext-GM | ST-nu | ST-bg (Table I)
+    rounds: int = 3  #: self-training rounds after the initial training (ST-* only)
+    epochs: int = 80  #: epochs of the initial training and of each round
+    lr: float = 1e-3
+    batch_size: int = 16
+    fg_weight: float = 10.0  #: w in Eq. 2 for pixels with mask > 0
+    r2_factor: float = 2.0  #: r2 = r2_factor · r1
+    sigma_factor: float = 0.25  #: σ = sigma_factor · r1
+    bg_low: float = 0.1  #: Eq. 3: background where p < bg_low
+    bg_high: float = 0.7  #: Eq. 3: ... or p > bg_high in a component larger than π r1²
+
+    def __post_init__(self) -> None:
+        _check(self.variant in VARIANTS, f"unknown detection variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        _check(self.rounds >= 0 and self.epochs >= 1, "rounds must be >= 0 and epochs >= 1")
+        _check(0 <= self.bg_low < self.bg_high <= 1, "need 0 <= bg_low < bg_high <= 1")
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Stage 2: segmenter trained from Voronoi + cluster labels, CRF-loss fine-tuning (§IV)."""
+
+    epochs: int = 100
+    lr: float = 1e-4
+    batch_size: int = 16
+    alpha: float = 0.5  #: L = α·L_vor + (1-α)·L_cluster
+    point_dilation_um: float = 0.5  #: Voronoi label: points dilated by a disk (paper: 2 px at 0.25)
+    cluster_dist_clip_um: float = 5.0  #: k-means distance feature clipped here (paper: 20 px)
+    crf_epochs: int = 20
+    crf_lr: float = 1e-5
+    crf_sigma_xy_um: float = 2.25  #: σ_pq (paper: 9 px at 0.25 µm/px)
+    crf_sigma_rgb: float = 0.1  #: σ_rgb on RGB in [0, 1]
+    crf_beta: float = 0.005
+    instance_method: str = "cc"  #: cc (paper: connected components) | watershed
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.alpha <= 1, "alpha must be in [0, 1]")
+        _check(self.instance_method in ("cc", "watershed"), "instance method must be cc or watershed")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``pointnuc train`` needs; saved in the model folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    encoder: str = "resnet34"  #: resnet34 (paper) | resnet18 | tiny (tests)
+    seed: int = 0
+    profile: str = "paper"
+
+    def __post_init__(self) -> None:
+        _check(self.encoder in ENCODERS, f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
+        try:
+            return cls(
+                data=DataConfig(**d.get("data", {})),
+                detection=DetectionConfig(**d.get("detection", {})),
+                segmentation=SegmentationConfig(**d.get("segmentation", {})),
+                **{k: v for k, v in d.items() if k not in ("data", "detection", "segmentation")},
+            )
+        except TypeError as err:
+            raise InputError(f"configuration does not match this pointnuc version: {err}") from None
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with top-level or dotted (``detection.epochs``) fields changed."""
+        top: dict[str, Any] = {}
+        subs: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            if "." in key:
+                sec, name = key.split(".", 1)
+                subs.setdefault(sec, {})[name] = value
+            else:
+                top[key] = value
+        for sec, vals in subs.items():
+            top[sec] = dataclasses.replace(getattr(self, sec), **vals)
+        return dataclasses.replace(self, **top)
+
+
+#: Named profiles. ``paper``: the paper's schedule (GPU). ``quick``: a 2-core CPU in
+#: well under an hour. ``tiny``: seconds, for tests and the example smoke run.
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "quick": {
+        "data.pixel_size_um": 0.5,
+        "detection.epochs": 6,
+        "detection.rounds": 1,
+        "detection.batch_size": 8,
+        "segmentation.epochs": 8,
+        "segmentation.crf_epochs": 2,
+        "segmentation.batch_size": 8,
+        "segmentation.lr": 3e-4,
+    },
+    "tiny": {
+        "encoder": "tiny",
+        "data.patch_size": 96,
+        "data.crop_size": 64,
+        "data.patches_per_image": 4,
+        "detection.epochs": 3,
+        "detection.rounds": 1,
+        "detection.batch_size": 4,
+        "segmentation.epochs": 3,
+        "segmentation.crf_epochs": 1,
+        "segmentation.batch_size": 4,
+    },
+}
+
+
+def profile_config(name: str, **overrides: Any) -> TrainConfig:
+    """The config of a named profile, with dotted overrides applied."""
+    if name not in PROFILES:
+        raise InputError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    return TrainConfig(profile=name).replace(**{**PROFILES[name], **overrides})

@@ -1,0 +1,1 @@
+"""Inference: tiling, batched prediction, post-processing, whole-slide driver."""

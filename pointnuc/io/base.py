@@ -1,0 +1,89 @@
+"""The one interface the pipeline sees for a QuPath project.
+
+Two implementations: :mod:`pointnuc.io.geojson_project` (a folder of images with
+QuPath GeoJSON exports beside them, pure Python) and :mod:`pointnuc.io.qupath`
+(a ``.qpproj`` through paquo, the only module that imports paquo).
+
+Coordinates are always QuPath's: full-resolution pixels, origin at the top-left
+corner of the top-left pixel, x = column, y = row; pixel (r, c) has its centre at
+(c + 0.5, r + 0.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+from shapely.geometry.base import BaseGeometry
+
+#: Measurement name that marks an object as written by pointnuc (QuPath shows it as a column).
+POINTNUC_MARKER = "pointnuc score"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a project."""
+
+    name: str  #: QuPath's image name (usually the file name), unique in the project
+    path: Path  #: the pixel file on disk
+    width: int  #: full-resolution width in pixels
+    height: int
+    pixel_size_um: float | None  #: µm per pixel at full resolution, None when unknown
+
+
+@dataclass(frozen=True)
+class ImageAnnotations:
+    """What a user drew on one image, as pointnuc needs it."""
+
+    points_xy: np.ndarray  #: (N, 2) float64, QuPath x/y of the points of the chosen class
+    regions: tuple[BaseGeometry, ...] = ()  #: training/processing regions (area annotations of the region class)
+    other_point_counts: dict[str, int] = field(default_factory=dict)  #: points of other classes (ignored)
+    n_pointnuc_objects: int = 0  #: objects an earlier pointnuc run wrote
+
+
+@dataclass(frozen=True)
+class NucleusObject:
+    """One nucleus to write back, in full-resolution QuPath coordinates."""
+
+    polygon: BaseGeometry  #: a valid shapely Polygon
+    score: float  #: mean nucleus probability, in [0, 1]
+    measurements: dict[str, float] = field(default_factory=dict)  #: extra measurements (Area µm^2, ...)
+
+
+class Project(Protocol):
+    """A QuPath project as pointnuc reads and writes it."""
+
+    root: Path  #: folder of the project (where models and backups go by default)
+
+    def images(self) -> list[ImageRef]:
+        """All images of the project, in project order."""
+        ...
+
+    def annotations(
+        self, image: ImageRef, point_class: str = "Nucleus", region_class: str | None = None
+    ) -> ImageAnnotations:
+        """The points of ``point_class`` and the regions of ``region_class`` on ``image``."""
+        ...
+
+    def write_nuclei(
+        self,
+        results: dict[str, Sequence[NucleusObject]],
+        *,
+        object_type: str = "detection",
+        class_name: str = "Nucleus",
+        replace_within: dict[str, BaseGeometry | None] | None = None,
+    ) -> list[Path]:
+        """Write nuclei per image name, replacing pointnuc's own earlier objects.
+
+        ``replace_within[name]``: only earlier pointnuc objects inside this area are
+        replaced (None = the whole image). User objects are never touched. Keeps a
+        backup of what is replaced; returns the files written.
+        """
+        ...
+
+
+def open_project(path: Path, *, output_dir: Path | None = None) -> Project:
+    """Open PROJECT: a ``.qpproj`` (or its folder) via paquo, or a GeoJSON image folder."""
+    raise NotImplementedError  # filled in by the I/O work (issue 2)

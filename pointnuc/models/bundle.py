@@ -1,0 +1,168 @@
+"""A trained model as a self-describing folder.
+
+Layout (the one place that defines it)::
+
+    MODEL_DIR/
+      pointnuc-model.json   format version, pointnuc version, config, pixel size,
+                            colour-normalisation reference, tuned thresholds, provenance
+      detector.pt           stage-1 weights (state_dict)
+      segmenter.pt          stage-2 weights (state_dict), after CRF fine-tuning
+      points/NAME.json      stage-1 detected points per training image (x/y, full-res px)
+      checkpoints/          per-epoch checkpoints for --resume
+      report/               loss curves and overlays (PNG), metrics.json
+      train.log             the run's log
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import pointnuc
+from pointnuc.config import TrainConfig
+from pointnuc.errors import ModelFormatError
+from pointnuc.models.net import UNet, build_network
+
+FORMAT_NAME = "pointnuc-model"
+FORMAT_VERSION = 1
+MODEL_JSON = "pointnuc-model.json"
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Paths inside a model folder."""
+
+    root: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.root / MODEL_JSON
+
+    @property
+    def detector(self) -> Path:
+        return self.root / "detector.pt"
+
+    @property
+    def segmenter(self) -> Path:
+        return self.root / "segmenter.pt"
+
+    @property
+    def points(self) -> Path:
+        return self.root / "points"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+
+@dataclass
+class ModelInfo:
+    """What ``pointnuc-model.json`` holds."""
+
+    config: TrainConfig
+    norm_reference: dict[str, list[float]] | None = None  #: Reinhard mean/std in LAB
+    thresholds: dict[str, float] = field(default_factory=dict)  #: tuned on held-back data
+    provenance: dict[str, Any] = field(default_factory=dict)  #: data, seed, device, times, versions
+    metrics: dict[str, Any] = field(default_factory=dict)  #: validation scores used for selection
+
+    @property
+    def pixel_size_um(self) -> float:
+        return self.config.data.pixel_size_um
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "pointnuc_version": pointnuc.__version__,
+            "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "pixel_size_um": self.pixel_size_um,
+            "config": self.config.to_dict(),
+            "norm_reference": self.norm_reference,
+            "thresholds": self.thresholds,
+            "metrics": self.metrics,
+            "provenance": self.provenance,
+        }
+
+
+def save_info(root: Path, info: ModelInfo) -> None:
+    """Write ``pointnuc-model.json`` atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = ModelLayout(root).meta
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info.to_json(), indent=1, default=_json_default), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_info(root: Path) -> ModelInfo:
+    """Read a model folder's description; unknown or damaged folders fail clearly."""
+    layout = ModelLayout(Path(root))
+    if not layout.root.is_dir():
+        raise ModelFormatError(f"model folder not found: {layout.root}")
+    if not layout.meta.is_file():
+        raise ModelFormatError(f"{layout.root} is not a pointnuc model folder (no {MODEL_JSON})")
+    try:
+        d = json.loads(layout.meta.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFormatError(f"{layout.meta} is damaged ({err.__class__.__name__}: {err})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+        raise ModelFormatError(f"{layout.meta} is not a pointnuc model description")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{layout.root} has model format {d.get('format_version')!r}; this pointnuc "
+            f"({pointnuc.__version__}) reads format {FORMAT_VERSION}"
+        )
+    return ModelInfo(
+        config=TrainConfig.from_dict(d["config"]),
+        norm_reference=d.get("norm_reference"),
+        thresholds=dict(d.get("thresholds") or {}),
+        provenance=dict(d.get("provenance") or {}),
+        metrics=dict(d.get("metrics") or {}),
+    )
+
+
+def save_weights(path: Path, model: torch.nn.Module) -> None:
+    """Save a state_dict atomically (a crash never leaves a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_network(root: Path, which: str = "segmenter", info: ModelInfo | None = None) -> UNet:
+    """Build the stage's network from the folder's config and load its weights (CPU)."""
+    info = info or load_info(root)
+    path = ModelLayout(Path(root)).segmenter if which == "segmenter" else ModelLayout(Path(root)).detector
+    if not path.is_file():
+        raise ModelFormatError(f"{root} has no {path.name}: was training finished?")
+    net = build_network(2 if which == "segmenter" else 1, info.config.encoder, pretrained=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except Exception as err:  # damaged file or wrong architecture: both are the user's to fix
+        raise ModelFormatError(f"{path} cannot be loaded ({err.__class__.__name__}); the file is damaged or from another model") from None
+    return net
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,149 @@
+"""U-Net with a ResNet encoder (paper: ResNet-34 conv layers, ImageNet-pretrained).
+
+ImageNet weights are used when they are on disk (torchvision's cache or a path the
+user gives); no download is ever attempted. Without them the encoder starts from
+random initialisation and a one-line notice says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: File names torchvision uses for the ImageNet weights in its hub cache.
+_TORCHVISION_FILES = {
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet18": "resnet18-f37072fd.pth",
+}
+
+
+def find_imagenet_weights(encoder: str, weights: Path | None = None) -> Path | None:
+    """The local ImageNet weights file for ``encoder``: ``weights`` if given, else torchvision's cache."""
+    if weights is not None:
+        return Path(weights)
+    if encoder not in _TORCHVISION_FILES:
+        return None
+    cand = Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILES[encoder]
+    return cand if cand.is_file() else None
+
+
+class _Up(nn.Module):
+    def __init__(self, c_in: int, c_skip: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in + c_skip, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.conv(torch.cat([x, skip], dim=1))
+
+
+def _tiny_encoder() -> tuple[nn.ModuleList, list[int]]:
+    """A small 5-level encoder with ResNet's strides, for tests (seconds on a CPU)."""
+
+    def block(ci: int, co: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU(inplace=True))
+
+    chans = [8, 8, 16, 16, 32]
+    stages = nn.ModuleList(
+        [block(3, 8, 2), nn.Sequential(nn.MaxPool2d(2), block(8, 8, 1)), block(8, 16, 2), block(16, 16, 2), block(16, 32, 2)]
+    )
+    return stages, chans
+
+
+def _resnet_encoder(encoder: str, weights_file: Path | None) -> tuple[nn.ModuleList, list[int]]:
+    import torchvision
+
+    net = getattr(torchvision.models, encoder)(weights=None)
+    if weights_file is not None:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    stages = nn.ModuleList(
+        [
+            nn.Sequential(net.conv1, net.bn1, net.relu),  # /2, 64
+            nn.Sequential(net.maxpool, net.layer1),  # /4, 64
+            net.layer2,  # /8, 128
+            net.layer3,  # /16, 256
+            net.layer4,  # /32, 512
+        ]
+    )
+    return stages, [64, 64, 128, 256, 512]
+
+
+class UNet(nn.Module):
+    """U-Net: ResNet encoder, 4 upsampling blocks, full-resolution head; returns logits."""
+
+    def __init__(self, out_channels: int, encoder: str = "resnet34", weights_file: Path | None = None) -> None:
+        super().__init__()
+        self.encoder_name = encoder
+        if encoder == "tiny":
+            self.stages, ch = _tiny_encoder()
+        else:
+            self.stages, ch = _resnet_encoder(encoder, weights_file)
+        dec = [max(c // 2, 8) for c in ch]
+        self.up4 = _Up(ch[4], ch[3], dec[3])
+        self.up3 = _Up(dec[3], ch[2], dec[2])
+        self.up2 = _Up(dec[2], ch[1], dec[1])
+        self.up1 = _Up(dec[1], ch[0], dec[0])
+        self.head = nn.Sequential(
+            nn.Conv2d(dec[0] + 3, dec[0], 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(dec[0], out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        h = x
+        for stage in self.stages:
+            h = stage(h)
+            feats.append(h)
+        d = self.up4(feats[4], feats[3])
+        d = self.up3(d, feats[2])
+        d = self.up2(d, feats[1])
+        d = self.up1(d, feats[0])
+        d = F.interpolate(d, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(torch.cat([d, x], dim=1))
+
+
+def build_network(out_channels: int, encoder: str = "resnet34", weights: Path | None = None, *, pretrained: bool = True) -> UNet:
+    """The U-Net, with ImageNet encoder weights when they are found locally.
+
+    ``pretrained=False`` skips the lookup (used when weights will be loaded from a model folder).
+    """
+    weights_file = find_imagenet_weights(encoder, weights) if (pretrained and encoder != "tiny") else None
+    if pretrained and encoder != "tiny" and weights_file is None:
+        log.warning(
+            "No ImageNet weights for %s found locally (torchvision cache or --weights); "
+            "the encoder starts from random initialisation.",
+            encoder,
+        )
+    if weights_file is not None and not weights_file.is_file():
+        from pointnuc.errors import InputError
+
+        raise InputError(f"encoder weights file not found: {weights_file}")
+    return UNet(out_channels, encoder, weights_file)
+
+
+def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (B, H, W, 3) or (H, W, 3) -> float (B, 3, H, W), ImageNet-normalised."""
+    t = torch.as_tensor(images)
+    if t.ndim == 3:
+        t = t[None]
+    t = t.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=t.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=t.device).view(1, 3, 1, 1)
+    return (t - mean) / std
