@@ -1,0 +1,30 @@
+"""The unit both training stages consume: one image (or region) at the working resolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class TrainingImage:
+    """One training image or region, resampled to the model's working pixel size.
+
+    All coordinates here are at the working resolution, QuPath convention (x = column,
+    y = row, pixel (r, c) centred at (c + 0.5, r + 0.5)). ``to_full_res`` maps them back.
+    """
+
+    name: str  #: unique id: image name, plus ``#k`` for the k-th region of an image
+    image_name: str  #: the project's image name
+    image: np.ndarray  #: uint8 RGB (H, W, 3), colour-normalised (Reinhard)
+    points: np.ndarray  #: (N, 2) float xy: the user's points used for training
+    holdout: np.ndarray  #: (M, 2) float xy: user's points held back for tuning/selection
+    valid: np.ndarray  #: bool (H, W): inside the training region; labels outside are ignored
+    origin_xy: tuple[float, float] = (0.0, 0.0)  #: full-res x/y of this array's top-left corner
+    scale: float = 1.0  #: full-res pixels per working pixel
+    gt_labels: np.ndarray | None = None  #: int instance labels (H, W); benchmarks / paper protocol only
+
+    def to_full_res(self, xy: np.ndarray) -> np.ndarray:
+        """Working-resolution x/y -> full-resolution QuPath x/y."""
+        return np.asarray(xy, float) * self.scale + np.asarray(self.origin_xy, float)
