@@ -33,12 +33,15 @@ class DataConfig:
     crop_size: int = 224  #: random crop fed to the network (paper: 224)
     patches_per_image: int = 16  #: patches per training image per epoch (paper: 16)
     region_margin_um: float = 25.0  #: without regions: neighbourhood kept around the points
+    holdout_fraction: float = 0.2  #: share of each image's points held back for tuning and selection
+    max_whole_image_px: int = 4096  #: without regions, images up to this size (working px) are used whole
 
     def __post_init__(self) -> None:
         _check(self.pixel_size_um > 0, "pixel size must be positive")
         _check(self.nucleus_radius_um > 0, "nucleus radius must be positive")
         _check(self.crop_size <= self.patch_size, "crop size must not exceed patch size")
         _check(self.crop_size % 32 == 0, "crop size must be a multiple of 32 (U-Net)")
+        _check(0 <= self.holdout_fraction < 1, "holdout fraction must be in [0, 1)")
 
     def px(self, um: float) -> float:
         """A length in µm as pixels at the working resolution."""
