@@ -1,0 +1,88 @@
+"""``pointnuc train``: stage 1 (detector) then stage 2 (segmenter) from the project's points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pointnuc.cli.options import device_option, pixel_size_option, point_class_option, project_argument, region_class_option
+
+
+def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
+    import json
+
+    out: dict[str, object] = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@click.command("train")
+@project_argument
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Model folder to create [default: PROJECT_FOLDER/pointnuc-models/DATE-PROFILE].")
+@click.option("--profile", type=click.Choice(["auto", "paper", "quick", "tiny"]), default="auto", show_default=True,
+              help="Training schedule. paper: the paper's (GPU, hours on a CPU); quick: a CPU in well under an hour; "
+              "tiny: seconds, for trying the commands. auto: paper with a CUDA GPU, quick otherwise.")
+@click.option("--variant", type=click.Choice(["GM", "ext-GM", "ST-nu", "ST-bg"]), default=None,
+              help="Stage-1 label variant (paper Table I) [default: ST-bg].")
+@point_class_option
+@region_class_option
+@pixel_size_option
+@device_option
+@click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="ImageNet weights for the ResNet encoder (default: torchvision's cache if present, else random init).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling, initialisation, order).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Change any configuration field, e.g. --set detection.epochs=40 --set data.pixel_size_um=0.5.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None, point_class: str,
+              region_class: str | None, pixel_size: float | None, device: str, weights: Path | None, seed: int,
+              settings: tuple[str, ...], resume: bool, overwrite: bool, no_progress: bool) -> None:
+    """Train a nuclei detector, then a segmenter, from the points clicked in PROJECT.
+
+    PROJECT is a QuPath project (.qpproj or its folder) or a folder of images with
+    QuPath GeoJSON exports. The model is saved as a self-describing folder that
+    `pointnuc segment` uses (by default the newest one of the project).
+    """
+    from pointnuc.config import profile_config
+    from pointnuc.errors import InputError
+    from pointnuc.io.base import open_project
+    from pointnuc.pipeline import default_model_dir, prepare_model_dir, train_project
+    from pointnuc.train.fit import resolve_device
+
+    if profile == "auto":
+        profile = "paper" if resolve_device(device).type == "cuda" else "quick"
+    overrides = _parse_set(settings)
+    if variant:
+        overrides["detection.variant"] = variant
+    overrides["seed"] = seed
+    try:
+        config = profile_config(profile, **overrides)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"bad --set value: {err}") from None
+    proj = open_project(project)
+    if resume and out is None:
+        raise InputError("--resume needs --out: the model folder of the interrupted run")
+    out = out or default_model_dir(proj, config)
+    prepare_model_dir(out, overwrite=overwrite, resume=resume)
+    click.echo(f"pointnuc: training profile {profile!r}; model folder {out}", err=True)
+    summary = train_project(proj, out, config, device=device, point_class=point_class, region_class=region_class,
+                            pixel_size_um=pixel_size, weights=weights, resume=resume, progress=not no_progress)
+    minutes = summary.seconds / 60
+    click.echo(
+        f"Trained on {summary.n_images} image(s) from {summary.n_points} points; stage 1 found "
+        f"{summary.n_detected} nuclei on the training images ({minutes:.1f} min on {summary.device}).\n"
+        f"Model: {summary.model_dir}\n"
+        f"Report: {summary.model_dir / 'report'}\n"
+        f"Next: pointnuc segment {project} --model {summary.model_dir}"
+    )

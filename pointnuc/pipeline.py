@@ -1,0 +1,484 @@
+"""The few high-level functions the CLI calls: train a model, segment a project.
+
+Stages pass objects, not folder names: the project yields :class:`TrainingImage`
+samples, stage 1 turns them into detected points, stage 2 into a segmenter, and
+the model folder (:mod:`pointnuc.models.bundle`) records all of it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import pointnuc
+import pointnuc.errors
+from pointnuc.config import TrainConfig
+from pointnuc.errors import InputError, OutputExistsError, PixelSizeError, TrainingError
+from pointnuc.io.base import ImageRef, Project
+from pointnuc.train.samples import TrainingImage
+
+log = logging.getLogger(__name__)
+
+#: Fewer user points than this in the whole project cannot train a detector: with
+#: 20% held back for tuning, 10 points leave 8 to learn from, about one 224² crop's worth.
+MIN_POINTS = 10
+
+MODELS_FOLDER = "pointnuc-models"
+
+
+# --------------------------------------------------------------------------- training data
+
+
+def _resolve_pixel_size(image: ImageRef, override: float | None) -> float:
+    if override is not None:
+        return float(override)
+    if image.pixel_size_um is None:
+        raise PixelSizeError(
+            f"image {image.name!r} has no pixel size; pass --pixel-size (µm per pixel, e.g. 0.25 for 40x, 0.5 for 20x)"
+        )
+    return float(image.pixel_size_um)
+
+
+def _boxes_for_image(
+    image: ImageRef, regions: Sequence, points_xy: np.ndarray, downsample: float, config: TrainConfig
+) -> list[tuple[int, int, int, int, object | None]]:
+    """Full-res boxes (x, y, w, h, region geometry or None) to train on for one image."""
+    if regions:
+        out = []
+        for geom in regions:
+            x0, y0, x1, y1 = geom.bounds
+            x0, y0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+            x1, y1 = min(int(np.ceil(x1)), image.width), min(int(np.ceil(y1)), image.height)
+            if x1 - x0 < 2 or y1 - y0 < 2:
+                log.warning("a training region on %s has no pixels inside the image; skipped", image.name)
+                continue
+            out.append((x0, y0, x1 - x0, y1 - y0, geom))
+        return out
+    limit = config.data.max_whole_image_px * downsample
+    if image.width <= limit and image.height <= limit:
+        return [(0, 0, image.width, image.height, None)]
+    # a large slide: windows around the points (grid cells that hold points, plus a margin)
+    cell = int(1024 * downsample)
+    margin = int(config.data.region_margin_um / (config.data.pixel_size_um / downsample) * downsample)
+    keys = sorted({(int(x // cell), int(y // cell)) for x, y in points_xy})
+    out = []
+    for cx, cy in keys:
+        x0, y0 = max(cx * cell - margin, 0), max(cy * cell - margin, 0)
+        x1, y1 = min((cx + 1) * cell + margin, image.width), min((cy + 1) * cell + margin, image.height)
+        out.append((x0, y0, x1 - x0, y1 - y0, None))
+    return out
+
+
+def _split_holdout(points: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    n_hold = int(round(len(points) * fraction))
+    if len(points) - n_hold < 1:
+        n_hold = 0
+    order = rng.permutation(len(points))
+    return points[order[n_hold:]], points[order[:n_hold]]
+
+
+def load_training_images(
+    project: Project,
+    config: TrainConfig,
+    *,
+    point_class: str = "Nucleus",
+    region_class: str | None = None,
+    pixel_size_um: float | None = None,
+    image_names: Sequence[str] | None = None,
+) -> tuple[list[TrainingImage], dict[str, list[float]], dict[str, int]]:
+    """Read every image's points and regions at the working resolution, colour-normalised.
+
+    Returns the samples, the Reinhard reference computed over them, and points per image.
+    """
+    from skimage.draw import polygon as draw_polygon
+
+    from pointnuc.io.slide import open_slide
+    from pointnuc.stain import reinhard_normalize, reinhard_reference
+
+    rng = np.random.default_rng(config.seed)
+    raw: list[TrainingImage] = []
+    counts: dict[str, int] = {}
+    wanted = set(image_names) if image_names else None
+    for image in project.images():
+        if wanted is not None and image.name not in wanted:
+            continue
+        ann = project.annotations(image, point_class=point_class, region_class=region_class)
+        counts[image.name] = len(ann.points_xy)
+        if len(ann.points_xy) == 0:
+            log.info("%s: no %r points, not used for training", image.name, point_class)
+            continue
+        px = _resolve_pixel_size(image, pixel_size_um)
+        ds = config.data.pixel_size_um / px
+        with open_slide(image.path, pixel_size_um=px) as slide:
+            for k, (x, y, w, h, geom) in enumerate(_boxes_for_image(image, ann.regions, ann.points_xy, ds, config)):
+                arr = slide.read_region(x, y, w, h, downsample=ds)
+                hh, ww = arr.shape[:2]
+                scale = w / ww
+                if geom is not None:
+                    valid = np.zeros((hh, ww), bool)
+                    polys = getattr(geom, "geoms", [geom])
+                    for poly in polys:
+                        ext = np.asarray(poly.exterior.coords)
+                        rr, cc = draw_polygon((ext[:, 1] - y) / scale, (ext[:, 0] - x) / scale, shape=(hh, ww))
+                        valid[rr, cc] = True
+                else:
+                    valid = np.ones((hh, ww), bool)
+                local = (ann.points_xy - np.array([x, y], float)) / scale
+                ij = np.floor(local).astype(int)
+                inside = (ij[:, 0] >= 0) & (ij[:, 1] >= 0) & (ij[:, 0] < ww) & (ij[:, 1] < hh)
+                inside[inside] = valid[ij[inside, 1], ij[inside, 0]]
+                pts = local[inside]
+                if len(pts) == 0:
+                    continue
+                train_pts, hold_pts = _split_holdout(pts, config.data.holdout_fraction, rng)
+                raw.append(
+                    TrainingImage(
+                        name=f"{image.name}#{k}",
+                        image_name=image.name,
+                        image=arr,
+                        points=train_pts,
+                        holdout=hold_pts,
+                        valid=valid,
+                        origin_xy=(float(x), float(y)),
+                        scale=float(scale),
+                    )
+                )
+    total = sum(len(s.points) + len(s.holdout) for s in raw)
+    if total == 0:
+        raise TrainingError(
+            f"no {point_class!r} points found in any image of the project; click points with QuPath's "
+            f"Points tool using that class, or choose the class with --point-class"
+        )
+    if total < MIN_POINTS:
+        raise TrainingError(f"only {total} {point_class!r} points in the project; pointnuc needs at least {MIN_POINTS}")
+    ref = reinhard_reference([s.image for s in raw])
+    for s in raw:
+        s.image = reinhard_normalize(s.image, ref)
+    return raw, ref, counts
+
+
+# --------------------------------------------------------------------------- model folder
+
+
+def default_model_dir(project: Project, config: TrainConfig) -> Path:
+    """A new, dated model folder inside the project's folder."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return project.root / MODELS_FOLDER / f"{stamp}-{config.profile}"
+
+
+def newest_model_dir(project: Project) -> Path:
+    """The most recent model trained for this project (by the time it was saved)."""
+    from pointnuc.models.bundle import MODEL_JSON
+
+    folder = project.root / MODELS_FOLDER
+    cands = sorted(folder.glob(f"*/{MODEL_JSON}"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    done = [p.parent for p in cands if (p.parent / "segmenter.pt").is_file()]
+    if not done:
+        raise InputError(f"no trained model found in {folder}; run `pointnuc train` first or pass --model")
+    return done[-1]
+
+
+def prepare_model_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an existing model folder unless asked to."""
+    if out.exists() and any(out.iterdir()):
+        if resume:
+            return
+        if not overwrite:
+            raise OutputExistsError(f"{out} exists; pass --overwrite to replace it or --resume to continue training there")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class TrainSummary:
+    """What ``pointnuc train`` reports at the end."""
+
+    model_dir: Path
+    n_images: int
+    n_points: int
+    n_detected: int
+    seconds: float
+    device: str
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+def train_project(
+    project: Project,
+    out: Path,
+    config: TrainConfig,
+    *,
+    device: str = "auto",
+    point_class: str = "Nucleus",
+    region_class: str | None = None,
+    pixel_size_um: float | None = None,
+    weights: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainSummary:
+    """Stage 1 then stage 2 on a project's points; leaves a complete model folder at ``out``."""
+    import torch
+
+    from pointnuc.models.bundle import ModelInfo, ModelLayout, load_info, save_info
+    from pointnuc.train.detect import train_detector
+    from pointnuc.train.fit import resolve_device
+    from pointnuc.train.segment import train_segmenter
+
+    t0 = time.time()
+    layout = ModelLayout(out)
+    dev = resolve_device(device)
+    torch.manual_seed(config.seed)
+    if resume and layout.meta.is_file():
+        prev = load_info(out)
+        if prev.config != config:
+            raise TrainingError(f"--resume: {out} was trained with another configuration; use a new --out or the same options")
+
+    samples, ref, counts = load_training_images(
+        project, config, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size_um
+    )
+    n_points = sum(len(s.points) + len(s.holdout) for s in samples)
+    log.info(
+        "%d training image(s)/region(s), %d points (%d held back for tuning), working at %.3g µm/px, device %s",
+        len(samples),
+        n_points,
+        sum(len(s.holdout) for s in samples),
+        config.data.pixel_size_um,
+        dev,
+    )
+    provenance = {
+        "project": str(project.root),
+        "images": counts,
+        "point_class": point_class,
+        "region_class": region_class,
+        "pixel_size_override_um": pixel_size_um,
+        "seed": config.seed,
+        "device": str(dev),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "pointnuc": pointnuc.__version__,
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    info = ModelInfo(config=config, norm_reference=ref, provenance=provenance)
+    save_info(out, info)  # describes the run from the start, so --resume can check it
+
+    det = train_detector(samples, config, layout, device=dev, resume=resume, progress=progress, weights=weights)
+    info.thresholds.update({"detection_prob": float(det.threshold), "detection_min_area_px": float(det.min_area_px)})
+    info.metrics["detection"] = det.metrics
+    info.provenance["stage1_seconds"] = round(time.time() - t0, 1)
+    save_info(out, info)
+
+    t1 = time.time()
+    seg = train_segmenter(samples, det.points, config, layout, device=dev, resume=resume, progress=progress, weights=weights)
+    info.thresholds.update({k: float(v) for k, v in seg.thresholds.items()})
+    info.metrics["segmentation"] = seg.metrics
+    info.provenance["stage2_seconds"] = round(time.time() - t1, 1)
+    info.provenance["seconds"] = round(time.time() - t0, 1)
+    info.provenance["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    save_info(out, info)
+    try:
+        from pointnuc.report import write_report
+
+        write_report(layout, samples, det, seg)
+    except ImportError:
+        pass
+    return TrainSummary(
+        model_dir=out,
+        n_images=len({s.image_name for s in samples}),
+        n_points=n_points,
+        n_detected=int(sum(len(p) for p in det.points.values())),
+        seconds=time.time() - t0,
+        device=str(dev),
+        thresholds=dict(info.thresholds),
+    )
+
+
+def write_json(path: Path, data: object) -> None:
+    """Small JSON writer used by the CLI's --json outputs."""
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- segmentation
+
+RESULTS_FOLDER = "pointnuc-results"
+
+
+@dataclass
+class ImagePlan:
+    """One image ``pointnuc segment`` will process."""
+
+    image: ImageRef
+    region: object | None  #: full-res shapely geometry to segment within, None = whole image
+    done: bool  #: a result from this model already exists (skipped unless --redo)
+
+
+@dataclass
+class SegmentSummary:
+    """What ``pointnuc segment`` reports at the end."""
+
+    model_dir: Path
+    results_dir: Path
+    nuclei: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)
+
+
+def results_dir(project: Project, model_dir: Path) -> Path:
+    """Per-image results of one model on one project (resume state and shard output)."""
+    return project.root / RESULTS_FOLDER / Path(model_dir).name
+
+
+def shard_filter(names: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
+    """The image names shard K of N handles (1-based K), by position in project order."""
+    if shard is None:
+        return list(names)
+    k, n = shard
+    if not (n >= 1 and 1 <= k <= n):
+        raise InputError(f"--shard {k}/{n}: need 1 <= K <= N")
+    return [name for i, name in enumerate(names) if i % n == k - 1]
+
+
+def plan_segmentation(
+    project: Project,
+    model_dir: Path,
+    *,
+    image_names: Sequence[str] = (),
+    within_class: str | None = None,
+    shard: tuple[int, int] | None = None,
+    redo: bool = False,
+) -> list[ImagePlan]:
+    """Which images (and areas) to segment; unknown names or an empty --within class are errors."""
+    from shapely.ops import unary_union
+
+    images = project.images()
+    by_name = {im.name: im for im in images}
+    missing = [n for n in image_names if n not in by_name]
+    if missing:
+        raise InputError(f"no image named {missing[0]!r} in the project (see `pointnuc inspect`)")
+    names = list(image_names) if image_names else [im.name for im in images]
+    names = shard_filter(names, shard)
+    out_dir = results_dir(project, model_dir)
+    plans = []
+    any_region = False
+    for name in names:
+        image = by_name[name]
+        region = None
+        if within_class:
+            ann = project.annotations(image, region_class=within_class)
+            if not ann.regions:
+                continue
+            region = unary_union(list(ann.regions))
+            any_region = True
+        done = (out_dir / f"{_safe(name)}.geojson").is_file() and not redo
+        plans.append(ImagePlan(image=image, region=region, done=done))
+    if within_class and not any_region:
+        raise InputError(f"no {within_class!r} annotations in the selected images; draw one in QuPath or drop --within")
+    return plans
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def segment_project(
+    project: Project,
+    model_dir: Path,
+    *,
+    image_names: Sequence[str] = (),
+    within_class: str | None = None,
+    device: str = "auto",
+    pixel_size_um: float | None = None,
+    object_type: str = "detection",
+    class_name: str = "Nucleus",
+    shard: tuple[int, int] | None = None,
+    write: bool = True,
+    redo: bool = False,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> SegmentSummary:
+    """Segment the planned images; per-image results are kept so a re-run continues.
+
+    With ``write`` (no shard), each image's nuclei go into the project as soon as it is
+    done, replacing pointnuc's earlier objects in that area only.
+    """
+    from pointnuc.infer.wsi import segment_slide
+    from pointnuc.io.geojson import read_nuclei, write_nuclei_file
+    from pointnuc.io.slide import open_slide
+    from pointnuc.models.bundle import load_info, load_network
+    from pointnuc.train.fit import resolve_device
+
+    info = load_info(model_dir)
+    net = load_network(model_dir, "segmenter", info)
+    dev = resolve_device(device)
+    net.to(dev)
+    plans = plan_segmentation(project, model_dir, image_names=image_names, within_class=within_class, shard=shard, redo=redo)
+    out_dir = results_dir(project, model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
+    for plan in plans:
+        name = plan.image.name
+        result_file = out_dir / f"{_safe(name)}.geojson"
+        if plan.done:
+            summary.skipped.append(name)
+            nuclei = read_nuclei(result_file)
+        else:
+            t0 = time.time()
+            try:
+                px = _resolve_pixel_size(plan.image, pixel_size_um)
+                with open_slide(plan.image.path, pixel_size_um=px) as slide:
+                    res = segment_slide(slide, net, info, region=plan.region, device=dev, batch_size=batch_size,
+                                        progress=progress, name=name)
+            except PixelSizeError:
+                raise
+            except Exception as err:  # one bad slide must not stop the others
+                if not isinstance(err, pointnuc.errors.PointnucError):
+                    log.debug("failure on %s", name, exc_info=True)
+                summary.failed[name] = f"{err.__class__.__name__}: {err}"
+                log.error("%s failed: %s", name, err)
+                continue
+            nuclei = res.nuclei
+            write_nuclei_file(result_file, nuclei, object_type=object_type, class_name=class_name,
+                              pixel_size_um=px)
+            summary.seconds[name] = time.time() - t0
+        summary.nuclei[name] = len(nuclei)
+        if write and shard is None:
+            summary.written += project.write_nuclei(
+                {name: nuclei}, object_type=object_type, class_name=class_name, replace_within={name: plan.region}
+            )
+    return summary
+
+
+def merge_results(
+    project: Project, model_dir: Path, *, object_type: str = "detection", class_name: str = "Nucleus",
+    within_class: str | None = None,
+) -> SegmentSummary:
+    """Write every per-image result of ``model_dir`` (e.g. from --shard runs) into the project."""
+    from pointnuc.io.geojson import read_nuclei
+
+    plans = plan_segmentation(project, model_dir, within_class=within_class)
+    out_dir = results_dir(project, model_dir)
+    summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
+    batch = {}
+    within = {}
+    for plan in plans:
+        f = out_dir / f"{_safe(plan.image.name)}.geojson"
+        if not f.is_file():
+            summary.skipped.append(plan.image.name)
+            continue
+        batch[plan.image.name] = read_nuclei(f)
+        within[plan.image.name] = plan.region
+        summary.nuclei[plan.image.name] = len(batch[plan.image.name])
+    if not batch:
+        raise InputError(f"no results to merge in {out_dir}; run `pointnuc segment --shard K/N` first")
+    summary.written = project.write_nuclei(batch, object_type=object_type, class_name=class_name, replace_within=within)
+    return summary
