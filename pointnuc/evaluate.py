@@ -49,11 +49,8 @@ def _pairs(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
     truths = [truth] if truth.is_file() else sorted(p for p in truth.iterdir() if p.suffix.lower() in _LABEL_SUFFIXES)
     if pred.is_file() and truth.is_file():
         return [(_stem(pred), pred, truth)]
-    by_stem = {_stem(t): t for t in truths if t.name.count("_label") or len(truths) == 1 or True}
-    # prefer NAME_label.* when both NAME.png (the image) and NAME_label.png exist
-    for t in truths:
-        if "_label" in t.name:
-            by_stem[_stem(t)] = t
+    # NAME_label.* wins over NAME.png when both (the image and its labels) are in the folder
+    by_stem = {_stem(t): t for t in sorted(truths, key=lambda t: "_label" in t.name)}
     pairs = [(_stem(p), p, by_stem[_stem(p)]) for p in preds if _stem(p) in by_stem]
     if not pairs:
         raise InputError(f"no prediction in {pred} has a ground-truth label image of the same name in {truth}")
