@@ -1,0 +1,264 @@
+"""The one training loop both stages use: Adam, AMP on CUDA, checkpoints, resume, NaN guard.
+
+Checkpoints: ``checkpoint_dir/<stage_name>.pt`` after every epoch (model, optimizer,
+AMP scaler, epoch, history, best state, configuration fingerprint), written atomically.
+``resume=True`` continues from it; a checkpoint written under another configuration
+(different fingerprint) is refused. The number of epochs is not part of the fingerprint,
+so a finished run can be extended by resuming with more epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pointnuc.errors import InputError, TrainingError
+from pointnuc.models.net import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+EpochHook = Callable[[int, nn.Module], "dict[str, Any] | None"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an InputError."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda was asked for but no CUDA GPU is available")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+@dataclass
+class EpochStats:
+    """What one epoch did."""
+
+    epoch: int  #: 1-based
+    loss: float  #: mean training loss over the epoch's batches
+    seconds: float
+    patches_per_s: float
+    data_wait_share: float  #: share of the epoch's time spent waiting for batches
+    scores: dict[str, Any] = field(default_factory=dict)  #: what ``on_epoch_end`` returned
+
+
+@dataclass
+class FitHistory:
+    """Per-epoch statistics and the selected epoch."""
+
+    epochs: list[EpochStats] = field(default_factory=list)
+    best_epoch: int | None = None  #: epoch whose state the model holds after fit (None: the last)
+    best_score: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "FitHistory":
+        return cls(
+            epochs=[EpochStats(**e) for e in d.get("epochs", [])],
+            best_epoch=d.get("best_epoch"),
+            best_score=d.get("best_score"),
+        )
+
+    @property
+    def losses(self) -> list[float]:
+        return [e.loss for e in self.epochs]
+
+
+def fingerprint(model: nn.Module, **settings: Any) -> str:
+    """A short hash of the architecture (parameter names/shapes) and training settings."""
+    arch = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    blob = json.dumps({"arch": arch, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def normalise_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> ImageNet-normalised float; float input is passed through."""
+    if images.dtype != torch.uint8:
+        return images.float()
+    t = images.float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=t.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=t.device).view(1, 3, 1, 1)
+    return (t - mean) / std
+
+
+def _seed_worker(worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(checkpoint_dir: Path, stage_name: str) -> Path:
+    """Where :func:`fit` keeps the checkpoint of ``stage_name``."""
+    return Path(checkpoint_dir) / f"{stage_name}.pt"
+
+
+def fit(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    loss_fn: LossFn,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    device: str | torch.device,
+    checkpoint_dir: Path,
+    stage_name: str,
+    seed: int,
+    resume: bool,
+    progress: bool = True,
+    on_epoch_end: EpochHook | None = None,
+    weight_decay: float = 0.0,
+    num_workers: int | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> FitHistory:
+    """Train ``model`` on ``dataset`` with Adam; returns the per-epoch history.
+
+    ``loss_fn(logits, targets) -> scalar``. Batches of uint8 images are ImageNet-normalised
+    on the device. ``on_epoch_end(epoch, model)`` may return a dict; if it has a ``score``
+    (higher is better) the best-scoring state is kept and loaded into ``model`` at the end.
+    A non-finite loss stops training with :class:`TrainingError`; the last checkpoint
+    (end of the previous epoch) stays on disk. ``config``: extra settings that must match
+    for a resume (e.g. the stage's TrainConfig as a dict). ``num_workers``: DataLoader
+    workers (default: 1 on CPU — the network already uses the cores —, 4 on CUDA).
+    """
+    if epochs < 1:
+        raise InputError("epochs must be at least 1")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise TrainingError(f"{stage_name}: the training set is empty")
+    dev = resolve_device(device)
+    model.to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    use_amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    fp = fingerprint(
+        model, stage=stage_name, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
+        n_items=len(dataset), config=dict(config or {}),  # type: ignore[arg-type]
+    )
+    ckpt = checkpoint_path(checkpoint_dir, stage_name)
+    history = FitHistory()
+    best_state: dict[str, torch.Tensor] | None = None
+    start = 0
+    if resume and ckpt.is_file():
+        try:
+            state = torch.load(ckpt, map_location=dev, weights_only=False)
+        except Exception as err:
+            raise TrainingError(f"checkpoint {ckpt} cannot be read ({err.__class__.__name__}); delete it or train without --resume") from None
+        if state.get("fingerprint") != fp:
+            raise TrainingError(
+                f"checkpoint {ckpt} was written with another configuration; "
+                "train into a new folder or without --resume"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        history = FitHistory.from_json(state["history"])
+        best_state = state.get("best_state")
+        start = int(state["epoch"])
+        log.info("%s: resuming after epoch %d", stage_name, start)
+    elif resume:
+        log.info("%s: no checkpoint to resume from; starting at epoch 1", stage_name)
+
+    workers = num_workers if num_workers is not None else (4 if use_amp else 1)
+    gen = torch.Generator()
+    loader_kw: dict[str, Any] = {}
+    if workers > 0:
+        loader_kw = {"worker_init_fn": _seed_worker, "prefetch_factor": 4, "persistent_workers": False}
+    steps_per_epoch = -(-len(dataset) // batch_size)  # type: ignore[arg-type]
+    bar = None
+    if progress and start < epochs:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(epochs - start) * steps_per_epoch, desc=stage_name, unit="batch", dynamic_ncols=True)
+    try:
+        for epoch in range(start + 1, epochs + 1):
+            torch.manual_seed(seed * 100003 + epoch)
+            gen.manual_seed(seed * 100003 + epoch)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=workers,
+                pin_memory=use_amp, drop_last=False, **loader_kw,
+            )
+            model.train()
+            t0 = time.perf_counter()
+            wait = 0.0
+            total, n_items = 0.0, 0
+            t_wait = time.perf_counter()
+            for images, targets in loader:
+                wait += time.perf_counter() - t_wait
+                x = normalise_batch(images.to(dev, non_blocking=True))
+                y = targets.to(dev, non_blocking=True)
+                with torch.autocast(device_type=dev.type, enabled=use_amp):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"{stage_name}: the loss became {loss.item()} in epoch {epoch}; stopped "
+                        f"(last good checkpoint: {ckpt if ckpt.is_file() else 'none yet'}); try a lower learning rate"
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                total += float(loss.item()) * len(images)
+                n_items += len(images)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss.item():.4f}")
+                t_wait = time.perf_counter()
+            secs = time.perf_counter() - t0
+            stats = EpochStats(
+                epoch=epoch, loss=total / max(n_items, 1), seconds=secs,
+                patches_per_s=n_items / max(secs, 1e-9), data_wait_share=wait / max(secs, 1e-9),
+            )
+            if on_epoch_end is not None:
+                scores = on_epoch_end(epoch, model) or {}
+                stats.scores = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in scores.items()}
+                score = scores.get("score")
+                if score is not None and np.isfinite(score) and (history.best_score is None or score > history.best_score):
+                    history.best_score, history.best_epoch = float(score), epoch
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            history.epochs.append(stats)
+            log.info(
+                "%s epoch %d/%d: loss %.5f, %.1f s, %.1f patches/s, data wait %.0f%%",
+                stage_name, epoch, epochs, stats.loss, secs, stats.patches_per_s, 100 * stats.data_wait_share,
+            )
+            _save_atomic(
+                {
+                    "fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(), "history": history.to_json(), "best_state": best_state,
+                },
+                ckpt,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    if best_state is not None:
+        model.load_state_dict(copy.deepcopy(best_state))
+    return history

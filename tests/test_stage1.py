@@ -1,0 +1,164 @@
+"""Stage 1 plumbing: patch dataset, fit loop (resume, NaN, fingerprint), detector training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pointnuc.config import DataConfig, profile_config
+from pointnuc.errors import TrainingError
+from pointnuc.models.net import build_network
+from pointnuc.train.data import IGNORE, Augment, PatchDataset, warp_crop
+from pointnuc.train.fit import fit, resolve_device
+from pointnuc.train.losses import weighted_mse
+from pointnuc.train.samples import TrainingImage
+
+torch.set_num_threads(1)
+
+
+def _sample(h: int = 40, w: int = 50, name: str = "a") -> TrainingImage:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    valid = np.ones((h, w), bool)
+    return TrainingImage(name=name, image_name=name, image=img, points=np.zeros((0, 2)), holdout=np.zeros((0, 2)), valid=valid)
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+def test_warp_identity_is_exact_crop_and_pads_with_ignore() -> None:
+    s = _sample()
+    tgt = np.arange(40 * 50, dtype=np.float32).reshape(1, 40, 50)
+    # crop of 32 whose top-left is (-4, 30): rows -4..27, cols 30..61 -> cols >= 50 padded
+    img, out = warp_crop(s.image, tgt, s.valid, (-4 + 15.5, 30 + 15.5), np.eye(2), 32, [False])
+    assert np.array_equal(img[4:, :20], s.image[0:28, 30:50])
+    assert np.array_equal(out[0, 4:, :20], tgt[0, 0:28, 30:50])
+    assert (out[0, :4] == IGNORE).all() and (out[0, :, 20:] == IGNORE).all()
+
+
+def test_warp_flip_matches_numpy_and_keeps_alignment() -> None:
+    s = _sample()
+    tgt = np.stack([np.arange(40 * 50, dtype=np.float32).reshape(40, 50)])
+    flip = np.array([[1.0, 0.0], [0.0, -1.0]])  # dx -> -dx: horizontal flip
+    img, out = warp_crop(s.image, tgt, s.valid, (5 + 15.5, 10 + 15.5), flip, 32, [True])
+    assert np.array_equal(img, s.image[5:37, 10:42][:, ::-1])
+    assert np.array_equal(out[0], tgt[0, 5:37, 10:42][:, ::-1])
+    rot = np.array([[0.0, -1.0], [1.0, 0.0]])  # a 90° rotation
+    img, out = warp_crop(s.image, tgt, s.valid, (5 + 15.5, 10 + 15.5), rot, 32, [True])
+    assert np.array_equal(out[0], np.rot90(tgt[0, 5:37, 10:42], 1)) or np.array_equal(out[0], np.rot90(tgt[0, 5:37, 10:42], -1))
+    # image and target move together: find each target value's source pixel in the image
+    flat = out[0].astype(int).ravel()
+    assert np.array_equal(img.reshape(-1, 3), s.image.reshape(-1, 3)[flat])
+
+
+def test_invalid_pixels_come_back_ignored_and_nearest_keeps_labels() -> None:
+    s = _sample(64, 64)
+    s.valid[:, :32] = False
+    tgt = np.stack([np.full((64, 64), 0.5, np.float32), (np.arange(64 * 64) % 3).reshape(64, 64).astype(np.float32)])
+    ds = PatchDataset([s], [tgt], DataConfig(patch_size=64, crop_size=32, patches_per_image=6), nearest=[False, True], seed=1)
+    for i in range(len(ds)):
+        img, out = ds[i]
+        assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and out.shape == (2, 32, 32)
+        assert set(np.unique(out[1].numpy())) <= {IGNORE, 0.0, 1.0, 2.0}  # nearest: no blended labels
+        lin = out[0].numpy()
+        assert np.all((lin == IGNORE) | np.isclose(lin, 0.5, atol=1e-5))
+    a, b = ds[3], ds[3]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # deterministic per (seed, epoch, index)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3][0], a[0])
+
+
+def test_small_image_is_padded() -> None:
+    s = _sample(20, 20)
+    ds = PatchDataset([s], [np.zeros((1, 20, 20), np.float32)], DataConfig(patch_size=64, crop_size=32, patches_per_image=3),
+                      augment=Augment.none())
+    for i in range(len(ds)):
+        _img, out = ds[i]
+        assert 0 < (out >= 0).sum() <= 400  # labelled pixels only where the 20x20 image is
+
+
+# --- loss and fit ---------------------------------------------------------------------
+
+
+def test_weighted_mse_by_hand() -> None:
+    logits = torch.zeros(1, 1, 1, 3)  # p = 0.5 everywhere
+    targets = torch.tensor([[[[1.0, 0.0, -1.0]]]])
+    # (10 * 0.25 + 1 * 0.25) / 2 non-ignored pixels
+    assert weighted_mse(logits, targets).item() == pytest.approx(1.375)
+
+
+def _toy_dataset() -> PatchDataset:
+    rng = np.random.default_rng(0)
+    samples, targets = [], []
+    for k in range(2):
+        img = np.full((64, 64, 3), 220, np.uint8)
+        t = np.zeros((1, 64, 64), np.float32)
+        for _ in range(5):
+            y, x = rng.integers(8, 56, 2)
+            img[y - 3 : y + 4, x - 3 : x + 4] = 60
+            t[0, y - 2 : y + 3, x - 2 : x + 3] = 1.0
+        samples.append(TrainingImage(f"s{k}", f"s{k}", img, np.zeros((0, 2)), np.zeros((0, 2)), np.ones((64, 64), bool)))
+        targets.append(t)
+    return PatchDataset(samples, targets, DataConfig(patch_size=64, crop_size=32, patches_per_image=4), seed=0)
+
+
+def test_fit_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    ds = _toy_dataset()
+    kw = dict(lr=1e-2, batch_size=4, device="cpu", stage_name="toy", seed=3, progress=False, num_workers=0)
+    torch.manual_seed(0)
+    m1 = build_network(1, "tiny")
+    h1 = fit(m1, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "a", resume=False, **kw)
+    torch.manual_seed(0)
+    m2 = build_network(1, "tiny")
+    fit(m2, ds, weighted_mse, epochs=2, checkpoint_dir=tmp_path / "b", resume=False, **kw)
+    torch.manual_seed(1)
+    m3 = build_network(1, "tiny")  # other init: everything must come from the checkpoint
+    h3 = fit(m3, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    assert len(h3.epochs) == 3
+    assert h3.losses == pytest.approx(h1.losses, rel=1e-4)
+    for a, b in zip(m1.state_dict().values(), m3.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    assert h1.losses[-1] < h1.losses[0]
+    with pytest.raises(TrainingError, match="another configuration"):
+        fit(build_network(1, "tiny"), ds, weighted_mse, epochs=4, checkpoint_dir=tmp_path / "b", resume=True,
+            **{**kw, "lr": 1e-3})
+
+
+def test_fit_nan_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    ds = _toy_dataset()
+    calls = {"n": 0}
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        base = weighted_mse(logits, targets)
+        return base * float("nan") if calls["n"] > 2 else base  # epoch 1 (2 batches) fine, then NaN
+
+    with pytest.raises(TrainingError, match="loss became nan"):
+        fit(build_network(1, "tiny"), ds, loss, epochs=3, lr=1e-3, batch_size=4, device="cpu",
+            checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0)
+    state = torch.load(tmp_path / "toy.pt", weights_only=False)
+    assert state["epoch"] == 1
+
+
+def test_best_state_is_kept(tmp_path: Path) -> None:
+    ds = _toy_dataset()
+    scores = {1: 0.5, 2: 0.9, 3: 0.1}
+    snap: dict[int, torch.Tensor] = {}
+
+    def hook(epoch: int, model: torch.nn.Module) -> dict[str, float]:
+        snap[epoch] = next(iter(model.parameters())).detach().clone()
+        return {"score": scores[epoch]}
+
+    m = build_network(1, "tiny")
+    h = fit(m, ds, weighted_mse, epochs=3, lr=1e-2, batch_size=4, device="cpu", checkpoint_dir=tmp_path,
+            stage_name="toy", seed=0, resume=False, progress=False, on_epoch_end=hook, num_workers=0)
+    assert h.best_epoch == 2 and h.best_score == 0.9
+    assert torch.equal(next(iter(m.parameters())), snap[2])
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
