@@ -79,6 +79,12 @@ class SegmentationConfig:
     alpha: float = 0.5  #: L = α·L_vor + (1-α)·L_cluster
     point_dilation_um: float = 0.5  #: Voronoi label: points dilated by a disk (paper: 2 px at 0.25)
     cluster_dist_clip_um: float = 5.0  #: k-means distance feature clipped here (paper: 20 px)
+    # cluster-label clean-up: the paper gives no sizes; these are the authors' code's pixel sizes at 0.25 µm/px
+    cluster_min_area_um2: float = 1.875  #: nucleus-cluster components smaller than this are dropped (30 px)
+    cluster_dilate_um: float = 1.25  #: per-Voronoi-cell dilation before hole filling (5 px)
+    cluster_erode_um: float = 1.75  #: per-Voronoi-cell erosion after hole filling (7 px)
+    cluster_bg_select_um: float = 1.25  #: background cluster = least overlap with points dilated by this (5 px)
+    cluster_bg_exclusion_um: float = 2.5  #: no background label this close to a point (10 px)
     crf_epochs: int = 20
     crf_lr: float = 1e-5
     crf_sigma_xy_um: float = 2.25  #: σ_pq (paper: 9 px at 0.25 µm/px)
