@@ -1,0 +1,1 @@
+"""Training targets made from points: detection masks (stage 1), Voronoi and cluster labels (stage 2)."""
