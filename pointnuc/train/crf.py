@@ -1,0 +1,135 @@
+"""Dense-CRF loss (paper Eq. 10): Σ_ij y_i (1 − y_j) W_ij, with a bilateral Gaussian W.
+
+W_ij = exp(−|p_i − p_j|² / 2σ_xy² − |I_i − I_j|² / 2σ_rgb²) / (2π σ_xy²), i ≠ j, positions
+in pixels and colours in [0, 1]. The spatial normalisation makes Σ_j W_ij ≤ ~1, so the
+loss (averaged over valid pixels) does not grow with the pixel size; β must be read on
+this scale (the paper's β = 0.005 belongs to an un-normalised lattice filter).
+
+How it is computed, never as an N×N matrix: W is truncated to a square window of
+radius ⌈``radius_sigmas``·σ_xy⌉ and applied by shifting the image against itself, one
+offset at a time, each unordered pair once (W is symmetric). Splitting the energy as
+
+    E = Σ_i y_i (W·1)_i − Σ_i y_i (W·y)_i
+
+needs only the filtered ``W·1`` and ``W·y``, both computed in one pass under no_grad;
+the gradient is exact for the truncated kernel, ∂E/∂y_i = (W·1)_i − 2 (W·y)_i, and is
+supplied by a custom autograd function, so no graph of the window is ever kept. With
+the default 2.5 σ window the energy and gradient are within ~2 % of the full kernel
+(tests compare against brute force). Pure PyTorch: CPU and CUDA alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pointnuc.errors import InputError
+
+
+def _offsets(radius: int) -> list[tuple[int, int]]:
+    """Half of the (2r+1)² window without the centre: one offset per unordered pair."""
+    return [(dy, dx) for dy in range(0, radius + 1) for dx in range(-radius, radius + 1) if dy > 0 or dx > 0]
+
+
+@torch.no_grad()
+def bilateral_filter(
+    values: torch.Tensor, image: torch.Tensor, *, sigma_xy_px: float, sigma_rgb: float, radius_sigmas: float = 2.5
+) -> torch.Tensor:
+    """Σ_{j≠i} W_ij v_j for values (B, C, H, W) and image (B, 3, H, W), truncated window."""
+    b, c, h, w = values.shape
+    out = torch.zeros_like(values)
+    r = int(math.ceil(radius_sigmas * sigma_xy_px))
+    img = image / (math.sqrt(2.0) * sigma_rgb)
+    norm = 1.0 / (2.0 * math.pi * sigma_xy_px**2)
+    for dy, dx in _offsets(r):
+        if dy >= h or abs(dx) >= w:
+            continue
+        # pixel i at (y, x), pixel j at (y + dy, x + dx)
+        ys_i, ys_j = slice(0, h - dy), slice(dy, h)
+        if dx >= 0:
+            xs_i, xs_j = slice(0, w - dx), slice(dx, w)
+        else:
+            xs_i, xs_j = slice(-dx, w), slice(0, w + dx)
+        d = img[:, :, ys_i, xs_i] - img[:, :, ys_j, xs_j]
+        wgt = torch.exp(-(d * d).sum(1, keepdim=True)) * (norm * math.exp(-(dy * dy + dx * dx) / (2.0 * sigma_xy_px**2)))
+        out[:, :, ys_i, xs_i] += wgt * values[:, :, ys_j, xs_j]
+        out[:, :, ys_j, xs_j] += wgt * values[:, :, ys_i, xs_i]
+    return out
+
+
+class _CRFEnergy(torch.autograd.Function):
+    """E(y) = Σ_i m_i y_i (W·m − W·(m y))_i / n, gradient (W·m − 2 W·(m y)) m / n."""
+
+    @staticmethod
+    def forward(ctx, y, image, mask, sigma_xy_px, sigma_rgb, radius_sigmas):  # type: ignore[override]
+        my = (y * mask).unsqueeze(1)
+        both = bilateral_filter(
+            torch.cat([mask.unsqueeze(1), my], 1), image,
+            sigma_xy_px=sigma_xy_px, sigma_rgb=sigma_rgb, radius_sigmas=radius_sigmas,
+        )
+        w1, wy = both[:, 0], both[:, 1]
+        n = mask.sum().clamp(min=1.0)
+        energy = (my[:, 0] * (w1 - wy)).sum() / n
+        ctx.save_for_backward((w1 - 2.0 * wy) * mask / n)
+        return energy
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (g,) = ctx.saved_tensors
+        return grad * g, None, None, None, None, None
+
+
+def crf_loss(
+    prob_fg: torch.Tensor,
+    image: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    sigma_xy_px: float,
+    sigma_rgb: float,
+    radius_sigmas: float = 2.5,
+    downsample: int = 1,
+) -> torch.Tensor:
+    """Dense-CRF energy per valid pixel: Σ_ij y_i(1−y_j)W_ij / n over valid i, j.
+
+    ``prob_fg`` (B, H, W) nucleus probability (differentiable); ``image`` (B, 3, H, W)
+    RGB in [0, 1]; ``valid`` (B, H, W) bool/float mask (None: all pixels).
+    ``downsample`` f > 1: evaluate on f×f-averaged probability, colour and mask with
+    σ_xy / f (f⁴ times cheaper; for large σ_xy in pixels, e.g. 9 px at 40x).
+    """
+    if prob_fg.ndim != 3 or image.ndim != 4 or image.shape[1] != 3 or image.shape[-2:] != prob_fg.shape[-2:]:
+        raise InputError(f"crf_loss needs prob (B, H, W) and image (B, 3, H, W), got {tuple(prob_fg.shape)} and {tuple(image.shape)}")
+    if sigma_xy_px <= 0 or sigma_rgb <= 0:
+        raise InputError("CRF sigmas must be positive")
+    mask = torch.ones_like(prob_fg) if valid is None else valid.to(prob_fg.dtype)
+    img = image.to(prob_fg.dtype).detach()
+    if downsample > 1:
+        f = int(downsample)
+        prob_fg = torch.nn.functional.avg_pool2d(prob_fg[:, None], f, ceil_mode=True)[:, 0]
+        mask = torch.nn.functional.avg_pool2d(mask[:, None], f, ceil_mode=True)[:, 0]
+        img = torch.nn.functional.avg_pool2d(img, f, ceil_mode=True)
+        sigma_xy_px = sigma_xy_px / f
+    return _CRFEnergy.apply(prob_fg, img, mask.detach(), float(sigma_xy_px), float(sigma_rgb), float(radius_sigmas))
+
+
+def crf_energy_exact(
+    prob_fg: torch.Tensor, image: torch.Tensor, valid: torch.Tensor | None = None, *, sigma_xy_px: float, sigma_rgb: float
+) -> torch.Tensor:
+    """The same energy with the full N×N kernel (autograd through it): a reference for small images only."""
+    b, h, w = prob_fg.shape
+    if h * w > 4096:
+        raise InputError("crf_energy_exact builds the N×N matrix; use it on images of at most 64×64 pixels")
+    mask = torch.ones_like(prob_fg) if valid is None else valid.to(prob_fg.dtype)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=prob_fg.dtype), torch.arange(w, dtype=prob_fg.dtype), indexing="ij")
+    pos = torch.stack([yy.ravel(), xx.ravel()], 1)
+    dpos = ((pos[:, None] - pos[None]) ** 2).sum(-1)
+    total = prob_fg.new_zeros(())
+    for k in range(b):
+        col = image[k].reshape(3, -1).T.to(prob_fg.dtype)
+        dcol = ((col[:, None] - col[None]) ** 2).sum(-1)
+        wm = torch.exp(-dpos / (2 * sigma_xy_px**2) - dcol / (2 * sigma_rgb**2)) / (2 * math.pi * sigma_xy_px**2)
+        wm.fill_diagonal_(0.0)
+        m = mask[k].ravel()
+        y = prob_fg[k].ravel() * m
+        total = total + (y[:, None] * (m - y)[None, :] * wm).sum()
+    return total / mask.sum().clamp(min=1.0)
