@@ -1,0 +1,81 @@
+"""``pointnuc inspect``: what pointnuc sees in a project, before training on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pointnuc.cli.options import pixel_size_option, point_class_option, project_argument
+
+
+def inspect_project(
+    project_path: Path,
+    *,
+    point_class: str = "Nucleus",
+    region_class: str | None = None,
+    pixel_size_um: float | None = None,
+) -> dict[str, Any]:
+    """Per image: name, size, pixel size, points per class, training regions, pointnuc objects."""
+    from pointnuc.io.base import open_project
+
+    project = open_project(project_path, pixel_size_um=pixel_size_um)
+    images = []
+    for image in project.images():
+        ann = project.annotations(image, point_class=point_class, region_class=region_class)
+        points = {point_class: int(len(ann.points_xy)), **{k: int(v) for k, v in ann.other_point_counts.items()}}
+        images.append({
+            "name": image.name,
+            "path": str(image.path),
+            "width": image.width,
+            "height": image.height,
+            "pixel_size_um": image.pixel_size_um,
+            "points": points,
+            "n_regions": len(ann.regions),
+            "n_pointnuc_objects": ann.n_pointnuc_objects,
+        })
+    return {
+        "project": str(project_path),
+        "kind": getattr(project, "kind", type(project).__name__),
+        "point_class": point_class,
+        "region_class": region_class if region_class is not None else "Region*",
+        "images": images,
+        "total_points": sum(im["points"][point_class] for im in images),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table."""
+    pc = report["point_class"]
+    rows = [("image", "size", "µm/px", f"{pc} pts", "other pts", "regions", "pointnuc objs")]
+    for im in report["images"]:
+        other = ", ".join(f"{k}: {v}" for k, v in im["points"].items() if k != pc) or "-"
+        px = f"{im['pixel_size_um']:.4g}" if im["pixel_size_um"] is not None else "unknown"
+        rows.append((im["name"], f"{im['width']}x{im['height']}", px, str(im["points"][pc]), other,
+                     str(im["n_regions"]), str(im["n_pointnuc_objects"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(f"{len(report['images'])} image(s), {report['total_points']} {pc!r} points in all "
+                 f"({report['kind']}; regions: class {report['region_class']!r})")
+    return "\n".join(lines)
+
+
+@click.command("inspect")
+@project_argument
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+@point_class_option
+@click.option("--region-class", default=None,
+              help='QuPath class of training-region annotations [default: "Region*"].')
+@pixel_size_option
+def inspect_cmd(project: Path, as_json: bool, point_class: str, region_class: str | None,
+                pixel_size: float | None) -> None:
+    """Show what pointnuc reads from PROJECT: per image its size, pixel size, points per
+    class, training regions and the objects an earlier pointnuc run wrote.
+
+    PROJECT is a QuPath project (.qpproj or its folder) or a folder of images with
+    QuPath GeoJSON exports beside them (NAME.tif + NAME.geojson).
+    """
+    report = inspect_project(project, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size)
+    click.echo(json.dumps(report, indent=1, ensure_ascii=False) if as_json else format_report(report))

@@ -1,0 +1,194 @@
+"""Label images <-> shapely polygons, in QuPath's pixel-corner convention.
+
+An instance's outline runs along pixel *corners* (like QuPath's ``ContourTracing``): pixel
+(r, c) covers x in [c, c+1), y in [r, r+1), so an untouched traced polygon's area in px²
+equals the instance's pixel count. Holes are filled, and of several disconnected pieces only
+the largest (4-connected) is kept, so every polygon is a single valid shell.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import shapely
+from scipy import ndimage as ndi
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry.base import BaseGeometry
+
+_CROSS = ndi.generate_binary_structure(2, 1)
+
+
+def _largest_piece(mask: np.ndarray) -> np.ndarray:
+    """Hole-filled largest 4-connected component of a boolean mask."""
+    lab, n = ndi.label(mask, structure=_CROSS)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        mask = lab == int(np.argmax(sizes))
+    # background that reaches the border only diagonally counts as a hole (4-connected flood),
+    # which also removes every diagonal pinch: the outline is then one simple ring
+    return ndi.binary_fill_holes(mask, structure=_CROSS)
+
+
+def trace_mask(mask: np.ndarray) -> np.ndarray:
+    """Corner vertices (K, 2) as x/y of the outline of a hole-free, 4-connected boolean mask.
+
+    The ring is closed (first vertex repeated), has no collinear vertices and runs
+    in the same direction as QuPath's (clockwise in shapely's y-up sense), starting at its
+    leftmost-then-topmost corner, as QuPath's ContourTracing does.
+    """
+    m = np.pad(np.asarray(mask, bool), 1)
+    W = m.shape[1] + 1  # vertex grid width (padded coords)
+    # directed unit edges with the object on the right when walking in y-down coordinates
+    # top edges of object pixels whose upper neighbour is background: (c,r) -> (c+1,r) ... etc.
+    edges_start: list[np.ndarray] = []
+    edges_end: list[np.ndarray] = []
+    r, c = np.nonzero(m[1:, :] & ~m[:-1, :])  # pixel (r+1, c) is object, (r, c) is not: top edge
+    r = r + 1
+    edges_start.append(np.stack([c + 1, r], 1)), edges_end.append(np.stack([c, r], 1))
+    r, c = np.nonzero(m[:-1, :] & ~m[1:, :])  # bottom edge of pixel (r, c)
+    edges_start.append(np.stack([c, r + 1], 1)), edges_end.append(np.stack([c + 1, r + 1], 1))
+    r, c = np.nonzero(m[:, 1:] & ~m[:, :-1])  # left edge of pixel (r, c+1)
+    c = c + 1
+    edges_start.append(np.stack([c, r], 1)), edges_end.append(np.stack([c, r + 1], 1))
+    r, c = np.nonzero(m[:, :-1] & ~m[:, 1:])  # right edge of pixel (r, c)
+    edges_start.append(np.stack([c + 1, r + 1], 1)), edges_end.append(np.stack([c + 1, r], 1))
+    start = np.concatenate(edges_start)
+    end = np.concatenate(edges_end)
+    n = len(start)
+    if n == 0:
+        return np.zeros((0, 2), float)
+    sid = start[:, 1] * W + start[:, 0]
+    eid = end[:, 1] * W + end[:, 0]
+    nxt_of_vertex = np.full(W * (m.shape[0] + 1), -1, np.int64)
+    nxt_of_vertex[sid] = np.arange(n)
+    succ = nxt_of_vertex[eid].tolist()
+    # begin where QuPath's traced outlines begin: the leftmost, then topmost, corner
+    first = int(np.lexsort((start[:, 1], start[:, 0]))[0])
+    order = [first]
+    k = succ[first]
+    while k != first and len(order) <= n:
+        order.append(k)
+        k = succ[k]
+    pts = start[order].astype(float)
+    # drop vertices where the direction does not change
+    d_in = pts - np.roll(pts, 1, axis=0)
+    d_out = np.roll(pts, -1, axis=0) - pts
+    turn = (d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]) != 0
+    pts = pts[turn] - 1.0  # undo the padding
+    return np.vstack([pts, pts[:1]])
+
+
+def mask_to_polygon(mask: np.ndarray) -> Polygon | None:
+    """The pixel-corner outline of a boolean mask's largest piece (holes filled), or None."""
+    if not np.any(mask):
+        return None
+    ring = trace_mask(_largest_piece(mask))
+    return Polygon(ring) if len(ring) >= 4 else None
+
+
+def labels_to_polygons(
+    labels: np.ndarray,
+    *,
+    offset_xy: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    simplify_px: float = 0.0,
+) -> dict[int, Polygon]:
+    """One valid polygon per instance id of ``labels`` (0 = background), in QuPath x/y.
+
+    Vertex (x, y) in label-pixel corners becomes ``(x * scale + offset_x, y * scale + offset_y)``.
+    ``simplify_px`` > 0 simplifies (Douglas-Peucker, topology preserving) with that tolerance in
+    label pixels; 0 keeps the exact staircase, whose area in px² equals the pixel count.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError("labels must be a 2-D array")
+    out: dict[int, Polygon] = {}
+    ox, oy = float(offset_xy[0]), float(offset_xy[1])
+    for i, sl in enumerate(ndi.find_objects(labels.astype(np.int64, copy=False))):
+        if sl is None:
+            continue
+        lab = i + 1
+        sub = labels[sl] == lab
+        ring = trace_mask(_largest_piece(sub))
+        if len(ring) < 4:
+            continue
+        ring[:, 0] += sl[1].start
+        ring[:, 1] += sl[0].start
+        poly = Polygon(ring)
+        if simplify_px > 0:
+            poly = poly.simplify(simplify_px, preserve_topology=True)
+            poly = valid_polygon(poly)
+            if poly is None:
+                continue
+        if scale != 1.0 or ox or oy:
+            poly = shapely.transform(poly, lambda xy: xy * scale + np.array([ox, oy]))
+        out[lab] = poly
+    return out
+
+
+def valid_polygon(geom: BaseGeometry | None) -> Polygon | None:
+    """A single valid Polygon from any area geometry: made valid, largest piece kept; None if empty."""
+    if geom is None or geom.is_empty:
+        return None
+    if not geom.is_valid:
+        geom = shapely.make_valid(geom)
+        if not geom.is_valid:  # pragma: no cover - make_valid is meant to succeed
+            geom = geom.buffer(0)
+    if isinstance(geom, Polygon):
+        polys = [geom]
+    elif hasattr(geom, "geoms"):
+        polys = [g for g in shapely.get_parts(geom) if isinstance(g, Polygon)]
+        polys += [p for g in shapely.get_parts(geom) if isinstance(g, MultiPolygon) for p in g.geoms]
+    else:
+        polys = []
+    polys = [p for p in polys if not p.is_empty and p.area > 0]
+    if not polys:
+        return None
+    return max(polys, key=lambda p: p.area)
+
+
+def nucleus_measurements(polygon: BaseGeometry, pixel_size_um: float | None) -> dict[str, float]:
+    """QuPath-style shape measurements of one nucleus polygon (full-resolution px coordinates).
+
+    With a pixel size: ``Area µm^2``, ``Perimeter µm``; without: ``Area px^2``, ``Perimeter px``.
+    Always ``Circularity`` = 4πA/P² (1 for a circle; unit-free).
+    """
+    area = float(polygon.area)
+    perim = float(polygon.length)
+    circ = 4.0 * math.pi * area / (perim * perim) if perim > 0 else 0.0
+    if pixel_size_um:
+        s = float(pixel_size_um)
+        return {"Area µm^2": area * s * s, "Perimeter µm": perim * s, "Circularity": circ}
+    return {"Area px^2": area, "Perimeter px": perim, "Circularity": circ}
+
+
+def expand_cells(nuclei: list[Polygon], distance_px: float) -> list[Polygon]:
+    """Cell outlines like QuPath's cell expansion: each nucleus grown by ``distance_px``,
+    limited to the part of the plane closer to its own nucleus centroid than to any other's.
+
+    Each cell contains its nucleus. Returns one valid polygon per input, in order.
+    """
+    if not nuclei:
+        return []
+    grown = [n.buffer(distance_px, quad_segs=4) for n in nuclei]
+    if len(nuclei) == 1 or distance_px <= 0:
+        return [valid_polygon(g) or n for g, n in zip(grown, nuclei)]
+    pts = shapely.centroid(np.asarray(nuclei, dtype=object))
+    xy = shapely.get_coordinates(pts)
+    # jitter-free de-duplication: identical centroids share a Voronoi cell; nudge them apart
+    _, first = np.unique(np.round(xy, 6), axis=0, return_index=True)
+    if len(first) < len(xy):
+        dup = np.setdiff1d(np.arange(len(xy)), first)
+        xy = xy.copy()
+        xy[dup] += 1e-3 * (np.arange(len(dup))[:, None] + 1)
+        pts = shapely.points(xy)
+    extent = shapely.box(*shapely.total_bounds(np.asarray(grown, dtype=object))).buffer(distance_px + 1)
+    cells = shapely.voronoi_polygons(shapely.multipoints(pts), extend_to=extent, ordered=True)
+    parts = shapely.get_parts(cells)
+    out = []
+    for nucleus, g, cell in zip(nuclei, grown, parts):
+        c = valid_polygon(shapely.union(shapely.intersection(g, cell), nucleus))
+        out.append(c if c is not None else nucleus)
+    return out

@@ -1,0 +1,392 @@
+"""QuPath-compatible GeoJSON, read and written without Java.
+
+Reading accepts the three layouts QuPath 0.6 writes (a bare Feature, a bare array of
+Features, a FeatureCollection) and older QuPath variants (string classification,
+``colorRGB``, measurement lists).
+
+Writing reproduces QuPath 0.6.0's own export text (``PathIO.exportObjectsAsGeoJSON``):
+
+- keys ``type, id, geometry, nucleusGeometry (cells), properties``; inside properties
+  ``objectType, classification, measurements``; classification always ``{"name", "color"}``
+  (QuPath refuses a classification object without a colour);
+- compact JSON with ``", "`` inside number arrays (``[44, 218]``, ``[255, 228, 22]``) and
+  ``","`` elsewhere; coordinates rounded to 2 decimals, integers without ``.0``;
+- measurements rounded to 32-bit floats as QuPath stores them (0.93 -> 0.9300000071525574);
+  raw UTF-8 ``µ``;
+- random UUID4 ids; only valid polygons (QuPath rejects a whole file for one bad polygon).
+
+pointnuc's objects carry the measurement ``"pointnuc score"`` (:data:`POINTNUC_MARKER`);
+with a pixel size their areas are in µm (``Area µm^2``, ``Perimeter µm``), without one in
+pixels (``Area px^2``, ``Perimeter px``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import shapely
+from shapely.geometry import mapping, shape
+from shapely.geometry.base import BaseGeometry
+
+from pointnuc.errors import InputError
+from pointnuc.geometry import expand_cells, nucleus_measurements, valid_polygon
+from pointnuc.io.base import POINTNUC_MARKER, NucleusObject
+from pointnuc.io.objects import QuPathObject
+
+#: colours QuPath 0.6 shows for these classes (built-ins, and the one it derives for "Nucleus")
+CLASS_COLORS: dict[str, tuple[int, int, int]] = {
+    "Nucleus": (255, 228, 22),
+    "Tumor": (200, 0, 0),
+    "Stroma": (150, 200, 150),
+    "Immune cells": (160, 90, 160),
+    "Necrosis": (50, 50, 50),
+    "Other": (255, 200, 0),
+    "Region*": (0, 0, 180),
+    "Ignore*": (180, 180, 180),
+    "Positive": (200, 50, 50),
+    "Negative": (112, 112, 225),
+}
+#: default growth of a nucleus into its cell (µm) for object_type="cell", as QuPath's cell expansion
+CELL_EXPANSION_UM = 2.0
+OBJECT_TYPES = ("detection", "cell")
+
+
+def class_color(name: str) -> tuple[int, int, int]:
+    """The colour written for a class: QuPath's for known classes, else a stable colour from the name."""
+    if name in CLASS_COLORS:
+        return CLASS_COLORS[name]
+    h = 0
+    for ch in name:  # Java's String.hashCode, for a colour that does not change between runs
+        h = (31 * h + ord(ch)) & 0xFFFFFFFF
+    return (64 + (h >> 16) % 192, 64 + (h >> 8) % 192, 64 + h % 192)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_features(path: Path) -> list[dict[str, Any]]:
+    """The Features of a QuPath GeoJSON file, whatever its top-level layout."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"GeoJSON file not found: {path}") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise InputError(f"cannot read {path}: {err}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); is the file truncated?") from None
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        feats = data.get("features")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        feats = [data]
+    elif isinstance(data, list):
+        feats = data
+    else:
+        feats = None
+    if not isinstance(feats, list) or not all(isinstance(f, dict) and f.get("type") == "Feature" for f in feats):
+        raise InputError(
+            f"{path} is not a QuPath GeoJSON export (expected a Feature, an array of Features or a FeatureCollection)"
+        )
+    return feats
+
+
+def _classification(props: dict[str, Any]) -> str | None:
+    c = props.get("classification")
+    if c is None:
+        return None
+    if isinstance(c, str):
+        return c
+    if isinstance(c, dict):
+        if isinstance(c.get("name"), str):
+            return c["name"]
+        if isinstance(c.get("names"), list):  # multi-class: "A: B"
+            return ": ".join(map(str, c["names"]))
+    return None
+
+
+def _measurements(props: dict[str, Any]) -> dict[str, float]:
+    m = props.get("measurements")
+    out: dict[str, float] = {}
+    if isinstance(m, dict):
+        items = m.items()
+    elif isinstance(m, list):  # QuPath <= 0.3: [{"name": ..., "value": ...}]
+        items = ((d.get("name"), d.get("value")) for d in m if isinstance(d, dict))
+    else:
+        return out
+    for k, v in items:
+        if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+        elif isinstance(k, str) and v in ("NaN", None):
+            out[k] = math.nan
+    return out
+
+
+def _shape(geom: Any, path: Path, i: int) -> BaseGeometry:
+    try:
+        return shape(geom)
+    except Exception as err:
+        raise InputError(f"{path}: feature {i} has an unreadable geometry ({err})") from None
+
+
+def feature_to_object(feature: dict[str, Any], path: Path = Path("<geojson>"), index: int = 0) -> QuPathObject:
+    """One GeoJSON Feature as a :class:`QuPathObject`."""
+    props = feature.get("properties") or {}
+    if not isinstance(props, dict):
+        raise InputError(f"{path}: feature {index} has properties that are not an object")
+    if not isinstance(feature.get("geometry"), dict):
+        raise InputError(f"{path}: feature {index} has no geometry")
+    geom = _shape(feature["geometry"], path, index)
+    nucleus = feature.get("nucleusGeometry", props.get("nucleusGeometry"))
+    obj_type = props.get("objectType")
+    if not isinstance(obj_type, str):
+        obj_type = "cell" if props.get("isCell") else "annotation"  # QuPath's importer default
+    return QuPathObject(
+        object_type=obj_type,
+        geometry=geom,
+        class_name=_classification(props),
+        measurements=_measurements(props),
+        nucleus_geometry=_shape(nucleus, path, index) if isinstance(nucleus, dict) else None,
+        name=props.get("name") if isinstance(props.get("name"), str) else None,
+        id=feature.get("id") if isinstance(feature.get("id"), str) else None,
+    )
+
+
+def read_objects(path: Path) -> list[QuPathObject]:
+    """All objects of a QuPath GeoJSON file."""
+    path = Path(path)
+    return [feature_to_object(f, path, i) for i, f in enumerate(read_features(path))]
+
+
+def read_nuclei(path: Path) -> list[NucleusObject]:
+    """pointnuc's own objects of a GeoJSON file (those with the marker), as NucleusObjects.
+
+    For cells the nucleus geometry is returned. Other objects are ignored.
+    """
+    out = []
+    for obj in read_objects(path):
+        if not obj.is_pointnuc:
+            continue
+        poly = obj.nucleus_geometry if obj.nucleus_geometry is not None else obj.geometry
+        meas = {k: v for k, v in obj.measurements.items() if k != POINTNUC_MARKER}
+        out.append(NucleusObject(polygon=poly, score=obj.measurements[POINTNUC_MARKER], measurements=meas))
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def float32(value: float) -> float:
+    """A value as QuPath stores measurements (32-bit float), back as a Python float."""
+    return float(np.float32(value))
+
+
+def _num(v: float) -> str:
+    """A coordinate: at most 2 decimals, integers without '.0'."""
+    r = round(float(v), 2)
+    if r == int(r):
+        return str(int(r))
+    return repr(r)
+
+
+def _coords(c: Any) -> str:
+    if isinstance(c, (list, tuple)) and c and isinstance(c[0], (int, float)):
+        return "[" + ", ".join(_num(v) for v in c) + "]"
+    return "[" + ",".join(_coords(x) for x in c) + "]"
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _value(x) for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return "[" + ", ".join(_value(x) for x in v) + "]"
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")  # as Gson writes them
+    return json.dumps(v, ensure_ascii=False)
+
+
+def _geometry_text(geom: dict[str, Any]) -> str:
+    return '{"type":' + json.dumps(geom["type"]) + ',"coordinates":' + _coords(geom["coordinates"]) + "}"
+
+
+def feature_text(feature: dict[str, Any]) -> str:
+    """One Feature in QuPath's text form (keys in QuPath's order)."""
+    parts = ['"type":"Feature"']
+    if "id" in feature:
+        parts.append('"id":' + json.dumps(feature["id"]))
+    for key in ("geometry", "nucleusGeometry"):
+        if feature.get(key) is not None:
+            g = feature[key]
+            parts.append(f'"{key}":' + (_geometry_text(g) if "coordinates" in g else _value(g)))
+    props = feature.get("properties") or {}
+    order = ["objectType", "name", "color", "classification", "isLocked", "measurements", "metadata"]
+    keys = [k for k in order if k in props] + [k for k in props if k not in order]
+    parts.append('"properties":' + "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _value(props[k]) for k in keys) + "}")
+    return "{" + ",".join(parts) + "}"
+
+
+def dumps_features(features: Sequence[dict[str, Any]], layout: str = "collection") -> str:
+    """Features as QuPath writes them: ``collection`` (the GUI default) or ``array``."""
+    body = "[" + ",".join(feature_text(f) for f in features) + "]"
+    if layout == "array":
+        return body
+    if layout != "collection":
+        raise ValueError(f"unknown layout {layout!r}")
+    return '{"type":"FeatureCollection","features":' + body + "}"
+
+
+def _geometry_dict(geom: BaseGeometry) -> dict[str, Any]:
+    g = mapping(geom)
+    return {"type": g["type"], "coordinates": _listify(g["coordinates"])}
+
+
+def _listify(c: Any) -> Any:
+    if isinstance(c, (list, tuple)) and c and isinstance(c[0], (int, float)):
+        return [float(v) for v in c]
+    return [_listify(x) for x in c]
+
+
+def _rounded_polygon(poly: BaseGeometry) -> BaseGeometry | None:
+    """Round to the 2 decimals that will be written, and make sure the result is still valid."""
+    p = shapely.set_precision(poly, 0.01)
+    return valid_polygon(p)
+
+
+def nucleus_records(
+    nuclei: Sequence[NucleusObject],
+    *,
+    object_type: str = "detection",
+    pixel_size_um: float | None = None,
+    cell_expansion_um: float = CELL_EXPANSION_UM,
+) -> list[tuple[BaseGeometry, BaseGeometry | None, dict[str, float]]]:
+    """(geometry, nucleus geometry or None, measurements) per nucleus, ready to write.
+
+    Outlines are rounded to 0.01 px and made valid; empty ones are dropped. Measurements:
+    shape measurements (:func:`pointnuc.geometry.nucleus_measurements`), the nucleus' own,
+    and the marker ``pointnuc score``, all as 32-bit floats. ``object_type="cell"``: the
+    geometry is the nucleus grown by ``cell_expansion_um`` (as 4 px per µm when the pixel
+    size is unknown) and limited by its neighbours; the nucleus is the nucleus geometry.
+    """
+    if object_type not in OBJECT_TYPES:
+        raise InputError(f"object type must be one of {', '.join(OBJECT_TYPES)}, not {object_type!r}")
+    kept: list[tuple[NucleusObject, BaseGeometry]] = []
+    for n in nuclei:
+        poly = _rounded_polygon(n.polygon) if n.polygon is not None else None
+        if poly is not None:
+            kept.append((n, poly))
+    cells: list[BaseGeometry | None] = [None] * len(kept)
+    if object_type == "cell" and kept:
+        dist_px = cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
+        cells = [_rounded_polygon(c) for c in expand_cells([p for _, p in kept], dist_px)]
+    out = []
+    for (n, poly), cell in zip(kept, cells):
+        meas: dict[str, float] = dict(nucleus_measurements(poly, pixel_size_um))
+        meas.update({k: v for k, v in n.measurements.items() if k != POINTNUC_MARKER})
+        meas[POINTNUC_MARKER] = float(n.score)
+        meas = {k: float32(v) for k, v in meas.items() if v is not None and math.isfinite(float(v))}
+        if object_type == "cell":
+            geom = cell if cell is not None and cell.covers(poly) else poly
+            out.append((geom, poly, meas))
+        else:
+            out.append((poly, None, meas))
+    return out
+
+
+def nuclei_features(
+    nuclei: Sequence[NucleusObject],
+    *,
+    object_type: str = "detection",
+    class_name: str = "Nucleus",
+    pixel_size_um: float | None = None,
+    color: tuple[int, int, int] | None = None,
+    cell_expansion_um: float = CELL_EXPANSION_UM,
+) -> list[dict[str, Any]]:
+    """QuPath Features for pointnuc's nuclei (see :func:`nucleus_records`), each with a new UUID4."""
+    rgb = list(color if color is not None else class_color(class_name))
+    feats = []
+    for geom, nucleus, meas in nucleus_records(
+        nuclei, object_type=object_type, pixel_size_um=pixel_size_um, cell_expansion_um=cell_expansion_um
+    ):
+        f: dict[str, Any] = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": _geometry_dict(geom)}
+        if nucleus is not None:
+            f["nucleusGeometry"] = _geometry_dict(nucleus)
+        f["properties"] = {
+            "objectType": object_type,
+            "classification": {"name": class_name, "color": rgb},
+            "measurements": meas,
+        }
+        feats.append(f)
+    return feats
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that a crash never leaves half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_features(path: Path, features: Sequence[dict[str, Any]], layout: str = "collection") -> Path:
+    """Write Features in QuPath's text form (atomically)."""
+    write_text_atomic(Path(path), dumps_features(features, layout))
+    return Path(path)
+
+
+def write_nuclei_file(
+    path: Path,
+    nuclei: Sequence[NucleusObject],
+    *,
+    object_type: str = "detection",
+    class_name: str = "Nucleus",
+    pixel_size_um: float | None = None,
+    color: tuple[int, int, int] | None = None,
+    cell_expansion_um: float = CELL_EXPANSION_UM,
+) -> Path:
+    """Write nuclei as a QuPath FeatureCollection (File > Import objects reads it)."""
+    feats = nuclei_features(
+        nuclei, object_type=object_type, class_name=class_name, pixel_size_um=pixel_size_um, color=color,
+        cell_expansion_um=cell_expansion_um,
+    )
+    return write_features(path, feats)
+
+
+def feature_is_pointnuc(feature: dict[str, Any]) -> bool:
+    """Whether a raw Feature was written by pointnuc."""
+    m = (feature.get("properties") or {}).get("measurements")
+    return isinstance(m, dict) and POINTNUC_MARKER in m
+
+
+def inside(geom: BaseGeometry, area: BaseGeometry | None) -> bool:
+    """Ownership rule for replacing earlier results: an object belongs to an area when its
+    centroid (representative point for odd shapes) lies in it; None = everywhere."""
+    if area is None:
+        return True
+    pt = geom.centroid if not geom.is_empty else None
+    if pt is None or pt.is_empty or not geom.contains(pt):
+        pt = geom.representative_point()
+    return bool(area.covers(pt))
+
+
+def merge_features(
+    previous: Iterable[dict[str, Any]], new: Sequence[dict[str, Any]], area: BaseGeometry | None, source: Path
+) -> list[dict[str, Any]]:
+    """Earlier Features minus pointnuc's own inside ``area``, then the new ones."""
+    kept = []
+    for i, f in enumerate(previous):
+        if feature_is_pointnuc(f):
+            geom = feature_to_object(f, source, i).geometry
+            if inside(geom, area):
+                continue
+        kept.append(f)
+    return kept + list(new)

@@ -1,0 +1,116 @@
+"""QuPath objects as plain data, and how pointnuc reads a user's annotations from them.
+
+Both project kinds (GeoJSON folder, paquo) turn their objects into :class:`QuPathObject`
+and share :func:`summarise`, so they read points and regions by the same rules:
+
+- points: the Points annotations (``MultiPoint``/``Point``) of the point class;
+- regions: the area annotations (``Polygon``/``MultiPolygon``, rectangles included) of the
+  region class; ``region_class=None`` means QuPath's built-in ``Region*`` class;
+- other classes' points are counted, not used;
+- pointnuc's own objects are those carrying the measurement :data:`POINTNUC_MARKER`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+from shapely.geometry import MultiPoint, MultiPolygon, Point, Polygon
+from shapely.geometry.base import BaseGeometry
+
+from pointnuc.errors import InputError, TrainingError
+from pointnuc.io.base import POINTNUC_MARKER, ImageAnnotations, ImageRef
+
+#: region class used when none is given: QuPath's built-in class for regions of interest
+DEFAULT_REGION_CLASS = "Region*"
+
+
+@dataclass(frozen=True)
+class QuPathObject:
+    """One QuPath object: its type, shape, class and measurements."""
+
+    object_type: str  #: annotation | detection | cell | tile | ...
+    geometry: BaseGeometry  #: full-resolution pixel coordinates
+    class_name: str | None = None
+    measurements: dict[str, float] = field(default_factory=dict)
+    nucleus_geometry: BaseGeometry | None = None  #: cells only
+    name: str | None = None
+    id: str | None = None
+
+    @property
+    def is_pointnuc(self) -> bool:
+        """Written by pointnuc (carries the marker measurement)."""
+        return POINTNUC_MARKER in self.measurements
+
+
+def _point_coords(geom: BaseGeometry) -> np.ndarray:
+    if isinstance(geom, Point):
+        return np.array([[geom.x, geom.y]], float)
+    return np.array([[p.x, p.y] for p in geom.geoms], float).reshape(-1, 2)
+
+
+def summarise(
+    objects: Iterable[QuPathObject],
+    image: ImageRef,
+    *,
+    point_class: str = "Nucleus",
+    region_class: str | None = None,
+    source: str = "",
+    n_pointnuc_objects: int | None = None,
+) -> ImageAnnotations:
+    """The points, regions and counts pointnuc needs from one image's objects.
+
+    Points outside the image are an :class:`InputError` (``source`` names the file).
+    ``n_pointnuc_objects`` overrides the count of marked objects among ``objects``.
+    """
+    region_class = DEFAULT_REGION_CLASS if region_class is None else region_class
+    points: list[np.ndarray] = []
+    regions: list[BaseGeometry] = []
+    others: dict[str, int] = {}
+    n_marked = 0
+    for obj in objects:
+        if obj.is_pointnuc:
+            n_marked += 1
+        if obj.object_type != "annotation" or obj.geometry is None or obj.geometry.is_empty:
+            continue
+        geom = obj.geometry
+        if isinstance(geom, (Point, MultiPoint)):
+            xy = _point_coords(geom)
+            if obj.class_name == point_class:
+                points.append(xy)
+            else:
+                key = obj.class_name if obj.class_name is not None else "Unclassified"
+                others[key] = others.get(key, 0) + len(xy)
+        elif isinstance(geom, (Polygon, MultiPolygon)) and obj.class_name == region_class:
+            regions.append(geom)
+    pts = np.concatenate(points) if points else np.zeros((0, 2), float)
+    if len(pts):
+        outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] >= image.width) | (pts[:, 1] >= image.height)
+        if outside.any():
+            x, y = pts[np.argmax(outside)]
+            where = f" in {source}" if source else ""
+            raise InputError(
+                f"{int(outside.sum())} {point_class!r} point(s) of image {image.name!r}{where} lie outside its "
+                f"{image.width}x{image.height} pixels (first at x={x:g}, y={y:g}); are the annotations from another image?"
+            )
+    return ImageAnnotations(
+        points_xy=pts.astype(np.float64),
+        regions=tuple(regions),
+        other_point_counts=dict(sorted(others.items())),
+        n_pointnuc_objects=n_marked if n_pointnuc_objects is None else n_pointnuc_objects,
+    )
+
+
+def require_points(annotations: ImageAnnotations, image: ImageRef, point_class: str = "Nucleus") -> np.ndarray:
+    """The image's points, or a TrainingError saying how to add some."""
+    if len(annotations.points_xy) == 0:
+        hint = ""
+        if annotations.other_point_counts:
+            found = ", ".join(f"{k!r} ({v})" for k, v in annotations.other_point_counts.items())
+            hint = f"; it has points of {found} - pass --point-class to use them"
+        raise TrainingError(
+            f"image {image.name!r} has no {point_class!r} points; click some nuclei with the Points tool in class "
+            f"{point_class!r}{hint}"
+        )
+    return annotations.points_xy

@@ -1,0 +1,198 @@
+"""Reading pixels: whole-slide images (tiffslide) and plain images (Pillow), at any resolution.
+
+Coordinates are QuPath's full-resolution pixels (x = column, y = row). ``read_region``
+reads from the pyramid level closest to (and not coarser than) the requested downsample,
+so a small region of a large pyramidal slide never decodes level 0 entirely.
+
+Pixel size comes from the file (tiffslide's ``mpp``, TIFF resolution tags, PNG/JPEG dpi) or
+an override. A "resolution" of a screen or printer (anything coarser than
+:data:`MAX_PLAUSIBLE_UM` µm/px, e.g. the 72 dpi many tools write by default) is not a
+microscope's and is treated as unknown.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pointnuc.errors import ImageReadError, PixelSizeError
+
+#: file name endings read through tiffslide (everything else through Pillow)
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".btf")
+#: image file endings a project folder may hold
+IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp")
+#: coarser pixel sizes than this (µm/px) are screen/print dpi, not a microscope's
+MAX_PLAUSIBLE_UM = 20.0
+WHITE = 255
+
+
+def _plausible(um: float | None) -> float | None:
+    if um is None:
+        return None
+    try:
+        um = float(um)
+    except (TypeError, ValueError):
+        return None
+    return um if math.isfinite(um) and 0 < um <= MAX_PLAUSIBLE_UM else None
+
+
+def _to_rgb(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] > 3:
+        arr = arr[:, :, :3]
+    if arr.dtype != np.uint8:
+        if arr.dtype == np.uint16:
+            arr = (arr >> 8).astype(np.uint8)
+        else:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return arr
+
+
+class _TiffBackend:
+    def __init__(self, path: Path) -> None:
+        import tiffslide
+
+        self.slide = tiffslide.TiffSlide(str(path))
+        self.level_dimensions: list[tuple[int, int]] = [tuple(map(int, d)) for d in self.slide.level_dimensions]
+        mpp = self.slide.properties.get("tiffslide.mpp-x")
+        self.pixel_size_um = _plausible(mpp)
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Pixels of level ``level`` in its own coordinates; the box lies inside the level."""
+        ds = self.level_dimensions[0][0] / self.level_dimensions[level][0]
+        dsy = self.level_dimensions[0][1] / self.level_dimensions[level][1]
+        loc = (int(round(x * ds)), int(round(y * dsy)))
+        return _to_rgb(self.slide.read_region(loc, level, (w, h), as_array=True))
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+class _PillowBackend:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with Image.open(path) as im:
+            self.level_dimensions = [(int(im.width), int(im.height))]
+            dpi = im.info.get("dpi")
+        self.pixel_size_um = _plausible(25400.0 / float(dpi[0])) if dpi and dpi[0] else None
+        self._arr: np.ndarray | None = None
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if self._arr is None:
+            with Image.open(self.path) as im:
+                self._arr = _to_rgb(np.asarray(im.convert("RGB")))
+        return self._arr[y : y + h, x : x + w]
+
+    def close(self) -> None:
+        self._arr = None
+
+
+class Slide:
+    """An open image: size, pixel size, pyramid levels and region reading."""
+
+    def __init__(self, path: Path, pixel_size_um: float | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ImageReadError(f"image file not found: {self.path}")
+        if pixel_size_um is not None and not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
+            raise PixelSizeError(f"pixel size must be a positive number of µm per pixel, got {pixel_size_um}")
+        backend: Any = None
+        try:
+            if self.path.suffix.lower() in TIFF_SUFFIXES:
+                try:
+                    backend = _TiffBackend(self.path)
+                except Exception:  # not a TIFF tiffslide understands: maybe Pillow does
+                    backend = None
+            if backend is None:
+                backend = _PillowBackend(self.path)
+        except Exception as err:
+            raise ImageReadError(f"cannot read image {self.path}: {err.__class__.__name__}: {err}") from None
+        self._backend = backend
+        self.level_dimensions: list[tuple[int, int]] = backend.level_dimensions
+        self.width, self.height = self.level_dimensions[0]
+        if self.width < 1 or self.height < 1:
+            raise ImageReadError(f"image {self.path} has no pixels")
+        #: full-res pixels per level pixel, per level
+        self.level_downsamples: list[float] = [self.width / w for w, _ in self.level_dimensions]
+        self.file_pixel_size_um: float | None = backend.pixel_size_um
+        self.pixel_size_um: float | None = float(pixel_size_um) if pixel_size_um is not None else backend.pixel_size_um
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (1% slack)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * 1.01 and d >= self.level_downsamples[best]:
+                best = i
+        return best
+
+    def read_region(self, x: int, y: int, w: int, h: int, downsample: float = 1.0) -> np.ndarray:
+        """uint8 RGB (round(h/ds), round(w/ds), 3) of the full-res box (x, y, w, h).
+
+        Parts of the box outside the image are white.
+        """
+        if w < 1 or h < 1 or not downsample > 0:
+            raise ValueError(f"bad region {w}x{h} at downsample {downsample}")
+        out_w, out_h = max(1, int(round(w / downsample))), max(1, int(round(h / downsample)))
+        level = self.best_level(downsample)
+        lw, lh = self.level_dimensions[level]
+        sx, sy = self.width / lw, self.height / lh
+        fx0, fy0, fx1, fy1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
+        ix0, iy0 = math.floor(fx0 + 1e-9), math.floor(fy0 + 1e-9)
+        ix1, iy1 = math.ceil(fx1 - 1e-9), math.ceil(fy1 - 1e-9)
+        buf = np.full((iy1 - iy0, ix1 - ix0, 3), WHITE, np.uint8)
+        cx0, cy0, cx1, cy1 = max(ix0, 0), max(iy0, 0), min(ix1, lw), min(iy1, lh)
+        if cx1 > cx0 and cy1 > cy0:
+            try:
+                part = self._backend.read(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+            except Exception as err:
+                raise ImageReadError(f"cannot read pixels of {self.path}: {err.__class__.__name__}: {err}") from None
+            buf[cy0 - iy0 : cy0 - iy0 + part.shape[0], cx0 - ix0 : cx0 - ix0 + part.shape[1]] = part
+        exact = (
+            abs(fx0 - ix0) < 1e-6 and abs(fy0 - iy0) < 1e-6 and buf.shape[1] == out_w and buf.shape[0] == out_h
+        )
+        if exact:
+            return buf
+        box = (fx0 - ix0, fy0 - iy0, fx1 - ix0, fy1 - iy0)
+        img = Image.fromarray(buf).resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+        return np.asarray(img)
+
+    def read_thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
+        """The whole image with its longer side at most ``max_size`` px, and its downsample."""
+        ds = max(1.0, max(self.width, self.height) / float(max_size))
+        return self.read_region(0, 0, self.width, self.height, downsample=ds), ds
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def open_slide(path: Path, pixel_size_um: float | None = None) -> Slide:
+    """Open an image file; ``pixel_size_um`` overrides the file's pixel size."""
+    return Slide(Path(path), pixel_size_um)
+
+
+def pixel_size_or_error(slide: Slide, override: float | None = None) -> float:
+    """The pixel size to use (override first), or a PixelSizeError telling how to give one."""
+    if override is not None:
+        return float(override)
+    if slide.pixel_size_um is None:
+        raise PixelSizeError(
+            f"{slide.path.name} carries no pixel size; pass --pixel-size (µm per pixel, e.g. 0.25 for 40x)"
+        )
+    return float(slide.pixel_size_um)
