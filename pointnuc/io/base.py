@@ -84,6 +84,27 @@ class Project(Protocol):
         ...
 
 
-def open_project(path: Path, *, output_dir: Path | None = None) -> Project:
-    """Open PROJECT: a ``.qpproj`` (or its folder) via paquo, or a GeoJSON image folder."""
-    raise NotImplementedError  # filled in by the I/O work (issue 2)
+def open_project(path: Path, *, output_dir: Path | None = None, pixel_size_um: float | None = None) -> Project:
+    """Open PROJECT: a ``.qpproj`` (or its folder) via paquo, or a GeoJSON image folder.
+
+    ``output_dir``: where pointnuc's GeoJSON / backups go (default: the project folder).
+    ``pixel_size_um``: overrides every image's pixel size.
+    """
+    from pointnuc.errors import InputError
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"project not found: {path}")
+    if path.is_file():
+        if path.suffix.lower() == ".qpproj":
+            from pointnuc.io.qupath import QuPathProjectFile
+
+            return QuPathProjectFile(path, output_dir=output_dir, pixel_size_um=pixel_size_um)
+        raise InputError(f"{path} is a file; give a QuPath project (project.qpproj or its folder) or a folder of images")
+    if (path / "project.qpproj").is_file():
+        from pointnuc.io.qupath import QuPathProjectFile
+
+        return QuPathProjectFile(path / "project.qpproj", output_dir=output_dir, pixel_size_um=pixel_size_um)
+    from pointnuc.io.geojson_project import GeoJSONFolderProject
+
+    return GeoJSONFolderProject(path, output_dir=output_dir, pixel_size_um=pixel_size_um)
