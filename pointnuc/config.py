@@ -91,6 +91,8 @@ class SegmentationConfig:
     crf_sigma_rgb: float = 0.1  #: σ_rgb on RGB in [0, 1]
     crf_beta: float = 0.005
     instance_method: str = "cc"  #: cc (paper: connected components) | watershed
+    min_area_um2: float = 1.25  #: instances smaller than this are dropped (authors' code: 20 px at 0.25 µm/px)
+    watershed_h_um: float = 0.5  #: watershed: distance-map maxima at least this deep seed a nucleus
 
     def __post_init__(self) -> None:
         _check(0 <= self.alpha <= 1, "alpha must be in [0, 1]")
