@@ -79,3 +79,31 @@ def instances_from_probability(
     rest, _ = ndi.label(mask & (lab == 0), structure=eight)
     lab = np.where(lab == 0, np.where(rest > 0, rest + lab.max(), 0), lab)
     return _remove_small(lab.astype(np.int64), min_area_px)
+
+
+def nucleus_probability(
+    model: "torch.nn.Module",  # noqa: F821
+    image: np.ndarray,
+    *,
+    device: "str | torch.device" = "cpu",  # noqa: F821
+    tta: bool = False,
+    window: int = 512,
+    margin: int = 32,
+) -> np.ndarray:
+    """Nucleus probability (H, W) of a segmenter on a colour-normalised uint8 RGB image.
+
+    ``tta``: average over the four flips (horizontal, vertical, both, none).
+    """
+    from pointnuc.infer.predict import predict_image
+
+    img = np.asarray(image)
+    flips = [(False, False), (True, False), (False, True), (True, True)] if tta else [(False, False)]
+    acc = np.zeros(img.shape[:2], np.float32)
+    for fy, fx in flips:
+        v = img[::-1] if fy else img
+        v = v[:, ::-1] if fx else v
+        p = predict_image(model, np.ascontiguousarray(v), activation="softmax", window=window, margin=margin, device=device)[1]
+        p = p[::-1] if fy else p
+        p = p[:, ::-1] if fx else p
+        acc += p
+    return acc / len(flips)

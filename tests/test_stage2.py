@@ -1,0 +1,65 @@
+"""Stage 2 end to end on a tiny synthetic image, and the points-only selection score."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth import label_points, render_nuclei  # noqa: E402
+
+from pointnuc.config import profile_config
+from pointnuc.metrics import pixel_scores
+from pointnuc.models.bundle import ModelLayout
+from pointnuc.train.samples import TrainingImage
+from pointnuc.train.segment import holdout_counts, merge_points, points_score, segment_image, train_segmenter
+
+
+def test_holdout_counts_by_hand():
+    lab = np.zeros((20, 30), np.int32)
+    lab[0:10, 0:10] = 1  # holds held-back point A only: good
+    lab[0:10, 12:30] = 2  # holds held-back point B and a known point: merge
+    lab[12:20, 0:8] = 3  # no point at all: empty
+    hold = np.array([[5.5, 5.5], [15.5, 5.5], [25.5, 15.5]])  # A, B, C (C in background: miss)
+    known = np.array([[6.0, 6.0], [25.5, 5.5]])  # the first is A's own detection (dropped), the second B's neighbour
+    c = holdout_counts(lab, hold, known, same_radius=2.0)
+    assert c == {"good": 1, "n": 3, "instances": 3, "empty": 1}
+    assert points_score([c]) == pytest.approx(1 / 3 - 0.5 * 1 / 3)
+
+
+def test_merge_points_keeps_user_points_and_far_detections():
+    user = np.array([[10.0, 10.0]])
+    det = np.array([[12.0, 10.0], [40.0, 10.0]])
+    np.testing.assert_allclose(merge_points(det, user, 5.0), [[10.0, 10.0], [40.0, 10.0]])
+
+
+def test_train_segmenter_on_synthetic_discs(tmp_path):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    img, gt = render_nuclei((128, 128), 14, 7.0, seed=3)
+    pts = label_points(gt)
+    rng = np.random.default_rng(0)
+    hold = rng.choice(len(pts), 3, replace=False)
+    train = np.setdiff1d(np.arange(len(pts)), hold)
+    sample = TrainingImage("s", "s", img, pts[train[:3]], pts[hold], np.ones(gt.shape, bool), gt_labels=gt)
+    cfg = profile_config(
+        "tiny", **{"segmentation.epochs": 12, "segmentation.lr": 3e-3, "segmentation.crf_epochs": 1,
+                   "segmentation.crf_lr": 1e-4, "data.patches_per_image": 8}
+    )
+    t0 = time.perf_counter()
+    # stage-1 "detections": every nucleus, as a perfect detector would give
+    res = train_segmenter([sample], {"s": pts}, cfg, ModelLayout(tmp_path / "m"), device="cpu", progress=False)
+    assert time.perf_counter() - t0 < 60
+    assert (tmp_path / "m" / "segmenter.pt").is_file()
+    assert set(res.history) == {"segmentation", "crf"}
+    assert 0.3 <= res.thresholds["prob"] <= 0.7
+    lab = segment_image(res.model, img, res.thresholds)
+    f1 = pixel_scores(gt, lab)["F1"]
+    print(f"synthetic stage 2: pixel F1 {f1:.3f}, threshold {res.thresholds['prob']}")
+    assert f1 > 0.6, f1
+    assert np.isfinite(res.metrics["selection_score"])
