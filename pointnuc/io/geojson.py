@@ -77,7 +77,9 @@ def read_features(path: Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"GeoJSON file not found: {path}") from None
-    except (UnicodeDecodeError, OSError) as err:
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text, so not a QuPath GeoJSON export") from None
+    except OSError as err:
         raise InputError(f"cannot read {path}: {err}") from None
     try:
         data = json.loads(text)
@@ -257,8 +259,11 @@ def _listify(c: Any) -> Any:
 
 def _rounded_polygon(poly: BaseGeometry) -> BaseGeometry | None:
     """Round to the 2 decimals that will be written, and make sure the result is still valid."""
-    p = shapely.set_precision(poly, 0.01)
-    return valid_polygon(p)
+    p = valid_polygon(poly)
+    if p is None:
+        return None
+    rounded = shapely.transform(p, lambda xy: np.round(xy, 2))
+    return rounded if rounded.is_valid and not rounded.is_empty else valid_polygon(rounded)
 
 
 def nucleus_records(

@@ -1,0 +1,143 @@
+"""Label image -> polygon tracing and nucleus measurements."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from shapely.geometry import Polygon, box, shape
+
+from pointnuc.geometry import (
+    expand_cells,
+    labels_to_polygons,
+    mask_to_polygon,
+    nucleus_measurements,
+    trace_mask,
+    valid_polygon,
+)
+
+
+def test_single_pixel_is_unit_square_on_corners():
+    m = np.zeros((4, 5), bool)
+    m[1, 2] = True
+    ring = trace_mask(m)
+    assert Polygon(ring).equals(box(2, 1, 3, 2))
+    assert ring[0].tolist() == [2, 1] and ring[-1].tolist() == [2, 1]
+    assert len(ring) == 5  # 4 corners + closing vertex, no collinear ones
+
+
+def test_l_shape_hand_computed():
+    lab = np.zeros((5, 5), int)
+    lab[1:4, 1] = 7  # column x=1, rows 1..3
+    lab[3, 2:4] = 7  # foot along row 3
+    polys = labels_to_polygons(lab)
+    assert list(polys) == [7]
+    p = polys[7]
+    assert p.area == 5 and p.is_valid
+    expected = Polygon([(1, 1), (1, 4), (4, 4), (4, 3), (2, 3), (2, 1)])
+    assert p.equals(expected)
+    assert len(p.exterior.coords) == 7  # 6 corners
+
+
+def test_area_equals_pixel_count_random_blobs():
+    rng = np.random.default_rng(3)
+    lab = np.zeros((60, 60), int)
+    for i in range(1, 15):
+        cy, cx = rng.integers(6, 54, 2)
+        rr, cc = np.ogrid[:60, :60]
+        lab[((rr - cy) ** 2 + (cc - cx) ** 2) < rng.integers(4, 30)] = i
+    polys = labels_to_polygons(lab)
+    for k, p in polys.items():
+        assert p.is_valid
+        assert p.area == (lab == k).sum() or p.area >= (lab == k).sum()  # >: a smaller piece was dropped/hole filled
+
+
+def test_holes_filled_and_largest_piece_kept_and_diagonal_pinch_valid():
+    lab = np.zeros((10, 12), int)
+    lab[1:6, 1:6] = 1
+    lab[3, 3] = 0  # a hole -> filled
+    lab[8, 8] = 1  # a separate 1-pixel piece -> dropped
+    lab[1, 8] = 2
+    lab[2, 9] = 2  # two pixels touching only diagonally -> one kept
+    polys = labels_to_polygons(lab)
+    assert polys[1].area == 25 and len(polys[1].interiors) == 0
+    assert polys[2].area == 1 and polys[2].is_valid
+    # a loop of pixels closed only through a diagonal touch ((2,3)-(3,2)): the enclosed pixel
+    # (2,2) counts as a hole and is filled, so the outline is one simple ring
+    ring = np.zeros((6, 6), bool)
+    ring[1, 1:4] = ring[1:4, 1] = ring[3, 1:3] = ring[2, 3] = True
+    p = mask_to_polygon(ring)
+    assert p.is_valid and p.area == ring.sum() + 1
+
+
+def test_offset_and_scale():
+    lab = np.zeros((4, 4), int)
+    lab[1, 1] = 3
+    p = labels_to_polygons(lab, offset_xy=(100, 200), scale=2.0)[3]
+    assert p.equals(box(102, 202, 104, 204))
+
+
+def test_matches_qupath_contour_tracing_exactly(shared):
+    """Vertices equal QuPath 0.6's ContourTracing output for the fixture's detections."""
+    from PIL import Image
+
+    fx = shared / "fixtures" / "qupath-0.6.0" / "detections"
+    labels = np.array(Image.open(shared / "data/monuseg/train/TCGA-A7-A13E-01Z-00-DX1_label.png"))
+    expected = json.loads((fx / "expected.json").read_text(encoding="utf-8"))["objects"]
+    feats = json.loads((fx / "detections.featurecollection.geojson").read_text(encoding="utf-8"))["features"]
+    polys = labels_to_polygons(labels)
+    for exp, feat in zip(expected, feats):
+        lab = exp["source_label_id"]
+        qupath = feat.get("nucleusGeometry") or feat["geometry"]
+        ours = polys[lab]
+        assert ours.area == exp["nucleus_area_px"]
+        assert [list(map(float, c)) for c in qupath["coordinates"][0]] == [list(c) for c in ours.exterior.coords]
+
+
+def test_speed_thousands_per_second():
+    rng = np.random.default_rng(0)
+    lab = np.zeros((1000, 1000), np.int32)
+    k = 0
+    for cy in range(12, 1000, 25):
+        for cx in range(12, 1000, 25):
+            k += 1
+            r = rng.integers(5, 11)
+            lab[cy - r : cy + r, cx - r : cx + r] = k
+    t = time.perf_counter()
+    polys = labels_to_polygons(lab)
+    dt = time.perf_counter() - t
+    assert len(polys) == k == 1600
+    assert len(polys) / dt > 1000, f"{len(polys) / dt:.0f} polygons/s"
+
+
+def test_measurements_hand_computed():
+    sq = box(0, 0, 4, 4)
+    m = nucleus_measurements(sq, 0.5)
+    assert m["Area µm^2"] == pytest.approx(4.0)  # 16 px² * 0.25
+    assert m["Perimeter µm"] == pytest.approx(8.0)
+    assert m["Circularity"] == pytest.approx(4 * math.pi * 16 / 256)
+    mp = nucleus_measurements(sq, None)
+    assert mp["Area px^2"] == 16 and mp["Perimeter px"] == 16 and "Area µm^2" not in mp
+
+
+def test_valid_polygon_fixes_bowtie_and_picks_largest():
+    bowtie = Polygon([(0, 0), (4, 4), (4, 0), (0, 4)])
+    assert not bowtie.is_valid
+    p = valid_polygon(bowtie)
+    assert p is not None and p.is_valid and p.area == pytest.approx(4.0)
+    assert valid_polygon(Polygon()) is None
+
+
+def test_expand_cells_contain_nuclei_and_do_not_overlap():
+    a, b = box(0, 0, 4, 4), box(6, 0, 10, 4)
+    cells = expand_cells([a, b], 3.0)
+    assert all(c.is_valid for c in cells)
+    assert cells[0].covers(a) and cells[1].covers(b)
+    assert cells[0].intersection(cells[1]).area == pytest.approx(0.0, abs=1e-6)
+    assert cells[0].bounds[0] == pytest.approx(-3.0)  # grown away from the neighbour
+    assert cells[0].bounds[2] == pytest.approx(5.0)  # stopped half way to the neighbour
+    one = expand_cells([a], 1.0)[0]
+    assert one.area == pytest.approx(a.buffer(1.0, quad_segs=4).area)

@@ -1,0 +1,190 @@
+"""QuPath GeoJSON: reading all three layouts, writing QuPath 0.6.0's exact text."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from shapely.geometry import Polygon, box
+
+from pointnuc.errors import InputError, TrainingError
+from pointnuc.io.base import ImageRef, NucleusObject
+from pointnuc.io.geojson import (
+    dumps_features,
+    feature_text,
+    float32,
+    inside,
+    nuclei_features,
+    read_features,
+    read_nuclei,
+    read_objects,
+    write_nuclei_file,
+)
+from pointnuc.io.objects import require_points, summarise
+
+
+def _fx(shared: Path) -> Path:
+    return shared / "fixtures" / "qupath-0.6.0"
+
+
+def _ref(name: str = "img.tif", w: int = 1000, h: int = 1000) -> ImageRef:
+    return ImageRef(name=name, path=Path(name), width=w, height=h, pixel_size_um=0.25)
+
+
+@pytest.mark.parametrize("form", ["default", "feature_collection"])
+def test_points_regions_match_expected_json(shared: Path, form: str):
+    fx = _fx(shared)
+    expected = json.loads((fx / "expected.json").read_text(encoding="utf-8"))
+    for im in expected["images"]:
+        objects = read_objects(fx / im["geojson"][form])
+        assert len(objects) == im["geojson"]["n_objects"]
+        ann = summarise(objects, _ref(im["image_name"], im["width"], im["height"]))
+        assert len(ann.points_xy) == im["n_nucleus_points"]
+        assert ann.points_xy.dtype == np.float64 and ann.points_xy.shape == (im["n_nucleus_points"], 2)
+        # QuPath does not keep point order: compare sets
+        assert sorted(map(tuple, ann.points_xy.tolist())) == sorted(map(tuple, im["nucleus_points_xy"]))
+        # each point is the centre of its listed pixel
+        rc = {tuple(p) for p in im["nucleus_points_pixel_rc"]}
+        assert {(int(np.floor(y)), int(np.floor(x))) for x, y in ann.points_xy} == rc
+        regions = [o for o in im["other_annotations"] if o["roi"] == "RectangleROI"]
+        assert len(ann.regions) == len(regions)
+        for geom, reg in zip(ann.regions, regions):
+            assert list(geom.bounds) == reg["geojson_polygon_bounds"]
+        others = {o["class"]: o["n_points"] for o in im["other_annotations"] if o["roi"] == "PointsROI"}
+        assert ann.other_point_counts == others
+        assert ann.n_pointnuc_objects == 0
+
+
+def test_reserialising_fixture_is_byte_identical(shared: Path):
+    fx = _fx(shared)
+    for name, layout in [
+        ("detections/detections.featurecollection.geojson", "collection"),
+        ("detections/detections.geojson", "array"),
+        ("points-project.geojson/TCGA-B0-5711-01Z-00-DX1.featurecollection.geojson", "collection"),
+        ("points-project.geojson/TCGA-B0-5711-01Z-00-DX1.geojson", "array"),
+    ]:
+        text = (fx / name).read_text(encoding="utf-8")
+        assert dumps_features(read_features(fx / name), layout) == text
+    single = fx / "detections/single-detection.geojson"
+    assert feature_text(read_features(single)[0]) == single.read_text(encoding="utf-8")
+
+
+def test_written_detections_match_qupath_layout(shared: Path, tmp_path: Path):
+    """Trace the fixture's nuclei, write them, and compare with what QuPath wrote."""
+    from PIL import Image
+
+    from pointnuc.geometry import labels_to_polygons
+
+    fx = _fx(shared) / "detections"
+    exp = json.loads((fx / "expected.json").read_text(encoding="utf-8"))["objects"][:3]
+    qupath = json.loads((fx / "detections.featurecollection.geojson").read_text(encoding="utf-8"))["features"][:3]
+    labels = np.array(Image.open(shared / "data/monuseg/train/TCGA-A7-A13E-01Z-00-DX1_label.png"))
+    polys = labels_to_polygons(labels)
+    nuclei = [NucleusObject(polygon=polys[o["source_label_id"]], score=o["measurements_put"]["pointnuc score"])
+              for o in exp]
+    out = write_nuclei_file(tmp_path / "out.geojson", nuclei, pixel_size_um=0.25)
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith('{"type":"FeatureCollection","features":[{"type":"Feature","id":"')
+    assert "µm^2" in text and "\\u00b5" not in text
+    ours = json.loads(text)["features"]
+    for o, q, e in zip(ours, qupath, exp):
+        assert list(o) == ["type", "id", "geometry", "properties"]
+        assert uuid.UUID(o["id"]).version == 4
+        assert list(o["properties"]) == ["objectType", "classification", "measurements"]
+        assert o["properties"]["classification"] == {"name": "Nucleus", "color": [255, 228, 22]}
+        assert o["geometry"] == q["geometry"]
+        m = o["properties"]["measurements"]
+        assert m["Area µm^2"] == q["properties"]["measurements"]["Area µm^2"] == e["measurements_put"]["Area µm^2"]
+        assert m["pointnuc score"] == q["properties"]["measurements"]["pointnuc score"]
+    # the geometry text itself is QuPath's (integers without .0, ", " inside pairs)
+    q_geom = re.search(r'"geometry":(\{.*?\]\]\]\})', (fx / "single-detection.geojson").read_text(encoding="utf-8"))
+    assert q_geom.group(1) in text
+    assert float32(0.93) == 0.9300000071525574
+    back = read_nuclei(out)
+    assert [n.score for n in back] == [float32(e["measurements_put"]["pointnuc score"]) for e in exp]
+    assert [n.polygon.area for n in back] == [e["nucleus_area_px"] for e in exp]
+
+
+def test_cells_have_nucleus_geometry_and_expansion(tmp_path: Path):
+    nuclei = [NucleusObject(box(10, 10, 20, 20), 0.5), NucleusObject(box(40, 10, 50, 20), 0.75)]
+    feats = nuclei_features(nuclei, object_type="cell", pixel_size_um=0.5, cell_expansion_um=2.0)
+    for f, n in zip(feats, nuclei):
+        assert list(f) == ["type", "id", "geometry", "nucleusGeometry", "properties"]
+        assert f["properties"]["objectType"] == "cell"
+        cell = Polygon(f["geometry"]["coordinates"][0])
+        nuc = Polygon(f["nucleusGeometry"]["coordinates"][0])
+        assert nuc.equals(n.polygon) and cell.covers(nuc)
+        assert cell.bounds[1] == pytest.approx(6.0)  # 2 µm = 4 px at 0.5 µm/px
+    assert feats[0]["properties"]["measurements"]["Area µm^2"] == 25.0  # nucleus area, 100 px² * 0.25
+    path = write_nuclei_file(tmp_path / "c.geojson", nuclei, object_type="cell")
+    assert [n.polygon.area for n in read_nuclei(path)] == [100.0, 100.0]
+
+
+def test_no_pixel_size_uses_px_units_and_invalid_polygons_are_fixed():
+    bowtie = Polygon([(0, 0), (4, 4), (4, 0), (0, 4)])
+    feats = nuclei_features([NucleusObject(bowtie, 0.9), NucleusObject(Polygon(), 0.1)])
+    assert len(feats) == 1
+    geom = Polygon(feats[0]["geometry"]["coordinates"][0])
+    assert geom.is_valid and geom.area == pytest.approx(4.0)
+    m = feats[0]["properties"]["measurements"]
+    assert m["Area px^2"] == 4.0 and "Area µm^2" not in m
+    # coordinates at most 2 decimals, integers without .0
+    t = feature_text(nuclei_features([NucleusObject(box(1.004, 2, 3.256, 4.5), 0.5)])[0])
+    assert "[1, 2]" in t and "[3.26, 4.5]" in t and "1.004" not in t
+
+
+def test_old_qupath_variants_and_layouts(tmp_path: Path):
+    p = tmp_path / "old.geojson"
+    p.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Point", "coordinates": [5.5, 6.5]},
+                             "properties": {"classification": {"name": "Nucleus", "colorRGB": -1},
+                                            "measurements": [{"name": "pointnuc score", "value": 0.5}]}}))
+    [obj] = read_objects(p)
+    assert obj.object_type == "annotation" and obj.class_name == "Nucleus" and obj.is_pointnuc
+    p.write_text(json.dumps([{"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[1, 2], [3, 4]]},
+                              "properties": {"classification": "Nucleus"}}]))
+    ann = summarise(read_objects(p), _ref())
+    assert ann.points_xy.tolist() == [[1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"type":"FeatureCollection","features":[{"type":"Feat', "truncated"),
+        ('{"hello": "world"}', "not a QuPath GeoJSON"),
+        ('[{"type":"Feature","properties":{}}]', "no geometry"),
+        ("\xff\xfe", "not UTF-8"),
+    ],
+)
+def test_bad_geojson_is_input_error_naming_file(tmp_path: Path, content: str, message: str):
+    p = tmp_path / "bad.geojson"
+    p.write_text(content, encoding="latin-1")
+    with pytest.raises(InputError, match=message) as err:
+        read_objects(p)
+    assert "bad.geojson" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_points_outside_image_are_an_error(shared: Path):
+    objects = read_objects(_fx(shared) / "points-project.geojson/TCGA-A7-A13E-01Z-00-DX1.geojson")
+    with pytest.raises(InputError, match="outside its 500x500 pixels"):
+        summarise(objects, _ref(w=500, h=500), source="x.geojson")
+
+
+def test_require_points_says_how():
+    from pointnuc.io.base import ImageAnnotations
+
+    ann = ImageAnnotations(points_xy=np.zeros((0, 2)), other_point_counts={"Other": 5})
+    with pytest.raises(TrainingError, match="no 'Nucleus' points.*'Other' \\(5\\).*--point-class"):
+        require_points(ann, _ref())
+    ok = ImageAnnotations(points_xy=np.ones((2, 2)))
+    assert require_points(ok, _ref()).shape == (2, 2)
+
+
+def test_inside_uses_centroid():
+    area = box(0, 0, 10, 10)
+    assert inside(box(8, 8, 11, 11), area)  # centroid (9.5, 9.5) inside
+    assert not inside(box(9, 9, 13, 13), area)  # centroid (11, 11) outside
+    assert inside(box(100, 100, 101, 101), None)
