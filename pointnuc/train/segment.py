@@ -65,6 +65,8 @@ class SegmenterResult:
     metrics: dict[str, Any]
     plain_state: dict[str, torch.Tensor] | None = None  #: weights before CRF fine-tuning (benchmarks)
     labels: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  #: (Voronoi, cluster) per sample
+    #: best states under the protocol *not* used for selection ("plain-aji", "crf-aji", ...), for benchmarks
+    alt_states: dict[str, dict[str, torch.Tensor] | None] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------ points and labels
@@ -128,6 +130,8 @@ def holdout_counts(labels: np.ndarray, holdout_xy: np.ndarray, known_xy: np.ndar
     np.add.at(any_pt, lh, 1)
     present = np.zeros(n_inst + 1, bool)
     present[np.unique(labels)] = True
+    if len(known) == 0:  # nothing known besides the held-back points: empty instances cannot be told
+        return {"good": good, "n": len(hold), "instances": 0, "empty": 0}
     empty = int(np.count_nonzero(present[1:] & (any_pt[1:] == 0)))
     return {"good": good, "n": len(hold), "instances": int(present[1:].sum()), "empty": empty}
 
@@ -250,7 +254,9 @@ def train_segmenter(
 
     # ---- selection data
     hold_samples = [s for s in samples if len(s.holdout)] + [s for s in tune_samples if len(s.holdout)]
-    hold_known = [known.get(s.name, s.points) for s in hold_samples]
+    # known points of a tuning image: its stage-1 detections when ``points`` has them, else its training points
+    hold_known = [known[s.name] if s.name in known else merge_points(points.get(s.name, np.zeros((0, 2))), s.points, r1)
+                  for s in hold_samples]
     tuner = _Tuner(
         samples=hold_samples, known=hold_known,
         mask_samples=[s for s in tune_samples if s.gt_labels is not None],
@@ -260,10 +266,17 @@ def train_segmenter(
     if key == "points" and not hold_samples:
         log.warning("no held-back points: the last epoch is kept and the threshold stays at 0.5")
 
+    other = "points" if key == "aji" else "aji"
+    alt: dict[str, Any] = {"score": -np.inf, "state": None}
+
     def on_epoch_end(epoch: int, model: nn.Module) -> dict[str, Any]:
         if key == "points" and not hold_samples:
             return {}
         sc = tuner.score(model, [0.5])[0.5]
+        # benchmarks: also keep the best state under the other protocol, when it can be scored
+        o = sc.get(other, float("nan"))
+        if np.isfinite(o) and o > alt["score"]:
+            alt.update(score=o, state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         return {**sc, "score": sc.get(key, float("nan"))}
 
     torch.manual_seed(config.seed)
@@ -274,6 +287,7 @@ def train_segmenter(
                   resume=resume, progress=progress, on_epoch_end=on_epoch_end)
     history: dict[str, FitHistory] = {}
     plain_state = None
+    alt_states: dict[str, dict[str, torch.Tensor] | None] = {}
     if supervised:
         history["supervised"] = fit(model, ds, supervised_ce, epochs=seg.epochs, lr=seg.lr, stage_name="segmenter-supervised",
                                     config={"train": config.to_dict(), "stage": "supervised"}, **common)
@@ -283,11 +297,14 @@ def train_segmenter(
         history["segmentation"] = fit(model, ds, loss, epochs=seg.epochs, lr=seg.lr, stage_name="segmenter",
                                       config={"train": config.to_dict(), "stage": "plain"}, **common)
         plain_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        alt_states[f"plain-{other}"] = alt["state"]
+        alt.update(score=-np.inf, state=None)
         if seg.crf_epochs > 0 and seg.crf_beta > 0:
             crf = Stage2Loss(alpha=seg.alpha, beta=seg.crf_beta, sigma_xy_px=sigma_xy, sigma_rgb=seg.crf_sigma_rgb,
                              crf_downsample=crf_downsample(sigma_xy))
             history["crf"] = fit(model, ds, crf, epochs=seg.crf_epochs, lr=seg.crf_lr, stage_name="segmenter-crf",
                                  config={"train": config.to_dict(), "stage": "crf"}, **common)
+            alt_states[f"crf-{other}"] = alt["state"]
 
     # ---- threshold
     metrics: dict[str, Any] = {"selection": key, "label_seconds": t_labels, "r1_px": r1, "min_area_px": min_area_px,
@@ -309,7 +326,7 @@ def train_segmenter(
     save_weights(layout.segmenter, model)
     log.info("segmenter: threshold %.2f (%s selection), %.0f s", prob_t, key, metrics["seconds"])
     return SegmenterResult(model=model, thresholds=thresholds, history=history, metrics=metrics,
-                           plain_state=plain_state, labels=labels)
+                           plain_state=plain_state, labels=labels, alt_states=alt_states)
 
 
 def crf_downsample(sigma_xy_px: float, max_sigma_px: float = 5.0) -> int:
