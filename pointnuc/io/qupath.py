@@ -112,7 +112,8 @@ class QuPathProjectFile:
         pixel_size_um: float | None = None,
         paquo: tuple[Any, Any] | None = None,
     ) -> None:
-        self.qpproj = Path(qpproj)
+        qpproj = Path(qpproj)
+        self.qpproj = qpproj / "project.qpproj" if qpproj.is_dir() else qpproj
         self.root = self.qpproj.parent
         self.output_dir = Path(output_dir) if output_dir is not None else self.root
         self.pixel_size_um = pixel_size_um
