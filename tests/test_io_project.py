@@ -187,3 +187,18 @@ def test_bad_input_one_line_nonzero_exit_nothing_written(shared: Path, tmp_path:
         assert message in lines[0], (label, lines[0])
         assert "Traceback" not in res.output
         assert _listing(path.parent) == before, label
+
+
+def test_example_folder_reads_without_shared_data(tmp_path: Path):
+    """The example shipped in the repository: one image, its QuPath export, 34 points, 1 region."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "monuseg-B0-5711"
+    if not example.is_dir():
+        pytest.skip("examples/ not present")
+    proj = open_project(example, output_dir=tmp_path)
+    [im] = proj.images()
+    assert (im.name, im.width, im.height, im.pixel_size_um) == (f"{B0}.tif", 1000, 1000, 0.25)
+    ann = proj.annotations(im)
+    assert len(ann.points_xy) == 34 and len(ann.regions) == 1 and ann.other_point_counts == {"Other": 5}
+    assert ann.regions[0].bounds == (0.0, 0.0, 500.0, 1000.0)
+    [out] = proj.write_nuclei({im.name: [NucleusObject(box(1, 1, 9, 9), 0.5)]})
+    assert out.parent == tmp_path / "pointnuc-geojson"
