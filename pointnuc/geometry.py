@@ -31,60 +31,71 @@ def _largest_piece(mask: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(mask, structure=_CROSS)
 
 
-def trace_mask(mask: np.ndarray) -> np.ndarray:
-    """Corner vertices (K, 2) as x/y of the outline of a hole-free, 4-connected boolean mask.
-
-    The ring is closed (first vertex repeated), has no collinear vertices and runs
-    in the same direction as QuPath's (clockwise in shapely's y-up sense), starting at its
-    leftmost-then-topmost corner, as QuPath's ContourTracing does.
-    """
-    m = np.pad(np.asarray(mask, bool), 1)
-    W = m.shape[1] + 1  # vertex grid width (padded coords)
-    # directed unit edges with the object on the right when walking in y-down coordinates
-    # top edges of object pixels whose upper neighbour is background: (c,r) -> (c+1,r) ... etc.
-    edges_start: list[np.ndarray] = []
-    edges_end: list[np.ndarray] = []
-    r, c = np.nonzero(m[1:, :] & ~m[:-1, :])  # pixel (r+1, c) is object, (r, c) is not: top edge
-    r = r + 1
-    edges_start.append(np.stack([c + 1, r], 1)), edges_end.append(np.stack([c, r], 1))
-    r, c = np.nonzero(m[:-1, :] & ~m[1:, :])  # bottom edge of pixel (r, c)
-    edges_start.append(np.stack([c, r + 1], 1)), edges_end.append(np.stack([c + 1, r + 1], 1))
-    r, c = np.nonzero(m[:, 1:] & ~m[:, :-1])  # left edge of pixel (r, c+1)
-    c = c + 1
-    edges_start.append(np.stack([c, r], 1)), edges_end.append(np.stack([c, r + 1], 1))
-    r, c = np.nonzero(m[:, :-1] & ~m[:, 1:])  # right edge of pixel (r, c)
-    edges_start.append(np.stack([c + 1, r + 1], 1)), edges_end.append(np.stack([c + 1, r], 1))
-    start = np.concatenate(edges_start)
-    end = np.concatenate(edges_end)
+def _single_ring(mask: np.ndarray) -> np.ndarray | None:
+    """Corner outline of ``mask`` if it is one 4-connected piece without holes, else None."""
+    h, w = mask.shape
+    m = np.zeros((h + 2, w + 2), bool)
+    m[1:-1, 1:-1] = mask
+    V = w + 3  # vertices per row of the padded grid
+    # directed unit edges along pixel sides, object on the same side throughout (QuPath's direction)
+    r, c = np.nonzero(m[1:, :] & ~m[:-1, :])  # top side of object pixel (r+1, c): (c+1, r+1) -> (c, r+1)
+    s1, e1 = (r + 1) * V + c + 1, (r + 1) * V + c
+    r, c = np.nonzero(m[:-1, :] & ~m[1:, :])  # bottom side of (r, c): (c, r+1) -> (c+1, r+1)
+    s2, e2 = (r + 1) * V + c, (r + 1) * V + c + 1
+    r, c = np.nonzero(m[:, 1:] & ~m[:, :-1])  # left side of (r, c+1): (c+1, r) -> (c+1, r+1)
+    s3, e3 = r * V + c + 1, (r + 1) * V + c + 1
+    r, c = np.nonzero(m[:, :-1] & ~m[:, 1:])  # right side of (r, c): (c+1, r+1) -> (c+1, r)
+    s4, e4 = (r + 1) * V + c + 1, r * V + c + 1
+    start = np.concatenate((s1, s2, s3, s4))
+    end = np.concatenate((e1, e2, e3, e4))
     n = len(start)
     if n == 0:
         return np.zeros((0, 2), float)
-    sid = start[:, 1] * W + start[:, 0]
-    eid = end[:, 1] * W + end[:, 0]
-    nxt_of_vertex = np.full(W * (m.shape[0] + 1), -1, np.int64)
-    nxt_of_vertex[sid] = np.arange(n)
-    succ = nxt_of_vertex[eid].tolist()
-    # begin where QuPath's traced outlines begin: the leftmost, then topmost, corner
-    first = int(np.lexsort((start[:, 1], start[:, 0]))[0])
+    idx = np.arange(n)
+    edge_at = np.full((h + 3) * V, -1, np.int64)
+    edge_at[start] = idx
+    if not np.array_equal(edge_at[start], idx):  # a vertex with two outgoing edges: a diagonal pinch
+        return None
+    succ = edge_at[end].tolist()
+    xs, ys = start % V, start // V
+    first = int(np.argmin(xs * (h + 3) + ys))  # leftmost, then topmost corner (where QuPath starts)
     order = [first]
     k = succ[first]
-    while k != first and len(order) <= n:
+    for _ in range(n):
+        if k == first:
+            break
         order.append(k)
         k = succ[k]
-    pts = start[order].astype(float)
-    # drop vertices where the direction does not change
+    if len(order) != n:  # more than one ring: holes or several pieces
+        return None
+    pts = np.stack((xs[order], ys[order]), axis=1)
     d_in = pts - np.roll(pts, 1, axis=0)
     d_out = np.roll(pts, -1, axis=0) - pts
-    turn = (d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]) != 0
-    pts = pts[turn] - 1.0  # undo the padding
-    return np.vstack([pts, pts[:1]])
+    turn = (d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]) != 0  # keep corners only
+    pts = pts[turn].astype(float) - 1.0  # undo the padding
+    return np.vstack((pts, pts[:1]))
+
+
+def trace_mask(mask: np.ndarray) -> np.ndarray:
+    """Corner vertices (K, 2) as x/y of the outline of a boolean mask's largest piece, holes filled.
+
+    The ring is closed (first vertex repeated), has no collinear vertices and runs in the
+    same direction as QuPath's (clockwise in shapely's y-up sense), starting at its
+    leftmost-then-topmost corner, as QuPath's ContourTracing does.
+    """
+    mask = np.asarray(mask, bool)
+    ring = _single_ring(mask)
+    if ring is None:
+        ring = _single_ring(_largest_piece(mask))
+        assert ring is not None  # one hole-free 4-connected piece always has a single simple ring
+    return ring
 
 
 def mask_to_polygon(mask: np.ndarray) -> Polygon | None:
     """The pixel-corner outline of a boolean mask's largest piece (holes filled), or None."""
     if not np.any(mask):
         return None
-    ring = trace_mask(_largest_piece(mask))
+    ring = trace_mask(mask)
     return Polygon(ring) if len(ring) >= 4 else None
 
 
@@ -106,25 +117,27 @@ def labels_to_polygons(
         raise ValueError("labels must be a 2-D array")
     out: dict[int, Polygon] = {}
     ox, oy = float(offset_xy[0]), float(offset_xy[1])
-    for i, sl in enumerate(ndi.find_objects(labels.astype(np.int64, copy=False))):
+    if labels.dtype.kind not in "iu" or labels.dtype.itemsize > 8:
+        labels = labels.astype(np.int64)
+    for i, sl in enumerate(ndi.find_objects(labels)):
         if sl is None:
             continue
         lab = i + 1
-        sub = labels[sl] == lab
-        ring = trace_mask(_largest_piece(sub))
+        ring = trace_mask(labels[sl] == lab)
         if len(ring) < 4:
             continue
         ring[:, 0] += sl[1].start
         ring[:, 1] += sl[0].start
-        poly = Polygon(ring)
         if simplify_px > 0:
-            poly = poly.simplify(simplify_px, preserve_topology=True)
-            poly = valid_polygon(poly)
+            poly = valid_polygon(Polygon(ring).simplify(simplify_px, preserve_topology=True))
             if poly is None:
                 continue
-        if scale != 1.0 or ox or oy:
-            poly = shapely.transform(poly, lambda xy: xy * scale + np.array([ox, oy]))
-        out[lab] = poly
+            ring = np.asarray(poly.exterior.coords)
+        if scale != 1.0:
+            ring = ring * scale
+        if ox or oy:
+            ring = ring + np.array([ox, oy])
+        out[lab] = Polygon(ring)
     return out
 
 
