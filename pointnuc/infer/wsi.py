@@ -1,0 +1,496 @@
+"""Every nucleus of a whole slide: tiles at the model's pixel size, batched, overlapped, seam-free.
+
+The flow per slide::
+
+    thumbnail ─> tissue mask ─┐
+    region (optional) ────────┼─> tiles to do ─> [reader threads] read + colour-normalise
+                              │                     ─> [main thread] network, batch by batch
+                              │                     ─> [post threads] instances, ownership, polygons
+                              └─> nuclei (full-resolution QuPath coordinates)
+
+Reading, the network and polygon work run at the same time; at most a few batches of
+tiles are in flight, so memory is bounded by the batch, not by the slide. Ownership
+(:mod:`pointnuc.infer.tiling`) keeps every nucleus exactly once. Nuclei whose
+centroid lies outside ``region`` are dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import shapely
+import torch
+from shapely.prepared import prep
+from shapely.geometry.base import BaseGeometry
+
+from pointnuc.errors import InputError, PixelSizeError
+from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, owned_labels, round_halo
+from pointnuc.io.base import NucleusObject
+from pointnuc.models.bundle import ModelInfo
+
+log = logging.getLogger(__name__)
+
+#: the largest nucleus, as a multiple of the mean nucleus radius r1 (diameter = 2 * this * r1)
+MAX_NUCLEUS_RADIUS_FACTOR = 2.0
+#: network context kept beyond the largest nucleus, in working pixels (tiled == untiled to < 1e-5 at 32)
+CONTEXT_PX = 32
+#: default tile sizes (working px) and batch sizes per device type
+DEFAULT_TILE = {"cpu": 512, "cuda": 1024}
+DEFAULT_BATCH = {"cpu": 2, "cuda": 16}
+#: polygon simplification tolerance in working pixels (staircase corners only; < half a pixel)
+SIMPLIFY_PX = 0.4
+#: longest side of the thumbnail used for the tissue mask and the slide's colour statistics...
+THUMBNAIL_SIZE = 2048
+#: ...which need no finer pixels than this (µm/px): a 20x/40x slide is looked at with 4 µm pixels
+THUMBNAIL_UM = 4.0
+
+
+@dataclass
+class SlideResult:
+    """What :func:`segment_slide` found, and what it cost."""
+
+    nuclei: list[NucleusObject]  #: empty when a ``sink`` received them instead
+    n_nuclei: int  #: nuclei found (also when streamed to a sink)
+    n_tiles: int  #: tiles sent to the network
+    n_tiles_total: int  #: tiles of the grid over the area (the rest was glass or outside the region)
+    seconds: float
+    megapixels: float  #: working-resolution megapixels of the cores processed
+    pixel_size_um: float  #: of the slide's full resolution
+    downsample: float  #: full-res pixels per working pixel
+    tile_size: int
+    halo: int
+    timings: dict[str, float] = field(default_factory=dict)  #: busy seconds of read / network / post
+    n_dropped_large: int = 0  #: objects larger than the halo (cut by every tile; dropped)
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """The tiles of one slide at the working resolution (no pixels read yet)."""
+
+    grid: TileGrid
+    origin: tuple[int, int]  #: working-res (row, col) of the grid's (0, 0)
+    tiles: tuple[Tile, ...]  #: the tiles to run (tissue and region)
+    downsample: float
+    pixel_size_um: float
+
+
+def working_halo(info: ModelInfo, context_px: int = CONTEXT_PX) -> int:
+    """Halo (working px) larger than the largest nucleus plus the network's context."""
+    r1_px = info.config.data.nucleus_radius_um / info.pixel_size_um
+    return round_halo(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px + context_px)
+
+
+def plan_slide(
+    slide: Any,
+    info: ModelInfo,
+    *,
+    region: BaseGeometry | None = None,
+    tile_size: int = 512,
+    halo: int | None = None,
+    pixel_size_um: float | None = None,
+    tissue: bool = True,
+    thumbnail: tuple[np.ndarray, float] | None = None,
+) -> SlidePlan:
+    """Which tiles of ``slide`` to run: the grid over the region (or slide), minus glass."""
+    from pointnuc.infer.tissue import tissue_mask
+
+    px = pixel_size_um if pixel_size_um is not None else getattr(slide, "pixel_size_um", None)
+    if px is None:
+        name = getattr(getattr(slide, "path", None), "name", "the slide")
+        raise PixelSizeError(f"{name} carries no pixel size; pass --pixel-size (µm per pixel, e.g. 0.25 for 40x)")
+    ds = info.pixel_size_um / float(px)
+    halo = working_halo(info) if halo is None else halo
+    wh, ww = math.ceil(slide.height / ds), math.ceil(slide.width / ds)
+    area = Box(0, 0, wh, ww)
+    if region is not None:
+        if region.is_empty:
+            raise InputError("the region to segment is empty")
+        x0, y0, x1, y1 = region.bounds
+        margin = halo  # nuclei at the region's edge are seen whole; they are filtered by centroid later
+        area = area.intersect(
+            Box(math.floor(y0 / ds) - margin, math.floor(x0 / ds) - margin, math.ceil(y1 / ds) + margin, math.ceil(x1 / ds) + margin)
+        )
+        if area.empty:
+            raise InputError("the region to segment lies outside the image")
+    grid = make_grid(area.height, area.width, tile_size=tile_size, halo=halo)
+    tiles = list(grid)
+    if tissue and tiles:
+        thumb, tds = thumbnail if thumbnail is not None else read_thumbnail(slide, pixel_size_um=px)
+        mask = tissue_mask(thumb, downsample=tds, pixel_size_um=px)
+        tiles = _tiles_on_mask(tiles, mask, scale=tds / ds, origin=(area.y0, area.x0))
+    if region is not None and tiles:
+        prepared = prep(region.buffer(halo * ds))
+        boxes = [
+            shapely.box((t.core.x0 + area.x0) * ds, (t.core.y0 + area.y0) * ds, (t.core.x1 + area.x0) * ds, (t.core.y1 + area.y0) * ds)
+            for t in tiles
+        ]
+        tiles = [t for t, b in zip(tiles, boxes) if prepared.intersects(b)]
+    return SlidePlan(grid, (area.y0, area.x0), tuple(tiles), ds, float(px))
+
+
+def read_thumbnail(
+    slide: Any, max_size: int = THUMBNAIL_SIZE, *, pixel_size_um: float | None = None, chunk_px: int = 1024
+) -> tuple[np.ndarray, float]:
+    """The slide at an integer downsample, longer side <= ``max_size``, pixels >= :data:`THUMBNAIL_UM`, read chunk by chunk.
+
+    Memory stays bounded whatever the slide's pyramid: each chunk reads at most about
+    ``chunk_px``² pixels of the level it comes from.
+    """
+    ds = max(1, math.ceil(max(slide.width, slide.height) / max_size))
+    if pixel_size_um:
+        ds = max(ds, int(THUMBNAIL_UM // pixel_size_um))
+    level_ds = slide.level_downsamples[slide.best_level(ds)] if hasattr(slide, "best_level") else 1.0
+    step = ds * max(1, int(chunk_px * level_ds) // ds)  # full-res chunk side, a multiple of ds
+    tw, th = math.ceil(slide.width / ds), math.ceil(slide.height / ds)
+    out = np.empty((th, tw, 3), np.uint8)
+    for y in range(0, slide.height, step):
+        for x in range(0, slide.width, step):
+            w, h = min(step, slide.width - x), min(step, slide.height - y)
+            w, h = math.ceil(w / ds) * ds, math.ceil(h / ds) * ds
+            part = np.asarray(slide.read_region(x, y, w, h, downsample=ds))[..., :3]
+            out[y // ds : y // ds + part.shape[0], x // ds : x // ds + part.shape[1]] = part[: th - y // ds, : tw - x // ds]
+    return out, float(ds)
+
+
+def _tiles_on_mask(tiles: Sequence[Tile], mask: np.ndarray, *, scale: float, origin: tuple[int, int]) -> list[Tile]:
+    """Tiles whose core touches the mask; ``scale`` working px per mask px; ``origin`` working (row, col) of the grid."""
+    mh, mw = mask.shape
+    keep = []
+    for t in tiles:
+        y0 = int(math.floor((t.core.y0 + origin[0]) / scale))
+        x0 = int(math.floor((t.core.x0 + origin[1]) / scale))
+        y1 = int(math.ceil((t.core.y1 + origin[0]) / scale))
+        x1 = int(math.ceil((t.core.x1 + origin[1]) / scale))
+        y0, x0 = min(max(y0, 0), mh - 1), min(max(x0, 0), mw - 1)
+        if mask[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].any():
+            keep.append(t)
+    return keep
+
+
+def slide_colour_stats(thumbnail: tuple[np.ndarray, float], pixel_size_um: float | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """LAB mean/std of the slide's tissue (from the thumbnail): one colour transform for every tile.
+
+    Per-tile statistics would make neighbouring tiles disagree at the seams.
+    """
+    from pointnuc.infer.tissue import tissue_mask
+    from pointnuc.stain import _lab
+
+    thumb, tds = thumbnail
+    mask = tissue_mask(thumb, downsample=tds, pixel_size_um=pixel_size_um, margin_um=0.0)
+    lab = _lab(thumb)[mask] if mask.any() else _lab(thumb).reshape(-1, 3)
+    if lab.shape[0] < 16:
+        return None
+    return lab.mean(0), lab.std(0)
+
+
+def normalise_tile(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], ref: dict[str, Sequence[float]]) -> np.ndarray:
+    """Reinhard with the slide's fixed source statistics (same LAB convention as :mod:`pointnuc.stain`)."""
+    from skimage.color import lab2rgb
+
+    from pointnuc.stain import _lab
+
+    tm, ts = np.asarray(ref["mean"], np.float32), np.asarray(ref["std"], np.float32)
+    m, s = source
+    lab = (_lab(image) - m) / np.maximum(s, 1e-6) * ts + tm
+    rgb = lab2rgb(lab)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def read_tile(slide: Any, plan: SlidePlan, tile: Tile) -> np.ndarray:
+    """The tile's window at the working resolution, uint8 RGB (T, T, 3); white outside the slide."""
+    ds = plan.downsample
+    t = plan.grid.tile_size
+    wy, wx = tile.window.y0 + plan.origin[0], tile.window.x0 + plan.origin[1]
+    x, y, side = int(round(wx * ds)), int(round(wy * ds)), int(round(t * ds))
+    img = np.asarray(slide.read_region(x, y, side, side, downsample=ds))[..., :3]
+    if img.shape[:2] != (t, t):  # rounding of a non-integer downsample: fit to the window
+        out = np.full((t, t, 3), 255, np.uint8)
+        h, w = min(t, img.shape[0]), min(t, img.shape[1])
+        out[:h, :w] = img[:h, :w]
+        img = out
+    return img
+
+
+def tile_nuclei(
+    prob_fg: np.ndarray,
+    tile: Tile,
+    plan: SlidePlan,
+    *,
+    threshold: float,
+    min_area_px: int,
+    method: str = "cc",
+    region: Any = None,
+    simplify_px: float = SIMPLIFY_PX,
+) -> tuple[list[NucleusObject], int]:
+    """The nuclei a tile owns, from its window's foreground probability (T, T).
+
+    Returns the nuclei (full-res polygons with score and measurements) and the number
+    of objects dropped because they touched the tile's edge while centred in its core
+    (larger than the halo).
+    """
+    from pointnuc.geometry import labels_to_polygons, nucleus_measurements
+    from pointnuc.infer.instances import instances_from_probability
+
+    v = tile.valid.shift(-tile.window.y0, -tile.window.x0)
+    prob = np.ascontiguousarray(prob_fg[v.slices()], dtype=np.float32)
+    labels = instances_from_probability(prob, threshold=threshold, min_area_px=min_area_px, method=method)
+    ids = owned_labels(labels, tile)
+    n_big = _count_large(labels, tile, ids)
+    if ids.size == 0:
+        return [], n_big
+    keep = np.zeros(int(labels.max()) + 1, bool)
+    keep[ids] = True
+    lab = np.where(keep[labels], labels, 0)
+    ds = plan.downsample
+    oy, ox = tile.valid.y0 + plan.origin[0], tile.valid.x0 + plan.origin[1]
+    polys = labels_to_polygons(lab, offset_xy=(ox * ds, oy * ds), scale=ds, simplify_px=simplify_px)
+    flat = lab.ravel()
+    sums = np.bincount(flat, weights=prob.ravel(), minlength=len(keep))
+    counts = np.bincount(flat, minlength=len(keep))
+    out = []
+    for i, poly in polys.items():
+        if region is not None and not region.contains(poly.centroid):
+            continue
+        score = float(sums[i] / max(counts[i], 1))
+        out.append(NucleusObject(poly, score, nucleus_measurements(poly, plan.pixel_size_um)))
+    return out, n_big
+
+
+def _count_large(labels: np.ndarray, tile: Tile, owned: np.ndarray) -> int:
+    """Objects centred in the core but cut by an interior edge of the valid box."""
+    top, left, bottom, right = tile.image_edges
+    edge = []
+    if not top:
+        edge.append(labels[0])
+    if not bottom:
+        edge.append(labels[-1])
+    if not left:
+        edge.append(labels[:, 0])
+    if not right:
+        edge.append(labels[:, -1])
+    if not edge:
+        return 0
+    cut = np.unique(np.concatenate(edge))
+    cut = cut[cut > 0]
+    if cut.size == 0:
+        return 0
+    # which of them would be owned without the edge rule: centroid in the core
+    h, w = labels.shape
+    n = 0
+    for i in cut:
+        rr, cc = np.nonzero(labels == i)
+        cy, cx = rr.mean() + 0.5 + tile.valid.y0, cc.mean() + 0.5 + tile.valid.x0
+        n += int(tile.core.y0 <= cy < tile.core.y1 and tile.core.x0 <= cx < tile.core.x1)
+    return n
+
+
+def _bounded(items: Iterable[Any], fn: Callable[[Any], Any], pool: ThreadPoolExecutor, ahead: int) -> Iterator[tuple[Any, Any]]:
+    """``(item, fn(item))`` in order, with at most ``ahead`` calls running or waiting in ``pool``."""
+    pending: collections.deque[tuple[Any, Future]] = collections.deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= ahead:
+            it, fut = pending.popleft()
+            yield it, fut.result()
+    while pending:
+        it, fut = pending.popleft()
+        yield it, fut.result()
+
+
+def _batches(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _ThreadSlides:
+    """One slide handle per reader thread (tiffslide handles are not shared across threads)."""
+
+    def __init__(self, slide: Any) -> None:
+        self.slide = slide
+        self.local = threading.local()
+        self.opened: list[Any] = []
+        self.lock = threading.Lock()
+        self.reopen = getattr(slide, "path", None) is not None and hasattr(slide, "_backend")
+
+    def get(self) -> Any:
+        s = getattr(self.local, "slide", None)
+        if s is None:
+            if self.reopen:
+                from pointnuc.io.slide import open_slide
+
+                s = open_slide(self.slide.path, self.slide.pixel_size_um)
+                with self.lock:
+                    self.opened.append(s)
+            else:
+                s = _Locked(self.slide, self.lock)
+            self.local.slide = s
+        return s
+
+    def close(self) -> None:
+        for s in self.opened:
+            s.close()
+
+
+class _Locked:
+    def __init__(self, slide: Any, lock: threading.Lock) -> None:
+        self.slide, self.lock = slide, lock
+
+    def read_region(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        with self.lock:
+            return self.slide.read_region(*args, **kwargs)
+
+
+def default_threshold(info: ModelInfo) -> tuple[float, int, str]:
+    """Foreground threshold, smallest nucleus (working px²) and instance method of a model."""
+    th = info.thresholds
+    threshold = float(th.get("segment_threshold", th.get("threshold", th.get("fg_threshold", 0.5))))
+    r1_px = info.config.data.nucleus_radius_um / info.pixel_size_um
+    default_min = max(4, int(round(math.pi * (0.3 * r1_px) ** 2)))
+    min_area = int(th.get("min_area_px", default_min))
+    return threshold, min_area, info.config.segmentation.instance_method
+
+
+def segment_slide(
+    slide: Any,
+    network: torch.nn.Module,
+    info: ModelInfo,
+    *,
+    region: BaseGeometry | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    tile_size: int | None = None,
+    halo: int | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+    name: str | None = None,
+    pixel_size_um: float | None = None,
+    tissue: bool = True,
+    sink: Callable[[list[NucleusObject]], None] | None = None,
+    amp: bool | None = None,
+) -> SlideResult:
+    """Every nucleus of ``slide`` (a :class:`pointnuc.io.slide.Slide`) with the stage-2 ``network``.
+
+    ``region``: full-res area; only nuclei whose centroid lies in it are kept.
+    ``sink``: if given, receives the nuclei tile by tile (and the result's list stays
+    empty), so memory does not grow with the number of nuclei either.
+    ``pixel_size_um`` overrides the slide's; without either, :class:`PixelSizeError`.
+    """
+    t_start = time.perf_counter()
+    device = torch.device(device)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    tile_size = tile_size or DEFAULT_TILE[kind]
+    batch_size = batch_size or DEFAULT_BATCH[kind]
+    use_amp = (device.type == "cuda") if amp is None else amp
+    px = pixel_size_um if pixel_size_um is not None else getattr(slide, "pixel_size_um", None)
+    thumb = read_thumbnail(slide, pixel_size_um=px) if (tissue or info.norm_reference) and px is not None else None
+    plan = plan_slide(slide, info, region=region, tile_size=tile_size, halo=halo, pixel_size_um=px, tissue=tissue, thumbnail=thumb)
+    threshold, min_area, method = default_threshold(info)
+    source = slide_colour_stats(thumb, plan.pixel_size_um) if (info.norm_reference and thumb is not None) else None
+    prepared = prep(region) if region is not None else None
+    timings = {"read": 0.0, "network": 0.0, "post": 0.0}
+    tlock = threading.Lock()
+    slides = _ThreadSlides(slide)
+
+    def load(tile: Tile) -> np.ndarray:
+        t0 = time.perf_counter()
+        img = read_tile(slides.get(), plan, tile)
+        if source is not None and info.norm_reference:
+            img = normalise_tile(img, source, info.norm_reference)
+        with tlock:
+            timings["read"] += time.perf_counter() - t0
+        return img
+
+    def post(job: tuple[Tile, np.ndarray]) -> tuple[list[NucleusObject], int]:
+        t0 = time.perf_counter()
+        tile, prob = job
+        res = tile_nuclei(prob, tile, plan, threshold=threshold, min_area_px=min_area, method=method, region=prepared)
+        with tlock:
+            timings["post"] += time.perf_counter() - t0
+        return res
+
+    network.eval().to(device)
+    if device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last)
+    nuclei: list[NucleusObject] = []
+    n_found = n_big = 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan.tiles), desc=name or "slide", unit="tile", disable=not progress, leave=True)
+    readers = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="pointnuc-read")
+    posters = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="pointnuc-post")
+    try:
+        loaded = _bounded(plan.tiles, load, readers, ahead=2 * batch_size)
+
+        def forward() -> Iterator[tuple[Tile, np.ndarray]]:
+            for batch in _batches(loaded, batch_size):
+                t0 = time.perf_counter()
+                probs = _predict_batch(network, np.stack([img for _, img in batch]), device, use_amp)
+                timings["network"] += time.perf_counter() - t0
+                yield from zip([t for t, _ in batch], probs)
+
+        for _, (found, big) in _bounded(forward(), post, posters, ahead=2 * batch_size):
+            n_found += len(found)
+            n_big += big
+            if sink is not None:
+                sink(found)
+            else:
+                nuclei.extend(found)
+            bar.update(1)
+            bar.set_postfix(nuclei=n_found, refresh=False)
+    finally:
+        readers.shutdown(wait=True, cancel_futures=True)
+        posters.shutdown(wait=True, cancel_futures=True)
+        slides.close()
+        bar.close()
+    if n_big:
+        log.warning("%s: %d objects larger than the tile halo were dropped (not nuclei?)", name or "slide", n_big)
+    core_px = sum(t.core.height * t.core.width for t in plan.tiles)
+    return SlideResult(
+        nuclei=nuclei,
+        n_nuclei=n_found,
+        n_tiles=len(plan.tiles),
+        n_tiles_total=len(plan.grid),
+        seconds=time.perf_counter() - t_start,
+        megapixels=core_px / 1e6,
+        pixel_size_um=plan.pixel_size_um,
+        downsample=plan.downsample,
+        tile_size=plan.grid.tile_size,
+        halo=plan.grid.halo,
+        timings=timings,
+        n_dropped_large=n_big,
+    )
+
+
+@torch.no_grad()
+def _predict_batch(network: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool) -> np.ndarray:
+    """Foreground probability (B, T, T) float32 of a batch of uint8 RGB windows (B, T, T, 3)."""
+    from pointnuc.models.net import preprocess
+
+    x = torch.from_numpy(batch)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    t = preprocess(x)
+    if device.type == "cuda":
+        t = t.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=amp):
+        logits = network(t)
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        fg = torch.sigmoid(logits[:, 0])
+    else:
+        fg = torch.softmax(logits, dim=1)[:, 1]
+    return fg.cpu().numpy()
