@@ -200,8 +200,12 @@ def expand_cells(nuclei: list[Polygon], distance_px: float) -> list[Polygon]:
     extent = shapely.box(*shapely.total_bounds(np.asarray(grown, dtype=object))).buffer(distance_px + 1)
     cells = shapely.voronoi_polygons(shapely.multipoints(pts), extend_to=extent, ordered=True)
     parts = shapely.get_parts(cells)
+    nuc_arr = np.asarray(nuclei, dtype=object)
+    merged = shapely.union(shapely.intersection(np.asarray(grown, dtype=object), parts), nuc_arr)
+    simple = (shapely.get_type_id(merged) == 3) & shapely.is_valid(merged)  # 3 = Polygon
     out = []
-    for nucleus, g, cell in zip(nuclei, grown, parts):
-        c = valid_polygon(shapely.union(shapely.intersection(g, cell), nucleus))
+    for nucleus, c, ok in zip(nuclei, merged, simple):
+        if not ok:
+            c = valid_polygon(c)
         out.append(c if c is not None else nucleus)
     return out

@@ -76,6 +76,16 @@ def test_inspect_json_equals_expected(shared: Path, tmp_path: Path, forms: dict[
 def test_export_name_candidates():
     assert export_candidates("a.b.tif") == ["a.b.tif.geojson", "a.b.geojson", "a.b.tif.featurecollection.geojson",
                                             "a.b.featurecollection.geojson"]
+    assert "x.geojson" in export_candidates("x.ome.tif")
+
+
+def test_pointnuc_objects_counted_in_a_users_export(shared: Path, tmp_path: Path):
+    """Detections pointnuc wrote, imported into QuPath and exported again, are counted."""
+    folder = make_folder(shared, tmp_path / "proj", {A7: "default"})
+    shutil.copy(_fx(shared) / "detections" / "detections.geojson", folder / f"{A7}.geojson")
+    proj = open_project(folder)
+    ann = proj.annotations(proj.images()[0])
+    assert ann.n_pointnuc_objects == 4 and len(ann.points_xy) == 0
 
 
 def test_write_nuclei_replaces_own_objects_only(shared: Path, tmp_path: Path):

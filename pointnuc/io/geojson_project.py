@@ -9,7 +9,7 @@ Layout (only the folder's top level is read)::
 
 The export of image ``NAME.EXT`` is the first of these that exists: ``NAME.EXT.geojson``,
 ``NAME.geojson``, ``NAME.EXT.featurecollection.geojson``, ``NAME.featurecollection.geojson``
-(QuPath's file chooser proposes ``NAME.geojson``). An image without an export has no
+(QuPath's file chooser proposes ``NAME.geojson``; for ``x.ome.tif`` also ``x.geojson``). An image without an export has no
 annotations (fine for ``segment``). GeoJSON files that match no image are reported
 in the log. The image's QuPath name is its file name.
 
@@ -59,8 +59,11 @@ def find_images(folder: Path) -> list[Path]:
 def export_candidates(image_name: str) -> list[str]:
     """File names that may hold the export of ``image_name``, in order of preference."""
     stem = _stem(image_name)
-    return [f"{image_name}.geojson", f"{stem}.geojson", f"{image_name}.featurecollection.geojson",
-            f"{stem}.featurecollection.geojson"]
+    stems = [stem, stem[:-4]] if stem.lower().endswith(".ome") else [stem]  # QuPath strips ".ome.tif" whole
+    return (
+        [f"{image_name}.geojson"] + [f"{s}.geojson" for s in stems]
+        + [f"{image_name}.featurecollection.geojson"] + [f"{s}.featurecollection.geojson" for s in stems]
+    )
 
 
 class GeoJSONFolderProject:
