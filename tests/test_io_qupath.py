@@ -110,6 +110,9 @@ class FakeEntry:
         self.entry_path = project.root / "data" / self.entry_id
         self._hierarchy: FakeHierarchy | None = None
 
+    def is_readable(self) -> bool:
+        return uri_to_path(self.uri).is_file()
+
     @property
     def hierarchy(self) -> FakeHierarchy:
         if self._hierarchy is None:
@@ -147,7 +150,7 @@ class FakeProject:
                 (e.entry_path / "server.json").write_text(json.dumps({"uri": e.uri}))  # as QuPath does
 
     def is_readable(self) -> dict[str, bool]:
-        return {e.uri: uri_to_path(e.uri).is_file() for e in self.images}
+        return {e.uri: e.is_readable() for e in self.images}
 
     def save(self) -> None:
         if self.mode == "r":
@@ -243,6 +246,12 @@ def test_failed_write_restores_project(fake_project: Path, monkeypatch):
     monkeypatch.setattr(FakeHierarchy, "fail_after", 1)
     with pytest.raises(RuntimeError, match="simulated"):
         proj.write_nuclei({A7: [NucleusObject(box(1, 1, 5, 5), 0.5), NucleusObject(box(50, 50, 60, 60), 0.5)]})
+    assert _snapshot(fake_project) == before
+    # paquo skips saving an entry whose image it cannot reach: pointnuc refuses instead
+    monkeypatch.setattr(FakeHierarchy, "fail_after", None)
+    monkeypatch.setattr(FakeEntry, "is_readable", lambda self: False)
+    with pytest.raises(InputError, match="nothing was written"):
+        proj.write_nuclei({A7: [NucleusObject(box(1, 1, 5, 5), 0.5)]})
     assert _snapshot(fake_project) == before
 
 

@@ -231,6 +231,8 @@ class QuPathProjectFile:
 
         Returns the ``data.qpdata`` files written. On failure the project is restored.
         """
+        if ":" in class_name or "\n" in class_name:
+            raise InputError(f"class name {class_name!r} cannot contain ':' (QuPath's derived classes are not supported)")
         refs = {r.name: r for r in self.images()}
         unknown = [n for n in results if n not in refs]
         if unknown:
@@ -251,9 +253,13 @@ class QuPathProjectFile:
             by_name = {e.image_name: e for e in qp.images}
             for name, recs in records.items():
                 entry = by_name[name]
+                if not entry.is_readable():  # paquo would skip saving it silently
+                    raise InputError(f"QuPath cannot find the image file of {name!r} ({entry.uri}); nothing was written")
                 h = entry.hierarchy
                 area = (replace_within or {}).get(name)
-                old = [d for d in h.detections if POINTNUC_MARKER in d.measurements and inside(d.roi, area)]
+                # d.roi converts Java -> shapely (slow): only when an area limits the replacement
+                old = [d for d in h.detections
+                       if POINTNUC_MARKER in d.measurements and (area is None or inside(d.roi, area))]
                 with h.no_autoflush():
                     for d in old:
                         h.detections.discard(d)
