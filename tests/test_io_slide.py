@@ -112,3 +112,21 @@ def test_fixture_tiff_matches_png(shared: Path):
     with open_slide(fx) as s:
         assert s.pixel_size_um == pytest.approx(0.25)
         assert np.array_equal(s.read_region(100, 200, 64, 32), png[200:232, 100:164])
+
+
+def test_odd_sized_pyramid_reads_level_pixels_exactly(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (301, 401, 3), dtype=np.uint8)
+    lvl1 = base[::2, ::2][:150, :200]
+    p = tmp_path / "odd.tif"
+    with tifffile.TiffWriter(p) as tw:
+        tw.write(base, tile=(64, 64), subifds=1, photometric="rgb")
+        tw.write(lvl1, tile=(64, 64), subfiletype=1, photometric="rgb")
+    with open_slide(p) as s:
+        assert s.level_dimensions == [(401, 301), (200, 150)] and s.pixel_size_um is None
+        assert np.array_equal(s.read_region(0, 0, 401, 301, downsample=401 / 200), lvl1)
+        # a box deep inside level 1, in full-res coordinates
+        ds = 401 / 200
+        x, y = 100 * ds, 60 * ds
+        out = s.read_region(int(round(x)), int(round(y)), int(round(40 * ds)), int(round(30 * ds)), downsample=ds)
+        assert out.shape == (30, 40, 3)

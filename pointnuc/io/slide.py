@@ -65,9 +65,21 @@ class _TiffBackend:
         self.level_dimensions: list[tuple[int, int]] = [tuple(map(int, d)) for d in self.slide.level_dimensions]
         mpp = self.slide.properties.get("tiffslide.mpp-x")
         self.pixel_size_um = _plausible(mpp)
+        # level arrays (H, W[, S]) addressed in their own pixels: no rounding through level-0 coordinates
+        self.arrays: list[Any] | None = None
+        try:
+            group = self.slide.zarr_group
+            arrays = [group[str(i)] for i in range(len(self.level_dimensions))]
+            if all(a.shape[:2] == (hh, ww) and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)))
+                   for a, (ww, hh) in zip(arrays, self.level_dimensions)):
+                self.arrays = arrays
+        except Exception:  # another layout (e.g. planar): fall back to tiffslide's read_region
+            self.arrays = None
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Pixels of level ``level`` in its own coordinates; the box lies inside the level."""
+        if self.arrays is not None:
+            return _to_rgb(np.asarray(self.arrays[level][y : y + h, x : x + w]))
         ds = self.level_dimensions[0][0] / self.level_dimensions[level][0]
         dsy = self.level_dimensions[0][1] / self.level_dimensions[level][1]
         loc = (int(round(x * ds)), int(round(y * dsy)))
