@@ -267,11 +267,19 @@ def test_cli_inspect_through_paquo_path(fake_project: Path, monkeypatch):
     assert [im["points"] for im in report["images"]] == [{"Nucleus": 31}, {"Nucleus": 34, "Other": 5}]
 
 
-def test_missing_image_files_are_one_clear_error(fake_project: Path):
+def test_missing_image_files_are_one_clear_error(fake_project: Path, monkeypatch):
+    import pointnuc.io.qupath as q
+    from pointnuc.cli import main
+
     shutil.rmtree(fake_project / "images")
     proj = QuPathProjectFile(fake_project, paquo=FAKE)
     with pytest.raises(InputError, match="image file of 'TCGA-A7-A13E-01Z-00-DX1.tif' is missing"):
         proj.images()
+    before = _snapshot(fake_project)
+    monkeypatch.setattr(q, "load_paquo", lambda: FAKE)
+    res = CliRunner().invoke(main, ["inspect", str(fake_project)])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "is missing" in res.stderr
+    assert _snapshot(fake_project) == before
 
 
 def test_qpproj_not_json_fails_before_paquo(tmp_path: Path):

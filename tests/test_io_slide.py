@@ -90,6 +90,7 @@ def test_screen_dpi_is_not_a_pixel_size(tmp_path: Path):
         assert s.pixel_size_um == pytest.approx(0.25)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")
 def test_missing_and_corrupt_files(tmp_path: Path):
     with pytest.raises(ImageReadError, match="not found"):
         open_slide(tmp_path / "nope.tif")

@@ -30,6 +30,7 @@ from shapely.geometry.base import BaseGeometry
 from pointnuc.errors import InputError
 from pointnuc.io.base import ImageAnnotations, ImageRef, NucleusObject
 from pointnuc.io.geojson import (
+    CELL_EXPANSION_UM,
     merge_features,
     nuclei_features,
     read_features,
@@ -153,6 +154,7 @@ class GeoJSONFolderProject:
         object_type: str = "detection",
         class_name: str = "Nucleus",
         replace_within: dict[str, BaseGeometry | None] | None = None,
+        cell_expansion_um: float = CELL_EXPANSION_UM,
     ) -> list[Path]:
         """Write each image's nuclei to ``pointnuc-geojson/NAME.geojson`` (see the module doc).
 
@@ -168,7 +170,7 @@ class GeoJSONFolderProject:
             ref = refs[name]
             path = self.output_path(name)
             new = nuclei_features(nuclei, object_type=object_type, class_name=class_name,
-                                  pixel_size_um=ref.pixel_size_um)
+                                  pixel_size_um=ref.pixel_size_um, cell_expansion_um=cell_expansion_um)
             area = (replace_within or {}).get(name)
             previous = read_features(path) if path.is_file() else []
             feats = merge_features(previous, new, area, path)

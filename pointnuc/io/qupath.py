@@ -31,7 +31,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError, QuPathNotFoundError
 from pointnuc.io.base import POINTNUC_MARKER, ImageAnnotations, ImageRef, NucleusObject
-from pointnuc.io.geojson import class_color, inside, nucleus_records
+from pointnuc.io.geojson import CELL_EXPANSION_UM, class_color, inside, nucleus_records
 from pointnuc.io.objects import QuPathObject, summarise
 from pointnuc.io.slide import open_slide
 
@@ -226,6 +226,7 @@ class QuPathProjectFile:
         object_type: str = "detection",
         class_name: str = "Nucleus",
         replace_within: dict[str, BaseGeometry | None] | None = None,
+        cell_expansion_um: float = CELL_EXPANSION_UM,
     ) -> list[Path]:
         """Add the nuclei as detections (or cells) to each image's hierarchy, replacing pointnuc's own.
 
@@ -240,7 +241,8 @@ class QuPathProjectFile:
         entries = {e.image_name: e for e in self._entries()}
         dirs = [Path(entries[n].entry_path) for n in results]
         records = {
-            n: nucleus_records(nuc, object_type=object_type, pixel_size_um=refs[n].pixel_size_um)
+            n: nucleus_records(nuc, object_type=object_type, pixel_size_um=refs[n].pixel_size_um,
+                               cell_expansion_um=cell_expansion_um)
             for n, nuc in results.items()
         }
         self._reader = None  # reopen for reading afterwards
