@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from shapely.geometry import Polygon, box, shape
+from shapely.geometry import Polygon, box
 
 from pointnuc.geometry import (
     expand_cells,
