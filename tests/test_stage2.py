@@ -30,6 +30,9 @@ def test_holdout_counts_by_hand():
     c = holdout_counts(lab, hold, known, same_radius=2.0)
     assert c == {"good": 1, "n": 3, "instances": 3, "empty": 1}
     assert points_score([c]) == pytest.approx(1 / 3 - 0.5 * 1 / 3)
+    # two held-back points in one instance: a merge, neither is well segmented
+    c = holdout_counts(lab, np.array([[13.5, 2.5], [28.5, 8.5]]), np.zeros((0, 2)), same_radius=2.0)
+    assert c["good"] == 0 and c["n"] == 2
 
 
 def test_merge_points_keeps_user_points_and_far_detections():

@@ -2,8 +2,10 @@
 
 W_ij = exp(−|p_i − p_j|² / 2σ_xy² − |I_i − I_j|² / 2σ_rgb²) / (2π σ_xy²), i ≠ j, positions
 in pixels and colours in [0, 1]. The spatial normalisation makes Σ_j W_ij ≤ ~1, so the
-loss (averaged over valid pixels) does not grow with the pixel size; β must be read on
-this scale (the paper's β = 0.005 belongs to an un-normalised lattice filter).
+loss (averaged over valid pixels) does not grow with the pixel size. β must be read on
+this scale: the paper's β = 0.005 goes with an un-normalised kernel (Σ_j W_ij up to
+2π·9² ≈ 509 at σ_xy = 9 px); assuming its energy was averaged over pixels, the same
+weight here is 0.005 · 2π·9² ≈ 2.5 (our default).
 
 How it is computed, never as an N×N matrix: W is truncated to a square window of
 radius ⌈``radius_sigmas``·σ_xy⌉ and applied by shifting the image against itself, one
@@ -51,10 +53,11 @@ def bilateral_filter(
             xs_i, xs_j = slice(0, w - dx), slice(dx, w)
         else:
             xs_i, xs_j = slice(-dx, w), slice(0, w + dx)
-        d = img[:, :, ys_i, xs_i] - img[:, :, ys_j, xs_j]
-        wgt = torch.exp(-(d * d).sum(1, keepdim=True)) * (norm * math.exp(-(dy * dy + dx * dx) / (2.0 * sigma_xy_px**2)))
-        out[:, :, ys_i, xs_i] += wgt * values[:, :, ys_j, xs_j]
-        out[:, :, ys_j, xs_j] += wgt * values[:, :, ys_i, xs_i]
+        # in-place arithmetic: this loop is the whole cost of the CRF term
+        d = torch.sub(img[:, :, ys_i, xs_i], img[:, :, ys_j, xs_j]).square_()
+        wgt = d.sum(1, keepdim=True).neg_().add_(math.log(norm) - (dy * dy + dx * dx) / (2.0 * sigma_xy_px**2)).exp_()
+        out[:, :, ys_i, xs_i].addcmul_(wgt, values[:, :, ys_j, xs_j])
+        out[:, :, ys_j, xs_j].addcmul_(wgt, values[:, :, ys_i, xs_i])
     return out
 
 

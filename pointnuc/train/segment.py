@@ -8,8 +8,9 @@ data -> weights in the model folder.
 Selection without masks (the default; a user's project has only points). For each
 held-back point h (never used as a label in either stage) we look at the predicted
 instance under it. h is *well segmented* when that instance exists and holds no other
-known point (the training points and stage-1 detections, after dropping those within
-r1/2 of h, which mark h's own nucleus): a miss and a merge with a neighbour both fail.
+known point (the training points, stage-1 detections and other held-back points, after
+dropping those within r1/2 of h, which mark h's own nucleus): a miss and a merge with a
+neighbour both fail.
 That rewards recall and separation but not tight outlines, and a map that paints
 everything would still pass where points are sparse, so we subtract half the share of
 predicted instances that hold no known point at all (spurious blobs and the fragments
@@ -125,9 +126,10 @@ def holdout_counts(labels: np.ndarray, holdout_xy: np.ndarray, known_xy: np.ndar
     occupied = np.zeros(n_inst + 1, np.int64)
     np.add.at(occupied, lab_at(known), 1)
     lh = lab_at(hold)
-    good = int(np.count_nonzero((lh > 0) & (occupied[lh] == 0)))
     any_pt = occupied.copy()
     np.add.at(any_pt, lh, 1)
+    # well segmented: inside an instance that holds no known point and no other held-back point
+    good = int(np.count_nonzero((lh > 0) & (any_pt[lh] == 1)))
     present = np.zeros(n_inst + 1, bool)
     present[np.unique(labels)] = True
     if len(known) == 0:  # nothing known besides the held-back points: empty instances cannot be told

@@ -1,0 +1,295 @@
+"""Stage-2 benchmark on MoNuSeg "MO" (Qu et al. 2020, Table III): points -> nucleus outlines.
+
+Protocol (same data handling as ``benchmarks/stage1.py``, same seed -> same points): the 12
+train images carry 10% of their nuclei as training points; the 4 val images carry 10% as
+held-back points (and their masks, for the paper's protocol only). Stage 1 runs first
+(or its detections are loaded from ``--stage1-cache``) and its detections on the train
+and val images feed stage 2. ``--points gt`` gives the "GT points" row (all true points,
+no stage 1). Scores on the 14 test images at full resolution (probabilities upsampled
+bilinearly), averaged per image: Acc, pixel F1, Dice_obj, Kumar AJI and the AJI as the
+authors' code computed it. Model selection never looks at the test images.
+
+    nice -n 10 .venv/bin/python benchmarks/stage2.py --profile quick
+    .venv/bin/python benchmarks/stage2.py --profile quick --images 2 --epochs 1 --points gt   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage1 import FULL_RES_UM, load_image, make_sample, read_split, sample_points, shared_dir  # noqa: E402
+
+from pointnuc.config import TrainConfig, profile_config  # noqa: E402
+from pointnuc.infer.instances import instances_from_probability, nucleus_probability  # noqa: E402
+from pointnuc.labels.voronoi import BACKGROUND, NUCLEUS  # noqa: E402
+from pointnuc.metrics import aji, gt_points_from_labels, mean_scores, segmentation_scores  # noqa: E402
+from pointnuc.models.bundle import ModelLayout  # noqa: E402
+from pointnuc.stain import reinhard_reference  # noqa: E402
+from pointnuc.train.fit import resolve_device  # noqa: E402
+from pointnuc.train.samples import TrainingImage  # noqa: E402
+from pointnuc.train.segment import train_segmenter  # noqa: E402
+
+PAPER_10 = {"acc": 0.8997, "F1": 0.7490, "dice_obj": 0.7033, "aji_authors": 0.5031}  # Table III, 10% points (authors' AJI)
+PAPER_GT = {"acc": 0.9097, "F1": 0.7716, "dice_obj": 0.7242, "aji_authors": 0.5174}
+QUPATH = {"acc": 0.8822, "F1": 0.7285, "dice_obj": 0.6685, "aji": 0.4525, "aji_authors": 0.4420}
+METRICS = ("acc", "F1", "dice_obj", "aji", "aji_authors")
+
+
+def label_quality(samples: list[TrainingImage], labels: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+    """Per image: share of GT nucleus pixels among pixels labelled nucleus / background, and coverage."""
+    rows = []
+    for s in samples:
+        if s.name not in labels or s.gt_labels is None:
+            continue
+        fg = s.gt_labels > 0
+        row = {"name": s.name}
+        for k, lab in zip(("vor", "clu"), labels[s.name]):
+            nuc, bg = lab == NUCLEUS, lab == BACKGROUND
+            row[f"{k}_nuc_prec"] = float(fg[nuc].mean()) if nuc.any() else float("nan")
+            row[f"{k}_bg_prec"] = float((~fg[bg]).mean()) if bg.any() else float("nan")
+            row[f"{k}_labelled"] = float((nuc | bg).mean())
+        row["clu_nuc_recall"] = float(((labels[s.name][1] == NUCLEUS) & fg).sum() / max(fg.sum(), 1))
+        rows.append(row)
+    return rows
+
+
+def upsample(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if prob.shape == tuple(shape):
+        return prob
+    t = torch.from_numpy(np.ascontiguousarray(prob))[None, None]
+    return torch.nn.functional.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def choose_threshold_masks(model, val: list[TrainingImage], thr: dict, method: str, device) -> float:
+    """Paper protocol: the threshold maximising mean Kumar AJI on the val images (working resolution)."""
+    probs = [nucleus_probability(model, s.image, device=device) for s in val]
+    best, best_t = -1.0, 0.5
+    for t in (0.3, 0.4, 0.5, 0.6, 0.7):
+        sc = np.mean([aji(s.gt_labels, instances_from_probability(p, threshold=t, min_area_px=thr["min_area_px"], method=method,
+                                                                   h_px=thr["h_px"])) for p, s in zip(probs, val)])
+        if sc > best:
+            best, best_t = sc, t
+    return best_t
+
+
+def evaluate(model, test: list[tuple[TrainingImage, np.ndarray]], thr: dict, scale: float, device, tta: bool,
+             thresholds_by_method: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Mean test metrics per instance method, at full resolution."""
+    per: dict[str, list[dict]] = {m: [] for m in thresholds_by_method}
+    for s, gt_full in test:
+        p = upsample(nucleus_probability(model, s.image, device=device, tta=tta), gt_full.shape)
+        for m, t in thresholds_by_method.items():
+            lab = instances_from_probability(p, threshold=t, min_area_px=thr["min_area_px"] * scale**2, method=m,
+                                             h_px=thr["h_px"] * scale)
+            per[m].append(segmentation_scores(gt_full, lab))
+    return {m: mean_scores(v) for m, v in per.items()}
+
+
+def crf_step_cost(cfg: TrainConfig, device, steps: int = 3) -> tuple[float, float]:
+    """Seconds per training step (batch, crop of the profile) without and with the CRF term."""
+    from pointnuc.models.net import build_network
+    from pointnuc.train.segment import crf_downsample
+    from pointnuc.train.seg_losses import Stage2Loss
+
+    seg, c = cfg.segmentation, cfg.data.crop_size
+    net = build_network(2, cfg.encoder, pretrained=False).to(device)
+    opt = torch.optim.Adam(net.parameters(), 1e-5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(seg.batch_size, 3, c, c, generator=g).to(device)
+    tg = torch.cat([torch.randint(-1, 2, (seg.batch_size, 2, c, c), generator=g).float(),
+                    torch.rand(seg.batch_size, 3, c, c, generator=g)], 1).to(device)
+    sxy = cfg.data.px(seg.crf_sigma_xy_um)
+    losses = {"plain": Stage2Loss(seg.alpha), "crf": Stage2Loss(seg.alpha, seg.crf_beta, sxy, seg.crf_sigma_rgb, crf_downsample(sxy))}
+    out = {}
+    for name, fn in losses.items():
+        times = []
+        for i in range(steps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = fn(net(x), tg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times))
+    return out["plain"], out["crf"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default="quick", choices=["paper", "quick", "tiny"])
+    ap.add_argument("--points", default="detected", choices=["detected", "gt"], help="stage-2 input: stage-1 detections or all GT points")
+    ap.add_argument("--stage1-cache", type=Path, default=None, help="npz of stage-1 detections (written if missing)")
+    ap.add_argument("--images", type=int, default=None, help="use only the first N images of each split (smoke runs)")
+    ap.add_argument("--epochs", type=int, default=None, help="stage-2 epochs")
+    ap.add_argument("--crf-epochs", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. segmentation.crf_beta=0.5")
+    ap.add_argument("--tta", action="store_true", help="flip test-time augmentation at test")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.time()
+    overrides: dict = {"seed": args.seed}
+    if args.epochs is not None:
+        overrides["segmentation.epochs"] = args.epochs
+    if args.crf_epochs is not None:
+        overrides["segmentation.crf_epochs"] = args.crf_epochs
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        overrides[k] = type(getattr(getattr(TrainConfig(), k.split(".")[0]), k.split(".")[1]))(v) if "." in k else v
+    cfg = profile_config(args.profile, **overrides)
+    device = resolve_device(args.device)
+    data_dir = shared_dir() / "data" / "monuseg" / "train"
+    split = read_split(data_dir)
+    lim = slice(None, args.images)
+    names_train, names_val = split["train"][lim], split["val"][lim]
+    names_test = (split["testA"] + split["testB"])[lim]
+    scale = cfg.data.pixel_size_um / FULL_RES_UM
+    rng = np.random.default_rng(args.seed)
+    raw = {n: load_image(data_dir, n) for n in names_train + names_val + names_test}
+    ref = reinhard_reference([raw[n][0] for n in names_train])
+    gts = {n: gt_points_from_labels(raw[n][1]) for n in raw}
+    # same random stream as benchmarks/stage1.py: the same 10% points
+    train = [make_sample(n, *raw[n], ref, scale, sample_points(gts[n], rng), np.zeros((0, 2))) for n in names_train]
+    val = [make_sample(n, *raw[n], ref, scale, np.zeros((0, 2)), sample_points(gts[n], rng)) for n in names_val]
+    test = [(make_sample(n, *raw[n], ref, scale, np.zeros((0, 2)), np.zeros((0, 2))), raw[n][1]) for n in names_test]
+    work = args.work or Path(f"/tmp/pointnuc-bench-stage2-{args.profile}-{args.points}")
+    layout = ModelLayout(work)
+
+    t1 = 0.0
+    stage1_note = ""
+    if args.points == "gt":
+        # GT-points row: every true point is known, on the val images too (minus the held-back ones)
+        points = {s.name: gts[s.name] / scale for s in train + val}
+        stage1_note = "all ground-truth points (no stage 1)"
+    else:
+        cache = args.stage1_cache
+        if cache is not None and cache.is_file():
+            z = np.load(cache)
+            points = {k: z[k] for k in z.files}
+            stage1_note = f"stage-1 detections loaded from {cache}"
+        else:
+            from pointnuc.train.detect import detect, predict_probabilities, train_detector
+
+            t0 = time.time()
+            det = train_detector(train, cfg, layout, device=device, progress=False, tune_samples=val)
+            probs = predict_probabilities(det.model, val, device)
+            points = dict(det.points)
+            points.update({s.name: detect(p, s.valid, det.threshold, det.min_area_px) for s, p in zip(val, probs)})
+            t1 = time.time() - t0
+            stage1_note = f"stage 1 run here ({t1 / 60:.1f} min, threshold {det.threshold:.2f})"
+            if cache is not None:
+                np.savez(cache, **points)
+        # stage-1 detection quality on the train images, for reference
+        from pointnuc.metrics import detection_counts, detection_scores
+
+        dsc = detection_scores([detection_counts(points[s.name] * scale, gts[s.name], 11.0) for s in train])
+        stage1_note += f"; detections on train images vs all GT: P {dsc['P']:.3f} R {dsc['R']:.3f} F1 {dsc['F1']:.3f}"
+    logging.info("points: %s", stage1_note)
+
+    plain_s, crf_s = crf_step_cost(cfg, device)
+    logging.info("step cost: plain %.2f s, with CRF %.2f s (x%.2f)", plain_s, crf_s, crf_s / plain_s)
+
+    t0 = time.time()
+    res = train_segmenter(train, points, cfg, layout, device=device, progress=False, tune_samples=val, selection="points")
+    t2 = time.time() - t0
+    lq = label_quality(train, res.labels)
+
+    model = res.model
+    thr = res.thresholds
+    variants: list[tuple[str, dict | None, str]] = [("CRF", None, "points")]
+    if res.plain_state is not None:
+        variants.insert(0, ("no CRF", res.plain_state, "points"))
+    for k in ("plain-aji", "crf-aji"):
+        if res.alt_states.get(k) is not None:
+            variants.append(("no CRF" if k.startswith("plain") else "CRF", res.alt_states[k], "masks"))
+    final_state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = []
+    for name, state, sel in variants:
+        model.load_state_dict(state if state is not None else final_state)
+        if sel == "points":
+            tmap = {"cc": thr["prob"], "watershed": thr["prob"]}
+        else:
+            tmap = {m: choose_threshold_masks(model, val, thr, m, device) for m in ("cc", "watershed")}
+        for tta in ([False, True] if args.tta else [False]):
+            sc = evaluate(model, test, thr, scale, device, tta, tmap)
+            for m, v in sc.items():
+                rows.append((name, sel, m, tmap[m], tta, v))
+                logging.info("%s %s %s t=%.2f tta=%s: %s", name, sel, m, tmap[m], tta,
+                             " ".join(f"{k} {v[k]:.4f}" for k in METRICS))
+    model.load_state_dict(final_state)
+    wall = time.time() - t_start
+
+    seg = cfg.segmentation
+    lines = [
+        f"# Stage 2 benchmark, profile `{args.profile}`, points: {args.points}",
+        "",
+        f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage2.py'] + (argv if argv is not None else sys.argv[1:]))}`",
+        f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
+        f"- machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}, "
+        f"{torch.get_num_threads()} threads (CPU shared with other jobs)",
+        f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px, {seg.epochs} epochs (lr {seg.lr}) + "
+        f"{seg.crf_epochs} CRF epochs (lr {seg.crf_lr}, β {seg.crf_beta}, σ_xy {seg.crf_sigma_xy_um} µm, σ_rgb {seg.crf_sigma_rgb}), "
+        f"batch {seg.batch_size}, {cfg.data.patches_per_image} patches/image, crop {cfg.data.crop_size}",
+        f"- points: {stage1_note}",
+        f"- data: {len(train)} train, {len(val)} val ({sum(len(s.holdout) for s in val)} held-back points), {len(test)} test images",
+        f"- wall time: {wall / 60:.1f} min (stage 1 {t1 / 60:.1f} min, stage 2 training + selection {t2 / 60:.1f} min)",
+        f"- CRF cost per training step: plain {plain_s:.2f} s, with CRF {crf_s:.2f} s (x{crf_s / plain_s:.2f})",
+        f"- selection (points): threshold {thr['prob']:.2f}, score {res.metrics.get('selection_score', float('nan')):.4f}; "
+        f"best epochs: " + ", ".join(f"{k} {h.best_epoch}" for k, h in res.history.items()),
+        "",
+        "| model | selection | instances | threshold | TTA | Acc | F1 | Dice_obj | AJI (Kumar) | AJI (authors' code) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, sel, m, t, tta, v in rows:
+        lines.append(f"| {name} | {sel} | {m} | {t:.2f} | {'yes' if tta else 'no'} | "
+                     + " | ".join(f"{v[k]:.4f}" for k in METRICS) + " |")
+    pr = PAPER_GT if args.points == "gt" else PAPER_10
+    lines.append(f"| paper Table III ({'GT points' if args.points == 'gt' else '10% points'}; AJI = authors' code) | test set! | cc | – | no | "
+                 f"{pr['acc']:.4f} | {pr['F1']:.4f} | {pr['dice_obj']:.4f} | – | {pr['aji_authors']:.4f} |")
+    lines.append("| QuPath 0.6.0 cell detection (no training) | – | watershed | – | no | "
+                 + " | ".join(f"{QUPATH[k]:.4f}" for k in METRICS) + " |")
+    lines += ["", "Label quality on the train images (share of true nucleus pixels among pixels labelled nucleus; "
+              "share of true background among pixels labelled background; labelled share):", "",
+              "| image | Voronoi nuc prec | Voronoi bg prec | Voronoi labelled | cluster nuc prec | cluster bg prec | cluster labelled | cluster nuc recall |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in lq:
+        lines.append(f"| {r['name']} | {r['vor_nuc_prec']:.3f} | {r['vor_bg_prec']:.3f} | {r['vor_labelled']:.3f} | "
+                     f"{r['clu_nuc_prec']:.3f} | {r['clu_bg_prec']:.3f} | {r['clu_labelled']:.3f} | {r['clu_nuc_recall']:.3f} |")
+    lines += ["", "Epoch losses: " + "; ".join(f"{k}: " + ", ".join(f"{v:.4f}" for v in h.losses) for k, h in res.history.items()),
+              "Per-epoch selection scores: " + "; ".join(
+                  f"{k}: " + ", ".join(f"{e.scores.get('points', float('nan')):.3f}/{e.scores.get('aji', float('nan')):.3f}"
+                                       for e in h.epochs) for k, h in res.history.items()) + " (points score / val AJI)"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or Path(__file__).resolve().parent / "results" / f"stage2-{args.profile}{'-gt' if args.points == 'gt' else ''}.md"
+    if args.out or (args.images is None and args.epochs is None):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
