@@ -66,3 +66,16 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     print(f"synthetic stage 2: pixel F1 {f1:.3f}, threshold {res.thresholds['prob']}")
     assert f1 > 0.6, f1
     assert np.isfinite(res.metrics["selection_score"])
+
+    # the training report: loss curves and an overlay with green outlines
+    from PIL import Image
+
+    from pointnuc.report import write_report
+
+    files = write_report(ModelLayout(tmp_path / "m"), [sample], None, res)
+    names = {f.name for f in files}
+    assert "losses.png" in names and "metrics.json" in names
+    ov = np.asarray(Image.open(next(f for f in files if f.name.startswith("overlay_"))))
+    assert ov.shape == (256, 256, 3)  # 128 px tile drawn at zoom 2
+    assert ((ov == (0, 230, 0)).all(-1)).sum() > 100  # outlines
+    assert ((ov == (255, 40, 40)).all(-1)).sum() > 0  # held-back points
