@@ -204,15 +204,32 @@ def _coords(c: Any) -> str:
     return "[" + ",".join(_coords(x) for x in c) + "]"
 
 
+_STR_CACHE: dict[str, str] = {}
+
+
+def _str(k: str) -> str:
+    """A JSON string (raw UTF-8), memoised: keys and class names repeat in every feature."""
+    out = _STR_CACHE.get(k)
+    if out is None:
+        out = json.dumps(k, ensure_ascii=False)
+        if len(_STR_CACHE) < 10000:
+            _STR_CACHE[k] = out
+    return out
+
+
 def _value(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isfinite(v):
+            return repr(v)  # shortest round-trip form, as Gson writes doubles
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")  # as Gson writes them
+    if isinstance(v, str):
+        return _str(v)
     if isinstance(v, dict):
-        return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _value(x) for k, x in v.items()) + "}"
+        return "{" + ",".join(_str(k) + ":" + _value(x) for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
         if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
             return "[" + ", ".join(_value(x) for x in v) + "]"
         return "[" + ",".join(_value(x) for x in v) + "]"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")  # as Gson writes them
     return json.dumps(v, ensure_ascii=False)
 
 
