@@ -18,7 +18,7 @@ GLASS = (245, 245, 245)
 TILE = 256
 
 
-@dataclass(frozen=True)
+@dataclass
 class SynthSlide:
     """Ground truth of a synthetic slide (full-resolution px)."""
 
@@ -27,6 +27,33 @@ class SynthSlide:
     centres: np.ndarray  #: (N, 2) x/y of the disc centres
     radii: np.ndarray  #: (N,)
     tissue_x1: int  #: tissue covers x < tissue_x1; glass beyond
+    _index: dict[tuple[int, int], np.ndarray] | None = None
+
+    def near(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+        """Indices of discs that may touch the box (bucketed, so big slides render fast)."""
+        if self._index is None:
+            b = np.floor(self.centres / BUCKET).astype(np.int64)
+            order = np.lexsort((b[:, 1], b[:, 0]))
+            keys, start = np.unique(b[order], axis=0, return_index=True)
+            ends = np.append(start[1:], len(order))
+            self._index = {(int(k[0]), int(k[1])): order[s:e] for k, s, e in zip(keys, start, ends)}
+        rmax = float(self.radii.max(initial=0)) + 2
+        bx = range(int(np.floor((x0 - rmax) / BUCKET)), int(np.floor((x1 + rmax) / BUCKET)) + 1)
+        by = range(int(np.floor((y0 - rmax) / BUCKET)), int(np.floor((y1 + rmax) / BUCKET)) + 1)
+        parts = [self._index[(i, j)] for i in bx for j in by if (i, j) in self._index]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+BUCKET = 256
+
+
+def lattice_discs(width: int, height: int, tissue_x1: int, spacing: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Many non-overlapping discs fast: a jittered lattice (radius 8-14 px, jitter keeps 3 px gaps)."""
+    rng = np.random.default_rng(seed)
+    xs, ys = np.meshgrid(np.arange(spacing, tissue_x1 - spacing, spacing), np.arange(spacing, height - spacing, spacing))
+    jitter = max(0.0, (spacing - 2 * 14 - 3) / 2)
+    xy = np.column_stack([xs.ravel(), ys.ravel()]) + rng.uniform(-jitter, jitter, (xs.size, 2))
+    return xy, rng.uniform(8, 14, len(xy))
 
 
 def random_discs(width: int, height: int, tissue_x1: int, n: int, rmin: float, rmax: float, seed: int,
@@ -61,9 +88,7 @@ def render(truth: SynthSlide, x0: float, y0: float, w: int, h: int, ds: float = 
     img[:, xs >= truth.width] = 255
     img[ys >= truth.height] = 255
     c, r = truth.centres, truth.radii
-    sel = np.flatnonzero(
-        (c[:, 0] + r >= xs[0] - ds) & (c[:, 0] - r <= xs[-1] + ds) & (c[:, 1] + r >= ys[0] - ds) & (c[:, 1] - r <= ys[-1] + ds)
-    )
+    sel = truth.near(xs[0], ys[0], xs[-1], ys[-1])
     for i in sel:
         cx, cy, rr = c[i, 0], c[i, 1], r[i]
         jx = np.flatnonzero(np.abs(xs - cx) <= rr)

@@ -6,7 +6,6 @@ import sys
 import threading
 import time
 import tracemalloc
-import types
 from pathlib import Path
 
 import numpy as np
@@ -44,27 +43,6 @@ class DarknessNet(nn.Module):
         dark = 1.0 - self.pool(rgb.mean(1, keepdim=True))
         logit = 30.0 * (dark - 0.45)
         return torch.cat([torch.zeros_like(logit), logit], dim=1)
-
-
-@pytest.fixture(autouse=True)
-def _instances_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Connected components stand-in while pointnuc.infer.instances is not in the tree."""
-    try:
-        import pointnuc.infer.instances  # noqa: F401
-    except ImportError:
-        from scipy import ndimage as ndi
-
-        def instances_from_probability(prob, *, threshold, min_area_px, method="cc"):
-            lab, n = ndi.label(prob > threshold)
-            sizes = np.bincount(lab.ravel())
-            small = sizes < min_area_px
-            small[0] = True
-            lab[small[lab]] = 0
-            return lab.astype(np.int32)
-
-        mod = types.ModuleType("pointnuc.infer.instances")
-        mod.instances_from_probability = instances_from_probability  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "pointnuc.infer.instances", mod)
 
 
 def _info(norm: dict | None = None) -> ModelInfo:
@@ -166,6 +144,20 @@ def test_region_keeps_nuclei_by_centroid(slide_file: tuple[Path, SynthSlide]) ->
     assert len(found) == inside.sum()
     assert shapely.contains_xy(region, got[:, 0], got[:, 1]).all()
     assert res.n_tiles < 30  # only tiles near the region were read
+
+
+def test_worker_processes_give_the_same_nuclei(slide_file: tuple[Path, SynthSlide]) -> None:
+    """The GPU path's polygon work in spawned processes gives what the threads give."""
+    from pointnuc.io.slide import open_slide
+
+    path, _ = slide_file
+    region = shapely.box(0, 0, 1200, 900)
+    with open_slide(path) as slide:
+        a = segment_slide(slide, DarknessNet(), _info(), region=region, tile_size=TILE, progress=False)
+        b = segment_slide(slide, DarknessNet(), _info(), region=region, tile_size=TILE, progress=False, post_processes=2)
+    key = lambda n: (round(n.polygon.centroid.x, 3), round(n.polygon.centroid.y, 3))  # noqa: E731
+    assert a.n_nuclei == b.n_nuclei > 50
+    assert sorted(map(key, a.nuclei)) == sorted(map(key, b.nuclei))
 
 
 def test_pixel_size_missing_or_given(tmp_path: Path) -> None:

@@ -19,9 +19,12 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import multiprocessing
+import os
+import warnings
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -32,7 +35,8 @@ from shapely.prepared import prep
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError, PixelSizeError
-from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, owned_labels, round_halo
+from pointnuc.infer.polygons import InstanceParams, TileContext, init_worker, tile_nuclei, worker_job
+from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, round_halo
 from pointnuc.io.base import NucleusObject
 from pointnuc.models.bundle import ModelInfo
 
@@ -45,8 +49,6 @@ CONTEXT_PX = 32
 #: default tile sizes (working px) and batch sizes per device type
 DEFAULT_TILE = {"cpu": 512, "cuda": 1024}
 DEFAULT_BATCH = {"cpu": 2, "cuda": 16}
-#: polygon simplification tolerance in working pixels (staircase corners only; < half a pixel)
-SIMPLIFY_PX = 0.4
 #: longest side of the thumbnail used for the tissue mask and the slide's colour statistics...
 THUMBNAIL_SIZE = 2048
 #: ...which need no finer pixels than this (µm/px): a 20x/40x slide is looked at with 4 µm pixels
@@ -200,7 +202,9 @@ def normalise_tile(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], ref
     tm, ts = np.asarray(ref["mean"], np.float32), np.asarray(ref["std"], np.float32)
     m, s = source
     lab = (_lab(image) - m) / np.maximum(s, 1e-6) * ts + tm
-    rgb = lab2rgb(lab)
+    with warnings.catch_warnings():  # out-of-gamut colours are clipped, as in pointnuc.stain
+        warnings.simplefilter("ignore", UserWarning)
+        rgb = lab2rgb(lab)
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -219,80 +223,7 @@ def read_tile(slide: Any, plan: SlidePlan, tile: Tile) -> np.ndarray:
     return img
 
 
-def tile_nuclei(
-    prob_fg: np.ndarray,
-    tile: Tile,
-    plan: SlidePlan,
-    *,
-    threshold: float,
-    min_area_px: int,
-    method: str = "cc",
-    region: Any = None,
-    simplify_px: float = SIMPLIFY_PX,
-) -> tuple[list[NucleusObject], int]:
-    """The nuclei a tile owns, from its window's foreground probability (T, T).
-
-    Returns the nuclei (full-res polygons with score and measurements) and the number
-    of objects dropped because they touched the tile's edge while centred in its core
-    (larger than the halo).
-    """
-    from pointnuc.geometry import labels_to_polygons, nucleus_measurements
-    from pointnuc.infer.instances import instances_from_probability
-
-    v = tile.valid.shift(-tile.window.y0, -tile.window.x0)
-    prob = np.ascontiguousarray(prob_fg[v.slices()], dtype=np.float32)
-    labels = instances_from_probability(prob, threshold=threshold, min_area_px=min_area_px, method=method)
-    ids = owned_labels(labels, tile)
-    n_big = _count_large(labels, tile, ids)
-    if ids.size == 0:
-        return [], n_big
-    keep = np.zeros(int(labels.max()) + 1, bool)
-    keep[ids] = True
-    lab = np.where(keep[labels], labels, 0)
-    ds = plan.downsample
-    oy, ox = tile.valid.y0 + plan.origin[0], tile.valid.x0 + plan.origin[1]
-    polys = labels_to_polygons(lab, offset_xy=(ox * ds, oy * ds), scale=ds, simplify_px=simplify_px)
-    flat = lab.ravel()
-    sums = np.bincount(flat, weights=prob.ravel(), minlength=len(keep))
-    counts = np.bincount(flat, minlength=len(keep))
-    out = []
-    for i, poly in polys.items():
-        if region is not None and not region.contains(poly.centroid):
-            continue
-        score = float(sums[i] / max(counts[i], 1))
-        out.append(NucleusObject(poly, score, nucleus_measurements(poly, plan.pixel_size_um)))
-    return out, n_big
-
-
-def _count_large(labels: np.ndarray, tile: Tile, owned: np.ndarray) -> int:
-    """Objects centred in the core but cut by an interior edge of the valid box."""
-    top, left, bottom, right = tile.image_edges
-    edge = []
-    if not top:
-        edge.append(labels[0])
-    if not bottom:
-        edge.append(labels[-1])
-    if not left:
-        edge.append(labels[:, 0])
-    if not right:
-        edge.append(labels[:, -1])
-    if not edge:
-        return 0
-    cut = np.unique(np.concatenate(edge))
-    cut = cut[cut > 0]
-    if cut.size == 0:
-        return 0
-    # which of them would be owned without the edge rule: centroid in the core
-    h, w = labels.shape
-    n = 0
-    for i in cut:
-        rr, cc = np.nonzero(labels == i)
-        cy, cx = rr.mean() + 0.5 + tile.valid.y0, cc.mean() + 0.5 + tile.valid.x0
-        n += int(tile.core.y0 <= cy < tile.core.y1 and tile.core.x0 <= cx < tile.core.x1)
-    return n
-
-
-def _bounded(items: Iterable[Any], fn: Callable[[Any], Any], pool: ThreadPoolExecutor, ahead: int) -> Iterator[tuple[Any, Any]]:
+def _bounded(items: Iterable[Any], fn: Callable[[Any], Any], pool: Executor, ahead: int) -> Iterator[tuple[Any, Any]]:
     """``(item, fn(item))`` in order, with at most ``ahead`` calls running or waiting in ``pool``."""
     pending: collections.deque[tuple[Any, Future]] = collections.deque()
     for item in items:
@@ -354,14 +285,15 @@ class _Locked:
             return self.slide.read_region(*args, **kwargs)
 
 
-def default_threshold(info: ModelInfo) -> tuple[float, int, str]:
-    """Foreground threshold, smallest nucleus (working px²) and instance method of a model."""
+def instance_params(info: ModelInfo) -> InstanceParams:
+    """The stage-2 thresholds a model was tuned with (keys as :func:`pointnuc.train.segment.segment_image` reads them)."""
     th = info.thresholds
-    threshold = float(th.get("segment_threshold", th.get("threshold", th.get("fg_threshold", 0.5))))
-    r1_px = info.config.data.nucleus_radius_um / info.pixel_size_um
-    default_min = max(4, int(round(math.pi * (0.3 * r1_px) ** 2)))
-    min_area = int(th.get("min_area_px", default_min))
-    return threshold, min_area, info.config.segmentation.instance_method
+    return InstanceParams(
+        threshold=float(th.get("prob", 0.5)),
+        min_area_px=float(th.get("min_area_px", 5.0)),
+        h_px=float(th.get("h_px", 1.0)),
+        method=info.config.segmentation.instance_method,
+    )
 
 
 def segment_slide(
@@ -381,6 +313,7 @@ def segment_slide(
     tissue: bool = True,
     sink: Callable[[list[NucleusObject]], None] | None = None,
     amp: bool | None = None,
+    post_processes: int | None = None,
 ) -> SlideResult:
     """Every nucleus of ``slide`` (a :class:`pointnuc.io.slide.Slide`) with the stage-2 ``network``.
 
@@ -388,6 +321,10 @@ def segment_slide(
     ``sink``: if given, receives the nuclei tile by tile (and the result's list stays
     empty), so memory does not grow with the number of nuclei either.
     ``pixel_size_um`` overrides the slide's; without either, :class:`PixelSizeError`.
+    ``num_workers``: reader threads (each with its own slide handle) and post-processing
+    threads; ``post_processes``: polygon work in that many worker processes instead
+    (default: on CUDA, where the GPU outruns one Python thread, all but two CPU cores; on
+    the CPU none, as the network already uses every core).
     """
     t_start = time.perf_counter()
     device = torch.device(device)
@@ -398,9 +335,11 @@ def segment_slide(
     px = pixel_size_um if pixel_size_um is not None else getattr(slide, "pixel_size_um", None)
     thumb = read_thumbnail(slide, pixel_size_um=px) if (tissue or info.norm_reference) and px is not None else None
     plan = plan_slide(slide, info, region=region, tile_size=tile_size, halo=halo, pixel_size_um=px, tissue=tissue, thumbnail=thumb)
-    threshold, min_area, method = default_threshold(info)
+    ctx = TileContext(plan.origin, plan.downsample, plan.pixel_size_um, instance_params(info), region)
     source = slide_colour_stats(thumb, plan.pixel_size_um) if (info.norm_reference and thumb is not None) else None
     prepared = prep(region) if region is not None else None
+    if post_processes is None:
+        post_processes = max(1, (os.cpu_count() or 1) - 2) if kind == "cuda" else 0
     timings = {"read": 0.0, "network": 0.0, "post": 0.0}
     tlock = threading.Lock()
     slides = _ThreadSlides(slide)
@@ -417,7 +356,7 @@ def segment_slide(
     def post(job: tuple[Tile, np.ndarray]) -> tuple[list[NucleusObject], int]:
         t0 = time.perf_counter()
         tile, prob = job
-        res = tile_nuclei(prob, tile, plan, threshold=threshold, min_area_px=min_area, method=method, region=prepared)
+        res = tile_nuclei(prob, tile, ctx, region_prepared=prepared)
         with tlock:
             timings["post"] += time.perf_counter() - t0
         return res
@@ -431,7 +370,16 @@ def segment_slide(
 
     bar = tqdm(total=len(plan.tiles), desc=name or "slide", unit="tile", disable=not progress, leave=True)
     readers = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="pointnuc-read")
-    posters = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="pointnuc-post")
+    posters: Executor
+    if post_processes > 0 and len(plan.tiles) > 2 * batch_size:
+        # spawn: no fork of a process holding CUDA and reader threads; workers import no torch
+        posters = ProcessPoolExecutor(post_processes, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=init_worker, initargs=(ctx,))
+        post_fn: Callable[[Any], Any] = worker_job
+        post_ahead = max(2 * batch_size, 2 * post_processes)
+    else:
+        posters = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="pointnuc-post")
+        post_fn, post_ahead = post, 2 * batch_size
     try:
         loaded = _bounded(plan.tiles, load, readers, ahead=2 * batch_size)
 
@@ -440,9 +388,11 @@ def segment_slide(
                 t0 = time.perf_counter()
                 probs = _predict_batch(network, np.stack([img for _, img in batch]), device, use_amp)
                 timings["network"] += time.perf_counter() - t0
+                if post_fn is worker_job:
+                    probs = probs.astype(np.float16)
                 yield from zip([t for t, _ in batch], probs)
 
-        for _, (found, big) in _bounded(forward(), post, posters, ahead=2 * batch_size):
+        for _, (found, big) in _bounded(forward(), post_fn, posters, ahead=post_ahead):
             n_found += len(found)
             n_big += big
             if sink is not None:
