@@ -148,6 +148,18 @@ def test_old_qupath_variants_and_layouts(tmp_path: Path):
                               "properties": {"classification": "Nucleus"}}]))
     ann = summarise(read_objects(p), _ref())
     assert ann.points_xy.tolist() == [[1, 2], [3, 4]]
+    # a region as a GeometryCollection keeps its area parts; other classes' areas are not regions
+    coll = {"type": "GeometryCollection", "geometries": [
+        {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]},
+        {"type": "LineString", "coordinates": [[0, 0], [50, 50]]}]}
+    sq = {"type": "Polygon", "coordinates": [[[0, 0], [5, 0], [5, 5], [0, 5], [0, 0]]]}
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": coll, "properties": {"classification": {"name": "Region*", "color": [0, 0, 180]}}},
+        {"type": "Feature", "geometry": sq, "properties": {"classification": {"name": "Tumor", "color": [200, 0, 0]}}},
+        {"type": "Feature", "geometry": sq, "properties": {"objectType": "annotation"}}]}))
+    ann = summarise(read_objects(p), _ref())
+    assert [r.area for r in ann.regions] == [100.0]
+    assert summarise(read_objects(p), _ref(), region_class="Tumor").regions[0].area == 25.0
 
 
 @pytest.mark.parametrize(

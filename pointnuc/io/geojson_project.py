@@ -51,8 +51,12 @@ def _stem(name: str) -> str:
 
 def find_images(folder: Path) -> list[Path]:
     """Image files at the top level of ``folder``, sorted by name."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError as err:
+        raise InputError(f"cannot list the folder {folder}: {err.strerror or err}") from None
     return sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
+        (p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
         key=lambda p: p.name,
     )
 
@@ -77,7 +81,7 @@ class GeoJSONFolderProject:
         self.pixel_size_um = pixel_size_um  #: overrides every image's pixel size when given
         self.output_dir = Path(output_dir) if output_dir is not None else self.root
         self._images = find_images(self.root)
-        geojsons = {p.name for p in self.root.glob("*.geojson")}
+        geojsons = {p.name for p in self.root.glob("*.geojson") if p.is_file()}
         if not self._images:
             what = "GeoJSON files but no images" if geojsons else "no images and no QuPath project"
             raise InputError(

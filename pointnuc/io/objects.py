@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from shapely.geometry import MultiPoint, MultiPolygon, Point, Polygon
+from shapely.geometry import GeometryCollection, MultiPoint, MultiPolygon, Point, Polygon
 from shapely.geometry.base import BaseGeometry
+from shapely.ops import unary_union
 
 from pointnuc.errors import InputError, TrainingError
 from pointnuc.io.base import POINTNUC_MARKER, ImageAnnotations, ImageRef
@@ -82,8 +83,12 @@ def summarise(
             else:
                 key = obj.class_name if obj.class_name is not None else "Unclassified"
                 others[key] = others.get(key, 0) + len(xy)
-        elif isinstance(geom, (Polygon, MultiPolygon)) and obj.class_name == region_class:
-            regions.append(geom)
+        elif obj.class_name == region_class:
+            if isinstance(geom, GeometryCollection):  # e.g. an area drawn with lines: keep its area parts
+                parts = [g for g in geom.geoms if isinstance(g, (Polygon, MultiPolygon)) and not g.is_empty]
+                geom = unary_union(parts) if parts else None
+            if isinstance(geom, (Polygon, MultiPolygon)):
+                regions.append(geom)
     pts = np.concatenate(points) if points else np.zeros((0, 2), float)
     if len(pts):
         outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] >= image.width) | (pts[:, 1] >= image.height)
