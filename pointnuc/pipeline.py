@@ -334,8 +334,18 @@ class SegmentSummary:
 
 
 def results_dir(project: Project, model_dir: Path) -> Path:
-    """Per-image results of one model on one project (resume state and shard output)."""
-    return project.root / RESULTS_FOLDER / Path(model_dir).name
+    """Per-image results of one model on one project (resume state and shard output).
+
+    Keyed by the model folder's name and a digest of its description, so a model
+    retrained into the same folder never reuses the old model's results.
+    """
+    import hashlib
+
+    from pointnuc.models.bundle import ModelLayout
+
+    meta = ModelLayout(Path(model_dir)).meta
+    digest = hashlib.sha1(meta.read_bytes()).hexdigest()[:8] if meta.is_file() else "unknown"
+    return project.root / RESULTS_FOLDER / f"{Path(model_dir).resolve().name}-{digest}"
 
 
 def shard_filter(names: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
