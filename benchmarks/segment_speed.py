@@ -165,7 +165,9 @@ def memory(args: argparse.Namespace) -> dict:
         t_write = time.perf_counter() - t0
         size_mb = path.stat().st_size / 2**20
         cmd = [sys.executable, __file__, "_memory_child", "--slide", str(path), "--encoder", args.encoder,
-               "--model-px", str(args.model_px), "--workers", str(args.workers), "--batch-size", str(args.batch_size or 2)]
+               "--model-px", str(args.model_px), "--batch-size", str(args.batch_size or 2)]
+        if args.workers:
+            cmd += ["--workers", str(args.workers)]
         if args.stream:
             cmd.append("--stream")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -185,7 +187,7 @@ def main() -> None:
     p.add_argument("--tissue", type=float, default=0.6, help="share of the slide width that is tissue (memory run)")
     p.add_argument("--tile-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="reader/post threads [default: by device]")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

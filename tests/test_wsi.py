@@ -146,6 +146,24 @@ def test_region_keeps_nuclei_by_centroid(slide_file: tuple[Path, SynthSlide]) ->
     assert res.n_tiles < 30  # only tiles near the region were read
 
 
+def test_non_integer_downsample_seams(slide_file: tuple[Path, SynthSlide]) -> None:
+    """A 0.2527 µm/px scan (Aperio 40x) read for a 0.5 µm/px model: still each disc once."""
+    from pointnuc.io.slide import open_slide
+
+    path, truth = slide_file
+    region = shapely.box(200, 200, 1500, 1300)
+    with open_slide(path, pixel_size_um=0.2527) as slide:
+        res = segment_slide(slide, DarknessNet(), _info(), region=region, tile_size=TILE, progress=False)
+    assert res.downsample == pytest.approx(0.5 / 0.2527) and res.n_tiles > 20
+    got = shapely.get_coordinates(shapely.centroid(np.array([n.polygon for n in res.nuclei], dtype=object)))
+    d2 = ((got[:, None, :] - truth.centres[None, :, :]) ** 2).sum(-1)
+    nearest = d2.argmin(1)
+    assert np.sqrt(d2.min(1)).max() < 2.5
+    assert np.bincount(nearest).max() == 1  # no disc twice
+    inside = shapely.contains_xy(region, truth.centres[:, 0], truth.centres[:, 1])
+    assert abs(len(got) - inside.sum()) <= 2  # (a disc centred on the region's edge may go either way)
+
+
 def test_worker_processes_give_the_same_nuclei(slide_file: tuple[Path, SynthSlide]) -> None:
     """The GPU path's polygon work in spawned processes gives what the threads give."""
     from pointnuc.io.slide import open_slide
@@ -205,3 +223,66 @@ def test_normalise_tile_matches_stain_with_own_stats() -> None:
     a = normalise_tile(img, lab_stats(img), ref)
     b = reinhard_normalize(img, ref)
     assert np.abs(a.astype(int) - b).max() <= 1
+
+
+def test_tissue_mask_hand_case() -> None:
+    from pointnuc.infer.tissue import tissue_mask
+
+    thumb = np.full((40, 60, 3), 242, np.uint8)  # glass
+    thumb[5:25, 5:30] = (220, 160, 200)  # pink tissue, 20 x 25 px
+    thumb[30:40, 50:60] = 0  # black scanner padding
+    thumb[35, 10] = (120, 60, 140)  # a dark speck: 1 px
+    # 16 µm thumbnail pixels: min area 2000 µm² = 7.8 px -> the speck goes; margin 20 µm -> 2 px
+    m = tissue_mask(thumb, downsample=64, pixel_size_um=0.25)
+    assert m[15, 15] and not m[35, 10] and not m[35, 55] and not m[0, 59]
+    assert m[3, 15] and m[15, 31] and not m[15, 33]  # grown by 2 px (4-connected steps)
+    assert not tissue_mask(np.full((10, 10, 3), 250, np.uint8), downsample=64, pixel_size_um=0.25).any()
+
+
+def test_simplified_polygons_look_the_same() -> None:
+    from pointnuc.infer.polygons import InstanceParams, TileContext, tile_nuclei
+
+    g = make_grid(200, 200, tile_size=256, halo=64)
+    yy, xx = np.mgrid[:256, :256]
+    prob = np.zeros((256, 256), np.float32)
+    for cy, cx, r in [(100, 90, 7.3), (140, 150, 5.1), (90, 160, 9.7)]:
+        prob[(yy - cy) ** 2 + ((xx - cx) / 1.3) ** 2 <= r * r] = 0.9
+    ctx = TileContext((0, 0), 2.0, 0.25, InstanceParams())
+    exact, _ = tile_nuclei(prob, g.tiles[0], TileContext((0, 0), 2.0, 0.25, InstanceParams(), simplify_px=0.0))
+    simple, _ = tile_nuclei(prob, g.tiles[0], ctx)
+    assert len(exact) == len(simple) == 3
+    for a, b in zip(exact, simple):
+        assert len(b.polygon.exterior.coords) < 0.6 * len(a.polygon.exterior.coords)  # far fewer vertices
+        # no visible change: within 0.75 working px (1.5 full-res px) everywhere; area within 5 %
+        # (the staircase itself is uncertain by ~1/r = 20 % of the area for r = 5 px)
+        assert a.polygon.hausdorff_distance(b.polygon) <= 0.75 * 2.0 + 1e-9
+        assert abs(b.polygon.area / a.polygon.area - 1) < 0.05
+
+
+def test_read_failure_half_way_is_reported(slide_file: tuple[Path, SynthSlide]) -> None:
+    from pointnuc.errors import ImageReadError
+    from pointnuc.io.slide import open_slide
+
+    path, _ = slide_file
+
+    class Failing:
+        """A slide that fails after some reads (as a damaged file would)."""
+
+        def __init__(self, slide) -> None:
+            self.s, self.n = slide, 0
+            self.width, self.height, self.pixel_size_um = slide.width, slide.height, slide.pixel_size_um
+            self.level_downsamples = slide.level_downsamples
+
+        def best_level(self, ds: float) -> int:
+            return self.s.best_level(ds)
+
+        def read_region(self, *a, **k):
+            self.n += 1
+            if self.n > 12:
+                raise ImageReadError("cannot read pixels of slide.tif: corrupt tile")
+            return self.s.read_region(*a, **k)
+
+    with open_slide(path) as slide:
+        with pytest.raises(ImageReadError):
+            segment_slide(Failing(slide), DarknessNet(), _info(), tile_size=TILE, progress=False)
+    assert threading.active_count() < 5  # no reader/post threads left behind

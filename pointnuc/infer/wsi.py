@@ -213,9 +213,14 @@ def read_tile(slide: Any, plan: SlidePlan, tile: Tile) -> np.ndarray:
     ds = plan.downsample
     t = plan.grid.tile_size
     wy, wx = tile.window.y0 + plan.origin[0], tile.window.x0 + plan.origin[1]
-    x, y, side = int(round(wx * ds)), int(round(wy * ds)), int(round(t * ds))
+    if float(ds).is_integer():
+        x, y, side = int(wx * ds), int(wy * ds), int(t * ds)
+    else:
+        # a fractional box (Slide.read_region resamples with sub-pixel boxes): every tile then
+        # samples the slide on the same global working-resolution grid, so neighbours agree
+        x, y, side = wx * ds, wy * ds, t * ds
     img = np.asarray(slide.read_region(x, y, side, side, downsample=ds))[..., :3]
-    if img.shape[:2] != (t, t):  # rounding of a non-integer downsample: fit to the window
+    if img.shape[:2] != (t, t):  # a reader that rounds differently: fit to the window
         out = np.full((t, t, 3), 255, np.uint8)
         h, w = min(t, img.shape[0]), min(t, img.shape[1])
         out[:h, :w] = img[:h, :w]
@@ -306,7 +311,7 @@ def segment_slide(
     batch_size: int | None = None,
     tile_size: int | None = None,
     halo: int | None = None,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     progress: bool = True,
     name: str | None = None,
     pixel_size_um: float | None = None,
@@ -322,7 +327,7 @@ def segment_slide(
     empty), so memory does not grow with the number of nuclei either.
     ``pixel_size_um`` overrides the slide's; without either, :class:`PixelSizeError`.
     ``num_workers``: reader threads (each with its own slide handle) and post-processing
-    threads; ``post_processes``: polygon work in that many worker processes instead
+    threads (default 2 on the CPU; up to 8 beside a GPU); ``post_processes``: polygon work in that many worker processes instead
     (default: on CUDA, where the GPU outruns one Python thread, all but two CPU cores; on
     the CPU none, as the network already uses every core).
     """
@@ -340,6 +345,8 @@ def segment_slide(
     prepared = prep(region) if region is not None else None
     if post_processes is None:
         post_processes = max(1, (os.cpu_count() or 1) - 2) if kind == "cuda" else 0
+    if num_workers is None:
+        num_workers = min(8, max(2, (os.cpu_count() or 1) // 2)) if kind == "cuda" else 2
     timings = {"read": 0.0, "network": 0.0, "post": 0.0}
     tlock = threading.Lock()
     slides = _ThreadSlides(slide)
