@@ -28,9 +28,9 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
 @project_argument
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Model folder to create [default: PROJECT_FOLDER/pointnuc-models/DATE-PROFILE].")
-@click.option("--profile", type=click.Choice(["auto", "paper", "quick", "tiny"]), default="auto", show_default=True,
+@click.option("--profile", type=click.Choice(["auto", "paper", "quick", "example", "tiny"]), default="auto", show_default=True,
               help="Training schedule. paper: the paper's (GPU, hours on a CPU); quick: a CPU in well under an hour; "
-              "tiny: seconds, for trying the commands. auto: paper with a CUDA GPU, quick otherwise.")
+              "example: the README example; tiny: seconds, for trying the commands. auto: paper with a CUDA GPU, quick otherwise.")
 @click.option("--variant", type=click.Choice(["GM", "ext-GM", "ST-nu", "ST-bg"]), default=None,
               help="Stage-1 label variant (paper Table I) [default: ST-bg].")
 @point_class_option
