@@ -15,8 +15,8 @@ point_class_option = click.option(
 region_class_option = click.option(
     "--region-class",
     default=None,
-    help='QuPath class of training-region annotations (e.g. "Region*"). Without regions, '
-    "whole images (or windows around the points on large slides) are used.",
+    help='QuPath class of training-region annotations [default: "Region*"]. Where an image has '
+    "none, the whole image (or windows around the points on a large slide) is used.",
 )
 pixel_size_option = click.option(
     "--pixel-size",
