@@ -45,7 +45,7 @@ def test_default_window_is_close_to_brute_force():
     e, g = _energy_and_grad(crf_loss, y, image, valid, **kw)
     rel_e = abs(e.item() - e_ref.item()) / e_ref.item()
     rel_g = (g - g_ref).norm().item() / g_ref.norm().item()
-    print(f"CRF 2.5-sigma window vs brute force: energy rel. error {rel_e:.4f}, gradient rel. error {rel_g:.4f}")
+    print(f"CRF 2.5-sigma disk vs brute force: energy rel. error {rel_e:.4f}, gradient rel. error {rel_g:.4f}")
     assert rel_e < 0.03 and rel_g < 0.03
     assert torch.all(g[~valid] == 0)
 
