@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="quick", choices=["paper", "quick", "tiny"])
     ap.add_argument("--points", default="detected", choices=["detected", "gt"], help="stage-2 input: stage-1 detections or all GT points")
     ap.add_argument("--stage1-cache", type=Path, default=None, help="npz of stage-1 detections (written if missing)")
+    ap.add_argument("--stage1-dir", type=Path, default=None,
+                    help="reuse the detector.pt of an earlier stage-1 run (with --stage1-threshold/--stage1-min-area)")
+    ap.add_argument("--stage1-threshold", type=float, default=0.5)
+    ap.add_argument("--stage1-min-area", type=float, default=0.0)
     ap.add_argument("--images", type=int, default=None, help="use only the first N images of each split (smoke runs)")
     ap.add_argument("--epochs", type=int, default=None, help="stage-2 epochs")
     ap.add_argument("--crf-epochs", type=int, default=None)
@@ -189,6 +193,18 @@ def main(argv: list[str] | None = None) -> int:
             z = np.load(cache)
             points = {k: z[k] for k in z.files}
             stage1_note = f"stage-1 detections loaded from {cache}"
+        elif args.stage1_dir is not None:
+            from pointnuc.models.net import build_network
+            from pointnuc.train.detect import detect, predict_probabilities
+
+            net = build_network(1, cfg.encoder, pretrained=False)
+            net.load_state_dict(torch.load(ModelLayout(args.stage1_dir).detector, map_location="cpu", weights_only=True))
+            probs = predict_probabilities(net, train + val, device)
+            points = {s.name: detect(p, s.valid, args.stage1_threshold, args.stage1_min_area) for s, p in zip(train + val, probs)}
+            stage1_note = (f"stage-1 detector from {args.stage1_dir} (threshold {args.stage1_threshold}, "
+                           f"min area {args.stage1_min_area} px)")
+            if cache is not None:
+                np.savez(cache, **points)
         else:
             from pointnuc.train.detect import detect, predict_probabilities, train_detector
 
