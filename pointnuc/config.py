@@ -139,8 +139,17 @@ class TrainConfig:
                 subs.setdefault(sec, {})[name] = value
             else:
                 top[key] = value
+        sections = {f.name for f in dataclasses.fields(self)}
         for sec, vals in subs.items():
-            top[sec] = dataclasses.replace(getattr(self, sec), **vals)
+            sub = getattr(self, sec, None)
+            known = {f.name for f in dataclasses.fields(sub)} if dataclasses.is_dataclass(sub) else set()
+            for name in vals:
+                if name not in known:
+                    raise InputError(f"unknown setting {sec}.{name}; the fields are listed in a model's pointnuc-model.json")
+            top[sec] = dataclasses.replace(sub, **vals)
+        for name in top:
+            if name not in sections:
+                raise InputError(f"unknown setting {name}; the fields are listed in a model's pointnuc-model.json")
         return dataclasses.replace(self, **top)
 
 

@@ -187,15 +187,14 @@ def newest_model_dir(project: Project) -> Path:
     return done[-1]
 
 
-def prepare_model_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an existing model folder unless asked to."""
-    if out.exists() and any(out.iterdir()):
-        if resume:
-            return
-        if not overwrite:
-            raise OutputExistsError(f"{out} exists; pass --overwrite to replace it or --resume to continue training there")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_model_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an existing model folder unless asked to (nothing is changed here)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it or --resume to continue training there")
+    if resume and not (out / "pointnuc-model.json").is_file():
+        raise InputError(f"--resume: {out} holds no interrupted pointnuc training")
 
 
 @dataclass
@@ -222,6 +221,7 @@ def train_project(
     pixel_size_um: float | None = None,
     weights: Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> TrainSummary:
     """Stage 1 then stage 2 on a project's points; leaves a complete model folder at ``out``."""
@@ -234,19 +234,27 @@ def train_project(
 
     t0 = time.time()
     layout = ModelLayout(out)
-    dev = resolve_device(device)
-    torch.manual_seed(config.seed)
-    if resume and layout.meta.is_file():
+    check_model_dir(out, overwrite=overwrite, resume=resume)
+    if resume:
         prev = load_info(out)
         if prev.config != config:
             raise TrainingError(f"--resume: {out} was trained with another configuration; use a new --out or the same options")
+    dev = resolve_device(device)
+    torch.manual_seed(config.seed)
 
+    # read and check all input before anything is written
     samples, ref, counts = load_training_images(
         project, config, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size_um
     )
+    if overwrite and not resume and out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
     n_points = sum(len(s.points) + len(s.holdout) for s in samples)
     log.info(
-        "%d training image(s)/region(s), %d points (%d held back for tuning), working at %.3g µm/px, device %s",
+        "profile %r, model folder %s: %d training image(s)/region(s), %d points (%d held back for tuning), "
+        "working at %.3g µm/px, device %s",
+        config.profile,
+        out,
         len(samples),
         n_points,
         sum(len(s.holdout) for s in samples),

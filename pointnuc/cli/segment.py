@@ -51,7 +51,7 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     from pointnuc.io.base import open_project
     from pointnuc.pipeline import merge_results, newest_model_dir, plan_segmentation, segment_project
 
-    proj = open_project(project)
+    proj = open_project(project, pixel_size_um=pixel_size)
     model_dir = model_dir or newest_model_dir(proj)
     from pointnuc.models.bundle import load_info
 

@@ -57,7 +57,7 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     from pointnuc.config import profile_config
     from pointnuc.errors import InputError
     from pointnuc.io.base import open_project
-    from pointnuc.pipeline import default_model_dir, prepare_model_dir, train_project
+    from pointnuc.pipeline import default_model_dir, train_project
     from pointnuc.train.fit import resolve_device
 
     if profile == "auto":
@@ -70,14 +70,13 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
         config = profile_config(profile, **overrides)
     except (TypeError, ValueError) as err:
         raise InputError(f"bad --set value: {err}") from None
-    proj = open_project(project)
+    proj = open_project(project, pixel_size_um=pixel_size)
     if resume and out is None:
         raise InputError("--resume needs --out: the model folder of the interrupted run")
     out = out or default_model_dir(proj, config)
-    prepare_model_dir(out, overwrite=overwrite, resume=resume)
-    click.echo(f"pointnuc: training profile {profile!r}; model folder {out}", err=True)
     summary = train_project(proj, out, config, device=device, point_class=point_class, region_class=region_class,
-                            pixel_size_um=pixel_size, weights=weights, resume=resume, progress=not no_progress)
+                            pixel_size_um=pixel_size, weights=weights, resume=resume, overwrite=overwrite,
+                            progress=not no_progress)
     minutes = summary.seconds / 60
     click.echo(
         f"Trained on {summary.n_images} image(s) from {summary.n_points} points; stage 1 found "
