@@ -80,3 +80,87 @@ def test_segment_finds_the_nuclei_and_rerun_replaces(trained: tuple[Path, Path, 
     for name in NAMES:
         feats = json.loads((proj / f"{name}.geojson").read_text())["features"]
         assert [f["geometry"]["type"] for f in feats] == ["MultiPoint"]
+
+
+def _fresh_copy(proj: Path, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(proj, dest, ignore=shutil.ignore_patterns("pointnuc-*")))
+
+
+def _segment(*args: str):
+    return CliRunner().invoke(main, ["segment", *args, "--no-progress"])
+
+
+def test_dry_run_writes_nothing(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    proj, model, _ = trained
+    copy = _fresh_copy(proj, tmp_path / "p")
+    before = sorted(p.name for p in copy.rglob("*"))
+    res = _segment(str(copy), "--model", str(model), "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "2 image(s) to segment" in res.output and "synth-a.tif" in res.output
+    assert sorted(p.name for p in copy.rglob("*")) == before
+
+
+def test_shards_then_merge(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    proj, model, _ = trained
+    copy = _fresh_copy(proj, tmp_path / "p")
+    for k in (1, 2):
+        res = _segment(str(copy), "--model", str(model), "--shard", f"{k}/2")
+        assert res.exit_code == 0, res.output
+        assert not (copy / "pointnuc-geojson").exists()  # shards never write into the project
+    results = sorted(p.name for p in (copy / "pointnuc-results").rglob("*.geojson"))
+    assert results == ["synth-a.tif.geojson", "synth-b.tif.geojson"]
+    res = _segment(str(copy), "--model", str(model), "--merge")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (copy / "pointnuc-geojson").glob("*.geojson")) == ["synth-a.geojson", "synth-b.geojson"]
+    # a re-run continues: both images are done already
+    res = _segment(str(copy), "--model", str(model))
+    assert res.exit_code == 0 and res.output.count("(done earlier)") == 2, res.output
+
+
+def test_within_a_region_keeps_objects_elsewhere(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    proj, model, _ = trained
+    copy = _fresh_copy(proj, tmp_path / "p")
+    res = _segment(str(copy), "--model", str(model), "--within", "Tumor")
+    assert res.exit_code != 0 and "no 'Tumor' annotations" in res.stderr
+    # draw a "Tumor" rectangle on the left half of synth-a
+    ann = json.loads((copy / "synth-a.geojson").read_text())
+    ann["features"].append({"type": "Feature", "id": "0d3f5a4e-2b1c-4c1e-9a57-1f2e3d4c5b6a",
+                            "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [0, 192], [96, 192], [96, 0], [0, 0]]]},
+                            "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}})
+    (copy / "synth-a.geojson").write_text(json.dumps(ann))
+    res = _segment(str(copy), "--model", str(model), "--within", "Tumor")
+    assert res.exit_code == 0, res.output
+    feats = json.loads((copy / "pointnuc-geojson" / "synth-a.geojson").read_text())["features"]
+    assert feats and not (copy / "pointnuc-geojson" / "synth-b.geojson").exists()
+    from shapely.geometry import shape
+
+    assert all(shape(f["geometry"]).centroid.x < 96 for f in feats)
+
+
+def test_a_failing_slide_does_not_stop_the_others(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    proj, model, _ = trained
+    copy = _fresh_copy(proj, tmp_path / "p")
+    (copy / "synth-b.tif").write_bytes((copy / "synth-b.tif").read_bytes()[:400])  # truncated file
+    res = _segment(str(copy), "--model", str(model), "--image", "synth-a.tif")
+    assert res.exit_code == 0, res.output
+    res = _segment(str(copy), "--model", str(model), "--redo")
+    assert res.exit_code != 0
+    assert (copy / "pointnuc-geojson" / "synth-a.geojson").is_file()
+    assert "synth-b" in res.stderr and "Traceback" not in res.output
+
+
+def test_damaged_model_folders(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    proj, model, _ = trained
+    bad = Path(shutil.copytree(model, tmp_path / "bad"))
+    (bad / "segmenter.pt").write_bytes(b"not a torch file")
+    res = _segment(str(proj), "--model", str(bad))
+    assert res.exit_code != 0 and "segmenter.pt cannot be loaded" in res.stderr, res.output
+    (bad / "pointnuc-model.json").write_text("{ damaged")
+    res = _segment(str(proj), "--model", str(bad))
+    assert res.exit_code != 0 and "is damaged" in res.stderr, res.output
+    res = _segment(str(proj), "--model", str(tmp_path))
+    assert res.exit_code != 0 and "not a pointnuc model folder" in res.stderr, res.output
