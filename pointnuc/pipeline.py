@@ -227,10 +227,8 @@ def train_project(
     """Stage 1 then stage 2 on a project's points; leaves a complete model folder at ``out``."""
     import torch
 
-    from pointnuc.models.bundle import ModelInfo, ModelLayout, load_info, save_info
-    from pointnuc.train.detect import train_detector
+    from pointnuc.models.bundle import ModelLayout, load_info
     from pointnuc.train.fit import resolve_device
-    from pointnuc.train.segment import train_segmenter
 
     t0 = time.time()
     layout = ModelLayout(out)
@@ -249,6 +247,42 @@ def train_project(
     if overwrite and not resume and out.is_dir():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(layout.log, encoding="utf-8")  # the run's log lives with the model
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("pointnuc").addHandler(handler)
+    try:
+        return _train(project, out, config, samples, ref, counts, dev=dev, t0=t0, point_class=point_class,
+                      region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, resume=resume,
+                      progress=progress)
+    finally:
+        logging.getLogger("pointnuc").removeHandler(handler)
+        handler.close()
+
+
+def _train(
+    project: Project,
+    out: Path,
+    config: TrainConfig,
+    samples: list[TrainingImage],
+    ref: dict[str, list[float]],
+    counts: dict[str, int],
+    *,
+    dev,
+    t0: float,
+    point_class: str,
+    region_class: str | None,
+    pixel_size_um: float | None,
+    weights: Path | None,
+    resume: bool,
+    progress: bool,
+) -> TrainSummary:
+    import torch
+
+    from pointnuc.models.bundle import ModelInfo, ModelLayout, save_info
+    from pointnuc.train.detect import train_detector
+    from pointnuc.train.segment import train_segmenter
+
+    layout = ModelLayout(out)
     n_points = sum(len(s.points) + len(s.holdout) for s in samples)
     log.info(
         "profile %r, model folder %s: %d training image(s)/region(s), %d points (%d held back for tuning), "
@@ -292,12 +326,9 @@ def train_project(
     info.provenance["seconds"] = round(time.time() - t0, 1)
     info.provenance["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     save_info(out, info)
-    try:
-        from pointnuc.report import write_report
+    from pointnuc.report import write_report
 
-        write_report(layout, samples, det, seg)
-    except ImportError:
-        pass
+    write_report(layout, samples, det, seg, device=str(dev))
     return TrainSummary(
         model_dir=out,
         n_images=len({s.image_name for s in samples}),
