@@ -56,6 +56,8 @@ def test_train_leaves_a_complete_model_folder(trained: tuple[Path, Path, Path]) 
     assert {"detection_prob"} <= set(meta["thresholds"])
     assert (model / "detector.pt").is_file() and (model / "segmenter.pt").is_file()
     assert sorted(p.name for p in (model / "points").glob("*.json"))
+    assert "detector" in (model / "train.log").read_text()
+    assert (model / "report" / "losses.png").is_file() and list((model / "report").glob("overlay_*.png"))
 
 
 def test_segment_finds_the_nuclei_and_rerun_replaces(trained: tuple[Path, Path, Path]) -> None:

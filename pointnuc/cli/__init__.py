@@ -44,7 +44,9 @@ def main(verbose: bool) -> None:
     PROJECT is a QuPath project (project.qpproj, needs a QuPath installation for paquo)
     or a folder of images with QuPath GeoJSON exports beside them (NAME.tif + NAME.geojson).
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="pointnuc: %(message)s")
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="pointnuc: %(message)s")
+    logging.getLogger("pointnuc").setLevel(level)
     for noisy in ("PIL", "tifffile", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
