@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             tmap = {"cc": thr["prob"], "watershed": thr["prob"]}
         else:
             tmap = {m: choose_threshold_masks(model, val, thr, m, device) for m in ("cc", "watershed")}
-        for tta in ([False, True] if args.tta else [False]):
+        # TTA only for the model a user gets (CRF, points-selected): it costs 4 predictions per image
+        for tta in ([False, True] if args.tta and name == "CRF" and sel == "points" else [False]):
             sc = evaluate(model, test, thr, scale, device, tta, tmap)
             for m, v in sc.items():
                 rows.append((name, sel, m, tmap[m], tta, v))
