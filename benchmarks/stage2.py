@@ -224,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         stage1_note += f"; detections on train images vs all GT: P {dsc['P']:.3f} R {dsc['R']:.3f} F1 {dsc['F1']:.3f}"
     logging.info("points: %s", stage1_note)
 
+    # label generation speed on one full-resolution 1000x1000 image (all its GT points, 0.25 µm/px)
+    from pointnuc.labels.cluster import labels_for_image
+
+    n0 = names_train[0]
+    labels_for_image(raw[n0][0][:64, :64], gts[n0][:3], cfg.segmentation, FULL_RES_UM)  # warm-up (imports)
+    tl = time.perf_counter()
+    labels_for_image(raw[n0][0], gts[n0], cfg.segmentation, FULL_RES_UM)
+    label_full_s = time.perf_counter() - tl
+    logging.info("Voronoi + cluster labels of a 1000x1000 image: %.2f s", label_full_s)
     plain_s, crf_s = crf_step_cost(cfg, device)
     logging.info("step cost: plain %.2f s, with CRF %.2f s (x%.2f)", plain_s, crf_s, crf_s / plain_s)
 
@@ -272,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- points: {stage1_note}",
         f"- data: {len(train)} train, {len(val)} val ({sum(len(s.holdout) for s in val)} held-back points), {len(test)} test images",
         f"- wall time: {wall / 60:.1f} min (stage 1 {t1 / 60:.1f} min, stage 2 training + selection {t2 / 60:.1f} min)",
+        f"- labels: Voronoi + cluster label of one 1000x1000 image ({len(gts[n0])} points) in {label_full_s:.2f} s; "
+        f"all {len(train)} train images at the working resolution in {res.metrics['label_seconds']:.1f} s",
         f"- CRF cost per training step: plain {plain_s:.2f} s, with CRF {crf_s:.2f} s (x{crf_s / plain_s:.2f})",
         f"- selection (points): threshold {thr['prob']:.2f}, score {res.metrics.get('selection_score', float('nan')):.4f}; "
         f"best epochs: " + ", ".join(f"{k} {h.best_epoch}" for k, h in res.history.items()),
