@@ -149,8 +149,9 @@ def memory_child(args: argparse.Namespace) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open_slide(Path(args.slide)) as slide:
         n = [0]
+        sink = (lambda found: n.__setitem__(0, n[0] + len(found))) if args.stream else None
         res = segment_slide(slide, net, info, batch_size=args.batch_size, num_workers=args.workers, progress=False,
-                            sink=lambda found: n.__setitem__(0, n[0] + len(found)) if args.stream else None)
+                            sink=sink)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_rss_mib": round(peak, 1), "rss_after_imports_mib": round(base, 1), "seconds": round(res.seconds, 1),
                       "n_tiles": res.n_tiles, "n_tiles_total": res.n_tiles_total, "nuclei": res.n_nuclei,
