@@ -162,3 +162,111 @@ def test_best_state_is_kept(tmp_path: Path) -> None:
 def test_resolve_device() -> None:
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- stage 1 end to end -----------------------------------------------------------------
+
+
+def _synthetic(seed: int, n: int = 18, size: int = 128, n_train: int = 8, n_hold: int = 3) -> tuple[TrainingImage, np.ndarray]:
+    """Pink background with ``n`` dark discs of radius 4.5 px; returns the sample and all centres."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = (235, 200, 215)
+    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    centres: list[np.ndarray] = []
+    for _ in range(20000):
+        c = rng.uniform(6, size - 6, 2)
+        if all(np.hypot(*(c - d)) > 12 for d in centres):
+            centres.append(c)
+        if len(centres) == n:
+            break
+    assert len(centres) == n, "test image too small for that many nuclei"
+    for x, y in centres:
+        img[(xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2 < 4.5**2] = (90, 50, 130)
+    c = np.array(centres)
+    s = TrainingImage(f"s{seed}", f"s{seed}", img, c[:n_train], c[n_train : n_train + n_hold], np.ones((size, size), bool))
+    return s, c
+
+
+def _tiny_config(**kw: object):  # r1 = 1 µm / 0.25 µm/px = 4 px
+    return profile_config("tiny", **{"data.nucleus_radius_um": 1.0, "data.pixel_size_um": 0.25, "detection.epochs": 6,
+                                     "detection.lr": 3e-3, **kw})
+
+
+def test_train_detector_tiny_finds_the_blobs(tmp_path: Path) -> None:
+    import json
+
+    from pointnuc.metrics import detection_counts, detection_scores
+    from pointnuc.models.bundle import ModelLayout
+    from pointnuc.train.detect import load_points, train_detector
+
+    data = [_synthetic(s) for s in range(4)]
+    layout = ModelLayout(tmp_path / "model")
+    res = train_detector([d[0] for d in data], _tiny_config(), layout, device="cpu", progress=False)
+    losses = res.history["round0"].losses
+    assert losses[-1] < 0.5 * losses[0]
+    assert set(res.history) == {"round0", "round1"}  # ST-bg, 1 round in the tiny profile
+    sc = detection_scores([detection_counts(res.points[s.name], c, 4.0) for s, c in data])
+    assert sc["F1"] >= 0.9 and sc["mu_d"] < 2.0
+    assert 0.15 <= res.threshold <= 0.85
+    assert layout.detector.is_file()
+    saved = load_points(layout, "s0")
+    assert np.allclose(saved, res.points["s0"], atol=1e-3)  # scale 1, origin 0
+    assert json.loads((layout.points / "s0.json").read_text())["image_name"] == "s0"
+
+
+def test_train_detector_bad_input(tmp_path: Path) -> None:
+    from pointnuc.models.bundle import ModelLayout
+    from pointnuc.train.detect import MIN_POINTS, train_detector
+
+    s, _ = _synthetic(0)
+    layout = ModelLayout(tmp_path)
+    none = TrainingImage("n", "n", s.image, np.zeros((0, 2)), np.zeros((0, 2)), s.valid)
+    with pytest.raises(TrainingError, match="no points"):
+        train_detector([none], _tiny_config(), layout, device="cpu", progress=False)
+    few = TrainingImage("f", "f", s.image, s.points[:5], s.holdout[:2], s.valid)
+    assert 7 < MIN_POINTS
+    with pytest.raises(TrainingError, match="only 7 points"):
+        train_detector([few], _tiny_config(), layout, device="cpu", progress=False)
+    empty = TrainingImage("e", "e", np.zeros((0, 0, 3), np.uint8), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((0, 0), bool))
+    with pytest.raises(TrainingError, match="any pixels"):
+        train_detector([empty], _tiny_config(), layout, device="cpu", progress=False)
+
+
+def test_train_detector_small_image_and_empty_region(tmp_path: Path) -> None:
+    from pointnuc.models.bundle import ModelLayout
+    from pointnuc.train.detect import train_detector
+
+    s, _ = _synthetic(1, n=5, size=40, n_train=4, n_hold=1)  # 40 px < the 64 px crop: padded
+    s2, _ = _synthetic(2, n=8, size=48, n_train=7, n_hold=1)
+    empty = TrainingImage("e", "e", np.zeros((8, 8, 3), np.uint8), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((8, 8), bool))
+    res = train_detector([s, s2, empty], _tiny_config(**{"detection.epochs": 2, "detection.variant": "ext-GM"}),
+                         ModelLayout(tmp_path), device="cpu", progress=False)
+    assert set(res.points) == {"s1", "s2"}  # the region without pixels was skipped
+    assert set(res.history) == {"round0"}  # ext-GM: no self-training
+
+
+@pytest.mark.slow
+def test_stage1_on_one_monuseg_image(shared: Path, tmp_path: Path) -> None:
+    """Tiny encoder on one real image (0.5 µm/px, 10% points): loss falls, detections are real nuclei."""
+    from PIL import Image
+
+    from pointnuc.metrics import detection_counts, detection_scores, gt_points_from_labels
+    from pointnuc.models.bundle import ModelLayout
+    from pointnuc.train.detect import train_detector
+
+    d = shared / "data" / "monuseg" / "train"
+    name = "TCGA-A7-A13E-01Z-00-DX1"
+    img = np.asarray(Image.open(d / f"{name}.png").convert("RGB").resize((500, 500), Image.BOX))
+    gt = gt_points_from_labels(np.asarray(Image.open(d / f"{name}_label.png")))
+    rng = np.random.default_rng(0)
+    pts = gt[rng.choice(len(gt), len(gt) // 10, replace=False)] / 2.0
+    s = TrainingImage(name, name, img, pts[:-6], pts[-6:], np.ones((500, 500), bool), scale=2.0)
+    cfg = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.patch_size": 160, "data.crop_size": 128,
+                                    "data.patches_per_image": 16, "detection.epochs": 15, "detection.rounds": 1,
+                                    "detection.lr": 3e-3})
+    res = train_detector([s], cfg, ModelLayout(tmp_path), device="cpu", progress=False)
+    assert res.history["round0"].losses[-1] < res.history["round0"].losses[0]
+    sc = detection_scores([detection_counts(s.to_full_res(res.points[name]), gt, 11.0)])
+    assert sc["F1"] > 0.5, sc

@@ -1,0 +1,230 @@
+"""Stage-1 benchmark on MoNuSeg "MO" (Qu et al. 2020, Table I): ext-GM and ST-bg, 10% points.
+
+Protocol: the 12 train images carry 10% of their nuclei (sampled without replacement,
+fixed seed) as training points; the 4 val images carry 10% of theirs as *held-back*
+points (points-only threshold selection, the honest setting) and their masks (the
+paper's mask-based selection, reported beside it). Ground-truth points are bounding-box
+centres ``(min+max)//2`` (+0.5 for QuPath's pixel centres); detections are matched
+one-to-one within 11 px at full resolution and pooled over the 14 test images.
+ext-GM is the initial training (round 0) of the ST-bg run, scored before any
+self-training, exactly as the paper's ablation separates them.
+
+    nice -n 10 .venv/bin/python benchmarks/stage1.py --profile quick
+    .venv/bin/python benchmarks/stage1.py --profile quick --images 2 --epochs 1   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pointnuc.config import TrainConfig, profile_config
+from pointnuc.infer.points import points_from_probability
+from pointnuc.metrics import detection_counts, detection_scores, gt_points_from_labels
+from pointnuc.models.bundle import ModelLayout
+from pointnuc.stain import reinhard_normalize, reinhard_reference
+from pointnuc.train.detect import Tuning, detect, predict_probabilities, train_detector
+from pointnuc.train.fit import resolve_device
+from pointnuc.train.samples import TrainingImage
+
+PAPER = {"ext-GM": (0.7932, 0.8471, 0.8193, 2.87, 2.18), "ST-bg": (0.8238, 0.8328, 0.8282, 2.90, 2.07)}  # Table I, MO
+FULL_RES_UM = 0.25  #: MoNuSeg is 40x
+MATCH_RADIUS_FULL = 11.0  #: 2.75 µm at 0.25 µm/px (paper)
+POINT_FRACTION = 0.10
+
+
+def shared_dir() -> Path:
+    env = os.environ.get("POINTNUC_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+
+
+def read_split(data_dir: Path) -> dict[str, list[str]]:
+    """The train/val/testA/testB lists from the data README's JSON block."""
+    text = (data_dir / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"```json\s*(\{.*?\})\s*```", text, re.S)
+    if not m:
+        raise SystemExit(f"no split found in {data_dir / 'README.md'}")
+    return json.loads(m.group(1))
+
+
+def load_image(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    img = np.asarray(Image.open(data_dir / f"{name}.png").convert("RGB"))
+    lab = np.asarray(Image.open(data_dir / f"{name}_label.png")).astype(np.int32)
+    return img, lab
+
+
+def to_working(img: np.ndarray, scale: float) -> np.ndarray:
+    """Resample a full-resolution image by 1/scale (box filter when shrinking)."""
+    if scale == 1.0:
+        return img
+    h, w = img.shape[:2]
+    size = (int(round(w / scale)), int(round(h / scale)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.BOX if scale > 1 else Image.BILINEAR))
+
+
+def sample_points(gt_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """10% of the nuclei, without replacement (at least one)."""
+    n = max(1, int(round(POINT_FRACTION * len(gt_xy))))
+    return gt_xy[np.sort(rng.choice(len(gt_xy), n, replace=False))]
+
+
+def make_sample(name: str, img: np.ndarray, lab: np.ndarray, ref: dict, scale: float, pts_full: np.ndarray,
+                holdout_full: np.ndarray) -> TrainingImage:
+    work = to_working(reinhard_normalize(img, ref), scale)
+    h, w = work.shape[:2]
+    return TrainingImage(
+        name=name, image_name=name, image=work, points=pts_full / scale, holdout=holdout_full / scale,
+        valid=np.ones((h, w), bool), origin_xy=(0.0, 0.0), scale=scale,
+        gt_labels=np.asarray(Image.fromarray(lab).resize((w, h), Image.NEAREST)) if scale != 1.0 else lab,
+    )
+
+
+def score_test(model: torch.nn.Module, test: list[tuple[TrainingImage, np.ndarray]], tuning: Tuning,
+               device: torch.device) -> dict[str, float]:
+    probs = predict_probabilities(model, [s for s, _ in test], device)
+    counts = []
+    for (s, gt_full), p in zip(test, probs):
+        det = s.to_full_res(detect(p, None, tuning.threshold, tuning.min_area_px))
+        counts.append(detection_counts(det, gt_full, MATCH_RADIUS_FULL))
+    return detection_scores(counts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default="quick", choices=["paper", "quick", "tiny"])
+    ap.add_argument("--images", type=int, default=None, help="use only the first N images of each split (smoke runs)")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. data.crop_size=160")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--work", type=Path, default=None, help="model/checkpoint folder (default: /tmp)")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="results markdown (default: benchmarks/results/stage1-PROFILE.md)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.time()
+    overrides: dict = {"seed": args.seed}
+    if args.epochs is not None:
+        overrides["detection.epochs"] = args.epochs
+    if args.rounds is not None:
+        overrides["detection.rounds"] = args.rounds
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        overrides[key] = json.loads(value) if re.fullmatch(r"[-+0-9.eE]+|true|false", value) else value
+    cfg: TrainConfig = profile_config(args.profile, **overrides)
+    cfg = cfg.replace(**{"detection.variant": "ST-bg"})
+    device = resolve_device(args.device)
+    data_dir = shared_dir() / "data" / "monuseg" / "train"
+    split = read_split(data_dir)
+    lim = slice(None, args.images)
+    names_train, names_val = split["train"][lim], split["val"][lim]
+    names_test = (split["testA"] + split["testB"])[lim]
+    scale = cfg.data.pixel_size_um / FULL_RES_UM
+    rng = np.random.default_rng(args.seed)
+
+    raw = {n: load_image(data_dir, n) for n in names_train + names_val + names_test}
+    ref = reinhard_reference([raw[n][0] for n in names_train])
+    gts = {n: gt_points_from_labels(raw[n][1]) for n in raw}
+    train = [make_sample(n, *raw[n], ref, scale, sample_points(gts[n], rng), np.zeros((0, 2))) for n in names_train]
+    val = [make_sample(n, *raw[n], ref, scale, np.zeros((0, 2)), sample_points(gts[n], rng)) for n in names_val]
+    test = [(make_sample(n, *raw[n], ref, scale, np.zeros((0, 2)), np.zeros((0, 2))), gts[n]) for n in names_test]
+    t_data = time.time() - t_start
+    logging.info("data ready in %.0f s: %d train (%d points), %d val (%d held-back points), %d test (%d nuclei)",
+                 t_data, len(train), sum(len(s.points) for s in train), len(val), sum(len(s.holdout) for s in val),
+                 len(test), sum(len(g) for _, g in test))
+
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    tunings: dict[str, dict[str, Tuning]] = {}
+
+    def on_round_end(k: int, model: torch.nn.Module, tuning: Tuning) -> None:
+        from pointnuc.train.detect import tune_on_masks
+
+        vprobs = predict_probabilities(model, val, device)
+        masks_t = tune_on_masks(vprobs, val, cfg.data.px(cfg.data.nucleus_radius_um))
+        label = "ext-GM" if k == 0 else f"ST-bg r{k}"
+        tunings[label] = {"points": tuning, "masks": masks_t}
+        rows[label] = {"points": score_test(model, test, tuning, device), "masks": score_test(model, test, masks_t, device)}
+        logging.info("%s test: points-selected %s | mask-selected %s", label, _fmt(rows[label]["points"]), _fmt(rows[label]["masks"]))
+
+    work = args.work or Path(f"/tmp/pointnuc-bench-stage1-{args.profile}")
+    t0 = time.time()
+    res = train_detector(train, cfg, ModelLayout(work), device=device, resume=args.resume, progress=False,
+                         tune_samples=val, on_round_end=on_round_end)
+    t_train = time.time() - t0
+    hist = [e for h in res.history.values() for e in h.epochs]
+    pps = float(np.mean([e.patches_per_s for e in hist]))
+    wait = float(np.mean([e.data_wait_share for e in hist]))
+    wall = time.time() - t_start
+    final = f"ST-bg r{cfg.detection.rounds}" if cfg.detection.rounds else "ext-GM"
+
+    lines = [
+        f"# Stage 1 benchmark, profile `{args.profile}`",
+        "",
+        f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage1.py'] + (argv if argv is not None else sys.argv[1:]))}`",
+        f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
+        f"- machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}, "
+        f"{torch.get_num_threads()} threads (CPU shared with other jobs)",
+        f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px (r1 = {res.metrics['r1_px']:.2f} px), "
+        f"{cfg.detection.epochs} epochs initial + {cfg.detection.rounds} round(s) x {cfg.detection.epochs} epochs, "
+        f"batch {cfg.detection.batch_size}, lr {cfg.detection.lr}, {cfg.data.patches_per_image} patches/image, "
+        f"crop {cfg.data.crop_size}; ImageNet weights: {'yes' if _has_imagenet(cfg) else 'no (random init)'}",
+        f"- data: {len(train)} train images ({res.metrics['n_points']} points = 10%), {len(val)} val images "
+        f"({sum(len(s.holdout) for s in val)} held-back points = 10%), {len(test)} test images "
+        f"({sum(len(g) for _, g in test)} nuclei); match radius {MATCH_RADIUS_FULL:g} px full-res, pooled",
+        f"- wall time: {wall / 60:.1f} min (training + per-round scoring {t_train / 60:.1f} min); "
+        f"throughput {pps:.1f} training patches/s, data wait {100 * wait:.1f}% of step time",
+        "",
+        "| method | selection | threshold | min area px | P | R | F1 | μ_d | σ_d |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, by in rows.items():
+        for sel in ("points", "masks"):
+            sc, tu = by[sel], tunings[label][sel]
+            mu, sd = sc["mu_d"], sc["sigma_d"]
+            lines.append(f"| {label} | {sel} | {tu.threshold:.2f} | {tu.min_area_px:.1f} | {sc['P']:.4f} | {sc['R']:.4f} | "
+                         f"{sc['F1']:.4f} | {mu:.2f} | {sd:.2f} |")
+    for name, (p, r, f, mu, sd) in PAPER.items():
+        lines.append(f"| paper {name} (GPU, ImageNet, 3 rounds x 80 ep) | masks? | – | – | {p:.4f} | {r:.4f} | {f:.4f} | {mu:.2f} | {sd:.2f} |")
+    lines += ["", f"Final model: `{final}`. μ_d/σ_d in full-resolution pixels.",
+              "Per-round epoch losses: " + "; ".join(f"{k}: " + ", ".join(f"{v:.4f}" for v in h.losses) for k, h in res.history.items())]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or Path(__file__).resolve().parent / "results" / f"stage1-{args.profile}.md"
+    if args.images is None and args.epochs is None and args.rounds is None and not args.set:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"written to {out}")
+    elif args.out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    return 0
+
+
+def _fmt(sc: dict[str, float]) -> str:
+    return f"P {sc['P']:.4f} R {sc['R']:.4f} F1 {sc['F1']:.4f} mu_d {sc['mu_d']:.2f} sigma_d {sc['sigma_d']:.2f}"
+
+
+def _has_imagenet(cfg: TrainConfig) -> bool:
+    from pointnuc.models.net import find_imagenet_weights
+
+    return cfg.encoder != "tiny" and find_imagenet_weights(cfg.encoder) is not None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,369 @@
+"""Stage 1: a nucleus detector trained from partial points (paper §III).
+
+Pipeline: Eq. 1 masks from the user's points -> initial training (``ext-GM``; ``GM`` uses
+plain Gaussian masks) -> for ``ST-bg``/``ST-nu``, ``rounds`` rounds of self-training, each
+retraining the previous round's model on masks updated from its own predictions (Eq. 3
+background propagation, or added detections for ST-nu) -> threshold and minimum
+component area tuned on held-back points -> detected points on every training image.
+
+Tuning criterion (points only, the honest protocol). Held-back points are a random
+sample of the nuclei the network was *not* told about, so they estimate recall on
+exactly the unlabeled nuclei stage 2 needs. Recall alone is maximised by a low
+threshold, and precision cannot be measured without masks. So a held-back point
+counts as *found* only when **exactly one** detection lies within r1 of it (a miss and
+an over-split both fail), and among all (threshold, min-area) pairs whose found-share is
+within one binomial standard error of the best, we take the one giving the **fewest
+detections** in total: recall indistinguishable from the best, with as few extra
+(possibly false) detections as the data allows. With ground-truth masks on tuning
+images (benchmarks: the paper protocol) the pair maximising pooled F1 can be used instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pointnuc.config import TrainConfig
+from pointnuc.errors import InputError, TrainingError
+from pointnuc.infer.points import points_from_probability
+from pointnuc.infer.predict import predict_image
+from pointnuc.labels.detection import background_propagation, extended_gaussian_mask, gaussian_mask, nuclei_propagation
+from pointnuc.models.bundle import ModelLayout, save_weights
+from pointnuc.models.net import build_network
+from pointnuc.train.data import PatchDataset
+from pointnuc.train.fit import FitHistory, fit, resolve_device
+from pointnuc.train.losses import weighted_mse
+from pointnuc.train.samples import TrainingImage
+
+log = logging.getLogger(__name__)
+
+#: Fewest points (training + held back) we train from. Below ~10 clicked nuclei a
+#: 16-crop batch holds on average less than one labeled nucleus, the network learns
+#: "background everywhere", and there is nothing left to hold back for tuning.
+MIN_POINTS = 10
+
+THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(0.15, 0.851, 0.05), 2))
+#: minimum component areas tried, as fractions of the mean nucleus area π r1²
+AREA_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3)
+
+
+@dataclass(frozen=True)
+class Radii:
+    """Eq. 1 radii in working pixels."""
+
+    r1: float
+    r2: float
+    sigma: float
+
+
+def detection_radii(config: TrainConfig) -> Radii:
+    """r1 = nucleus radius at the working pixel size, r2 = r2_factor·r1, σ = sigma_factor·r1."""
+    r1 = config.data.px(config.data.nucleus_radius_um)
+    return Radii(r1=r1, r2=config.detection.r2_factor * r1, sigma=config.detection.sigma_factor * r1)
+
+
+@dataclass
+class Tuning:
+    """A (threshold, min-area) choice and how it scored."""
+
+    threshold: float
+    min_area_px: float
+    score: float  #: points: share of held-back points found exactly once; masks: pooled F1
+    n_detections: int
+    protocol: str  #: "points" | "masks"
+    table: list[dict[str, float]] = field(default_factory=list)  #: every pair tried
+
+
+@dataclass
+class DetectorResult:
+    """What stage 1 hands on."""
+
+    model: nn.Module
+    threshold: float
+    min_area_px: float
+    points: dict[str, np.ndarray]  #: detected points per sample name, working-resolution x/y
+    history: dict[str, FitHistory]  #: per round ("round0", ...)
+    metrics: dict[str, Any]
+
+
+# ------------------------------------------------------------------------ targets
+
+
+def initial_mask(sample: TrainingImage, variant: str, radii: Radii) -> np.ndarray:
+    """The round-0 target of one sample: plain Gaussian mask for GM, Eq. 1 otherwise."""
+    shape = sample.image.shape[:2]
+    if variant == "GM":
+        return gaussian_mask(sample.points, shape, radii.r1, radii.sigma, sample.valid)
+    return extended_gaussian_mask(sample.points, shape, radii.r1, radii.r2, radii.sigma, sample.valid)
+
+
+def self_training_mask(
+    sample: TrainingImage, variant: str, radii: Radii, mask0: np.ndarray, prob: np.ndarray,
+    detected: np.ndarray, low: float, high: float,
+) -> np.ndarray:
+    """The next round's target: Eq. 3 on the initial mask (ST-bg) or Eq. 1 with detections added (ST-nu)."""
+    if variant == "ST-bg":
+        return background_propagation(mask0, sample.points, prob, radii.r1, radii.r2, low, high, sample.valid)
+    if variant == "ST-nu":
+        return nuclei_propagation(sample.points, detected, mask0.shape, radii.r1, radii.r2, radii.sigma, sample.valid)
+    raise InputError(f"variant {variant} has no self-training")
+
+
+# ------------------------------------------------------------------------ prediction and tuning
+
+
+def predict_probabilities(model: nn.Module, samples: Sequence[TrainingImage], device: torch.device | str) -> list[np.ndarray]:
+    """Detector probability maps (H, W) for each sample (sigmoid, sliding window)."""
+    return [predict_image(model, s.image, activation="sigmoid", window=512, margin=32, device=device)[0] for s in samples]
+
+
+def detect(prob: np.ndarray, valid: np.ndarray | None, threshold: float, min_area_px: float) -> np.ndarray:
+    """Points (N, 2) x/y from a probability map, dropping those outside ``valid``."""
+    xy = points_from_probability(prob, threshold, min_area_px)
+    if valid is not None and len(xy):
+        r = np.clip(xy[:, 1].astype(int), 0, valid.shape[0] - 1)
+        c = np.clip(xy[:, 0].astype(int), 0, valid.shape[1] - 1)
+        xy = xy[valid[r, c]]
+    return xy
+
+
+def _components(prob: np.ndarray, valid: np.ndarray | None, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (N, 2) and areas (N,) of all components above ``threshold`` (inside ``valid``)."""
+    xy_all = points_from_probability(prob, threshold, 0)
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(prob > threshold, structure=np.ones((3, 3), bool))
+    area = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(float)
+    if valid is not None and len(xy_all):
+        r = np.clip(xy_all[:, 1].astype(int), 0, valid.shape[0] - 1)
+        c = np.clip(xy_all[:, 0].astype(int), 0, valid.shape[1] - 1)
+        ok = valid[r, c]
+        xy_all, area = xy_all[ok], area[ok]
+    return xy_all, area
+
+
+def _grid(r1: float) -> list[tuple[float, float]]:
+    return [(float(t), float(f * math.pi * r1 * r1)) for t in THRESHOLDS for f in AREA_FRACTIONS]
+
+
+def tune_on_points(probs: Sequence[np.ndarray], samples: Sequence[TrainingImage], r1: float) -> Tuning:
+    """Threshold/min-area from held-back points (see the module docstring for the rule).
+
+    Without held-back points the training points are used instead (optimistic: the
+    network has seen them), with a warning.
+    """
+    refs = [s.holdout for s in samples]
+    if sum(len(h) for h in refs) == 0:
+        log.warning("no held-back points: tuning the detection threshold on the training points (optimistic)")
+        refs = [s.points for s in samples]
+    n_ref = sum(len(h) for h in refs)
+    if n_ref == 0:
+        raise TrainingError("no points to tune the detection threshold on")
+    from scipy.spatial import cKDTree
+
+    table = []
+    for t in THRESHOLDS:
+        comps = [_components(p, s.valid, float(t)) for p, s in zip(probs, samples)]
+        for f in AREA_FRACTIONS:
+            a = float(f * math.pi * r1 * r1)
+            found, n_det = 0, 0
+            for (xy, area), ref in zip(comps, refs):
+                det = xy[area >= max(a, 1)]
+                n_det += len(det)
+                if len(ref) and len(det):
+                    cnt = cKDTree(det).query_ball_point(ref, r1, return_length=True)
+                    found += int((np.asarray(cnt) == 1).sum())
+            table.append({"threshold": float(t), "min_area_px": a, "score": found / n_ref, "n_detections": n_det})
+    best = max(row["score"] for row in table)
+    se = math.sqrt(max(best * (1 - best), 1e-12) / n_ref)
+    ok = [row for row in table if row["score"] >= best - se]
+    pick = min(ok, key=lambda row: (row["n_detections"], -row["score"]))
+    return Tuning(pick["threshold"], pick["min_area_px"], pick["score"], int(pick["n_detections"]), "points", table)
+
+
+def gt_points(sample: TrainingImage) -> np.ndarray:
+    """Ground-truth points of a sample with ``gt_labels`` (bounding-box centres, as the paper's code)."""
+    from pointnuc.metrics import gt_points_from_labels
+
+    if sample.gt_labels is None:
+        raise InputError(f"{sample.name} has no ground-truth labels")
+    return gt_points_from_labels(sample.gt_labels)
+
+
+def tune_on_masks(probs: Sequence[np.ndarray], samples: Sequence[TrainingImage], radius: float) -> Tuning:
+    """Threshold/min-area maximising pooled F1 against ground-truth points (paper protocol)."""
+    from pointnuc.metrics import detection_counts, detection_scores
+
+    gts = [gt_points(s) for s in samples]
+    table = []
+    for t in THRESHOLDS:
+        comps = [_components(p, s.valid, float(t)) for p, s in zip(probs, samples)]
+        for f in AREA_FRACTIONS:
+            a = float(f * math.pi * radius * radius)
+            dets = [xy[area >= max(a, 1)] for xy, area in comps]
+            sc = detection_scores([detection_counts(d, g, radius) for d, g in zip(dets, gts)])
+            table.append({"threshold": float(t), "min_area_px": a, "score": sc["F1"], "n_detections": sum(map(len, dets))})
+    pick = max(table, key=lambda row: row["score"])
+    return Tuning(pick["threshold"], pick["min_area_px"], pick["score"], int(pick["n_detections"]), "masks", table)
+
+
+# ------------------------------------------------------------------------ points on disk
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[\\/:*?\"<>|]", "_", name) + ".json"
+
+
+def save_points(layout: ModelLayout, sample: TrainingImage, xy_working: np.ndarray) -> Path:
+    """Write a sample's detected points (full-resolution QuPath x/y) to ``points/NAME.json``."""
+    layout.points.mkdir(parents=True, exist_ok=True)
+    path = layout.points / _file_name(sample.name)
+    full = sample.to_full_res(np.asarray(xy_working, float).reshape(-1, 2))
+    doc = {"name": sample.name, "image_name": sample.image_name, "coordinates": "full-resolution pixels, QuPath x/y",
+           "points_xy": full.round(3).tolist()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_points(layout: ModelLayout, name: str) -> np.ndarray:
+    """A sample's detected points (full-resolution x/y) as saved by :func:`save_points`."""
+    path = layout.points / _file_name(name)
+    if not path.is_file():
+        raise InputError(f"no detected points for {name} in {layout.root}; run stage 1 first")
+    return np.asarray(json.loads(path.read_text(encoding="utf-8"))["points_xy"], float).reshape(-1, 2)
+
+
+# ------------------------------------------------------------------------ training
+
+
+def check_samples(samples: Sequence[TrainingImage]) -> list[TrainingImage]:
+    """Drop samples without pixels (warning); refuse too few points (TrainingError)."""
+    kept = []
+    for s in samples:
+        if s.image.size == 0 or not s.valid.any():
+            log.warning("skipping %s: the region has no pixels", s.name)
+            continue
+        kept.append(s)
+    if not kept:
+        raise TrainingError("no training image or region has any pixels")
+    n_train = sum(len(s.points) for s in kept)
+    n_all = n_train + sum(len(s.holdout) for s in kept)
+    if n_all == 0:
+        raise TrainingError("no points of the nucleus class were found on any training image")
+    if n_all < MIN_POINTS:
+        raise TrainingError(f"only {n_all} points were found; click at least {MIN_POINTS} nuclei to train a detector")
+    if n_train == 0:
+        raise TrainingError("every point was held back for tuning; lower the holdout fraction")
+    return kept
+
+
+RoundHook = Callable[[int, nn.Module, Tuning], None]
+
+
+def train_detector(
+    samples: list[TrainingImage],
+    config: TrainConfig,
+    layout: ModelLayout,
+    *,
+    device: str | torch.device = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    weights: Path | None = None,
+    tune_samples: Sequence[TrainingImage] | None = None,
+    selection: str = "points",
+    on_round_end: RoundHook | None = None,
+) -> DetectorResult:
+    """Train the stage-1 detector, tune its threshold, save weights and detected points.
+
+    ``selection``: ``points`` (held-back points, default) or ``masks`` (pooled F1 on
+    ``tune_samples`` that carry ``gt_labels``; the paper protocol). The held-back points of
+    ``tune_samples`` (images not trained on) join those of ``samples`` for the points
+    protocol; with ground truth on all of them both tunings are reported in ``metrics``. ``on_round_end(k, model,
+    tuning)`` is called after the initial training (k = 0) and after each self-training
+    round (benchmarks use it to score every round).
+    """
+    if selection not in ("points", "masks"):
+        raise InputError("selection must be 'points' or 'masks'")
+    if selection == "masks" and not (tune_samples and all(s.gt_labels is not None for s in tune_samples)):
+        raise InputError("mask-based selection needs tuning images with ground-truth labels")
+    samples = check_samples(samples)
+    dev = resolve_device(device)
+    det_cfg = config.detection
+    radii = detection_radii(config)
+    variant = det_cfg.variant
+    rounds = det_cfg.rounds if variant in ("ST-bg", "ST-nu") else 0
+    torch.manual_seed(config.seed)
+    model = build_network(1, config.encoder, weights, pretrained=True)
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return weighted_mse(logits, targets, det_cfg.fg_weight)
+
+    masks0 = [initial_mask(s, variant, radii) for s in samples]
+    targets = masks0
+    histories: dict[str, FitHistory] = {}
+    metrics: dict[str, Any] = {"variant": variant, "r1_px": radii.r1, "r2_px": radii.r2, "sigma_px": radii.sigma,
+                               "n_points": int(sum(len(s.points) for s in samples)),
+                               "n_holdout": int(sum(len(s.holdout) for s in samples)), "rounds": {}}
+    tuning: Tuning | None = None
+    probs: list[np.ndarray] = []
+    for k in range(rounds + 1):
+        ds = PatchDataset(samples, [t[None] for t in targets], config.data, seed=config.seed + 1000 * k)
+        hist = fit(
+            model, ds, loss_fn, epochs=det_cfg.epochs, lr=det_cfg.lr, batch_size=det_cfg.batch_size, device=dev,
+            checkpoint_dir=layout.checkpoints, stage_name=f"detector-round{k}", seed=config.seed + 1000 * k,
+            resume=resume, progress=progress, config={"train": config.to_dict(), "round": k},
+        )
+        histories[f"round{k}"] = hist
+        probs = predict_probabilities(model, samples, dev)
+        tprobs = predict_probabilities(model, tune_samples, dev) if tune_samples else []
+        # held-back points of the training images and of any tuning images
+        tuning = tune_on_points(probs + tprobs, list(samples) + list(tune_samples or []), radii.r1)
+        rm: dict[str, Any] = {"points": _tuning_summary(tuning), "loss": hist.losses,
+                              "patches_per_s": _mean([e.patches_per_s for e in hist.epochs]),
+                              "data_wait_share": _mean([e.data_wait_share for e in hist.epochs])}
+        if tune_samples:
+            if all(s.gt_labels is not None for s in tune_samples):
+                mt = tune_on_masks(tprobs, tune_samples, radii.r1)
+                rm["masks"] = _tuning_summary(mt)
+                if selection == "masks":
+                    tuning = mt
+        metrics["rounds"][f"round{k}"] = rm
+        log.info("detector round %d: threshold %.2f, min area %.1f px, %s score %.3f",
+                 k, tuning.threshold, tuning.min_area_px, tuning.protocol, tuning.score)
+        if on_round_end is not None:
+            on_round_end(k, model, tuning)
+        if k < rounds:
+            new = []
+            for s, m0, p in zip(samples, masks0, probs):
+                det = detect(p, s.valid, tuning.threshold, tuning.min_area_px)
+                new.append(self_training_mask(s, variant, radii, m0, p, det, det_cfg.bg_low, det_cfg.bg_high))
+            targets = new
+    assert tuning is not None
+    points = {s.name: detect(p, s.valid, tuning.threshold, tuning.min_area_px) for s, p in zip(samples, probs)}
+    save_weights(layout.detector, model)
+    for s in samples:
+        save_points(layout, s, points[s.name])
+    metrics.update(threshold=tuning.threshold, min_area_px=tuning.min_area_px, selection=tuning.protocol,
+                   n_detected=int(sum(len(v) for v in points.values())))
+    return DetectorResult(model=model, threshold=tuning.threshold, min_area_px=tuning.min_area_px, points=points,
+                          history=histories, metrics=metrics)
+
+
+def _tuning_summary(t: Tuning) -> dict[str, Any]:
+    return {"threshold": t.threshold, "min_area_px": t.min_area_px, "score": t.score, "n_detections": t.n_detections}
+
+
+def _mean(v: Sequence[float]) -> float:
+    return float(np.mean(v)) if len(v) else float("nan")
