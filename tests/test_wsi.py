@@ -286,3 +286,39 @@ def test_read_failure_half_way_is_reported(slide_file: tuple[Path, SynthSlide]) 
         with pytest.raises(ImageReadError):
             segment_slide(Failing(slide), DarknessNet(), _info(), tile_size=TILE, progress=False)
     assert threading.active_count() < 5  # no reader/post threads left behind
+
+
+def test_pointnuc_segment_cli_on_a_pyramidal_tiff(
+    slide_file: tuple[Path, SynthSlide], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pointnuc segment`` on a project holding the pyramidal TIFF: each disc once, whole, in the GeoJSON."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    import pointnuc.models.bundle as bundle
+    from pointnuc.cli import main
+    from pointnuc.io.geojson import read_nuclei
+    from pointnuc.models.net import UNet
+
+    path, truth = slide_file
+    proj = tmp_path / "project"
+    proj.mkdir()
+    shutil.copy(path, proj / "slide.tif")
+    model = tmp_path / "model"
+    bundle.save_info(model, _info())
+    bundle.save_weights(bundle.ModelLayout(model).segmenter, UNet(2, "tiny"))
+    # the random tiny U-Net's output means nothing: the deterministic stand-in does the segmenting
+    monkeypatch.setattr(bundle, "load_network", lambda *a, **k: DarknessNet())
+    res = CliRunner().invoke(main, ["segment", str(proj), "--model", str(model), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    files = sorted((proj / "pointnuc-geojson").glob("*.geojson"))
+    assert [f.name for f in files] == ["slide.geojson"]
+    nuclei = read_nuclei(files[0])
+    got = shapely.get_coordinates(shapely.centroid(np.array([n.polygon for n in nuclei], dtype=object)))
+    d2 = ((got[:, None, :] - truth.centres[None, :, :]) ** 2).sum(-1)
+    nearest = d2.argmin(1)
+    assert np.sqrt(d2.min(1)).max() < 2.0
+    assert len(nuclei) == len(truth.centres) and np.bincount(nearest).max() == 1
+    ratio = np.array([n.polygon.area for n in nuclei]) / (np.pi * truth.radii[nearest] ** 2)
+    assert 0.7 < ratio.min() and ratio.max() < 1.3
