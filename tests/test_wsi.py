@@ -322,3 +322,29 @@ def test_pointnuc_segment_cli_on_a_pyramidal_tiff(
     assert len(nuclei) == len(truth.centres) and np.bincount(nearest).max() == 1
     ratio = np.array([n.polygon.area for n in nuclei]) / (np.pi * truth.radii[nearest] ** 2)
     assert 0.7 < ratio.min() and ratio.max() < 1.3
+
+
+def test_colour_normalisation_on_device_matches_reader_threads(slide_file: tuple[Path, SynthSlide]) -> None:
+    """The GPU path normalises the batch with torch: same pixels (±1) and the same nuclei as numpy."""
+    from pointnuc.infer.wsi import normalise_tiles_torch
+    from pointnuc.io.slide import open_slide
+    from pointnuc.stain import lab_stats
+
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    ref = {"mean": [60.0, 22.0, -14.0], "std": [15.0, 8.0, 6.0]}
+    src = lab_stats(imgs[0])
+    a = np.stack([normalise_tile(i, src, ref) for i in imgs])
+    b = normalise_tiles_torch(torch.from_numpy(imgs), src, ref).numpy()
+    assert np.abs(a.astype(int) - b).max() <= 1
+
+    path, _ = slide_file
+    region = shapely.box(0, 0, 1000, 800)
+    info = _info(norm={"mean": [55.0, 30.0, -15.0], "std": [18.0, 10.0, 8.0]})
+    with open_slide(path) as slide:
+        r1 = segment_slide(slide, DarknessNet(), info, region=region, tile_size=TILE, progress=False)
+        r2 = segment_slide(slide, DarknessNet(), info, region=region, tile_size=TILE, progress=False, normalise_on_device=True)
+    assert r1.n_nuclei == r2.n_nuclei > 30
+    c1 = shapely.get_coordinates(shapely.centroid(np.array([n.polygon for n in r1.nuclei], dtype=object)))
+    c2 = shapely.get_coordinates(shapely.centroid(np.array([n.polygon for n in r2.nuclei], dtype=object)))
+    assert np.abs(np.sort(c1, axis=0) - np.sort(c2, axis=0)).max() < 0.5

@@ -208,6 +208,39 @@ def normalise_tile(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], ref
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
+_XYZ_FROM_RGB = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_D65 = (0.95047, 1.0, 1.08883)
+
+
+def normalise_tiles_torch(
+    images: torch.Tensor, source: tuple[np.ndarray, np.ndarray], ref: dict[str, Sequence[float]]
+) -> torch.Tensor:
+    """:func:`normalise_tile` for a uint8 batch (B, H, W, 3) on any device (the GPU path).
+
+    The same sRGB -> CIE LAB (D65) -> Reinhard -> sRGB formulas as scikit-image, so both
+    paths give the same pixels to within rounding.
+    """
+    dev = images.device
+    m = torch.as_tensor(_XYZ_FROM_RGB, dtype=torch.float32, device=dev)
+    white = torch.as_tensor(_D65, dtype=torch.float32, device=dev)
+    rgb = images.float() / 255.0
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = (lin @ m.T) / white
+    f = torch.where(xyz > 0.008856, torch.pow(xyz.clamp(min=0), 1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
+    lab = torch.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], dim=-1)
+    sm = torch.as_tensor(np.asarray(source[0], np.float32), device=dev)
+    ss = torch.as_tensor(np.maximum(np.asarray(source[1], np.float32), 1e-6), device=dev)
+    tm = torch.as_tensor(np.asarray(ref["mean"], np.float32), device=dev)
+    ts = torch.as_tensor(np.asarray(ref["std"], np.float32), device=dev)
+    lab = (lab - sm) / ss * ts + tm
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = torch.stack([lab[..., 1] / 500.0 + fy, fy, (fy - lab[..., 2] / 200.0).clamp(min=0)], dim=-1)
+    xyz = torch.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787) * white
+    lin = xyz @ torch.linalg.inv(m).T
+    rgb = torch.where(lin > 0.0031308, 1.055 * torch.pow(lin.clamp(min=0.0031308), 1 / 2.4) - 0.055, lin * 12.92)
+    return torch.round(rgb.clamp(0, 1) * 255.0).to(torch.uint8)
+
+
 def read_tile(slide: Any, plan: SlidePlan, tile: Tile) -> np.ndarray:
     """The tile's window at the working resolution, uint8 RGB (T, T, 3); white outside the slide."""
     ds = plan.downsample
@@ -319,6 +352,7 @@ def segment_slide(
     sink: Callable[[list[NucleusObject]], None] | None = None,
     amp: bool | None = None,
     post_processes: int | None = None,
+    normalise_on_device: bool | None = None,
 ) -> SlideResult:
     """Every nucleus of ``slide`` (a :class:`pointnuc.io.slide.Slide`) with the stage-2 ``network``.
 
@@ -329,7 +363,9 @@ def segment_slide(
     ``num_workers``: reader threads (each with its own slide handle) and post-processing
     threads (default 2 on the CPU; up to 8 beside a GPU); ``post_processes``: polygon work in that many worker processes instead
     (default: on CUDA, where the GPU outruns one Python thread, all but two CPU cores; on
-    the CPU none, as the network already uses every core).
+    the CPU none, as the network already uses every core). ``normalise_on_device``: colour
+    normalisation as part of the network batch rather than in the reader threads (default:
+    on CUDA).
     """
     t_start = time.perf_counter()
     device = torch.device(device)
@@ -345,6 +381,8 @@ def segment_slide(
     prepared = prep(region) if region is not None else None
     if post_processes is None:
         post_processes = max(1, (os.cpu_count() or 1) - 2) if kind == "cuda" else 0
+    on_device = (kind == "cuda") if normalise_on_device is None else normalise_on_device
+    norm = (source, info.norm_reference) if (source is not None and info.norm_reference) else None
     if num_workers is None:
         num_workers = min(8, max(2, (os.cpu_count() or 1) // 2)) if kind == "cuda" else 2
     timings = {"read": 0.0, "network": 0.0, "post": 0.0}
@@ -354,8 +392,8 @@ def segment_slide(
     def load(tile: Tile) -> np.ndarray:
         t0 = time.perf_counter()
         img = read_tile(slides.get(), plan, tile)
-        if source is not None and info.norm_reference:
-            img = normalise_tile(img, source, info.norm_reference)
+        if norm is not None and not on_device:
+            img = normalise_tile(img, *norm)
         with tlock:
             timings["read"] += time.perf_counter() - t0
         return img
@@ -393,7 +431,8 @@ def segment_slide(
         def forward() -> Iterator[tuple[Tile, np.ndarray]]:
             for batch in _batches(loaded, batch_size):
                 t0 = time.perf_counter()
-                probs = _predict_batch(network, np.stack([img for _, img in batch]), device, use_amp)
+                probs = _predict_batch(network, np.stack([img for _, img in batch]), device, use_amp,
+                                       norm if on_device else None)
                 timings["network"] += time.perf_counter() - t0
                 if post_fn is worker_job:
                     probs = probs.astype(np.float16)
@@ -433,13 +472,20 @@ def segment_slide(
 
 
 @torch.no_grad()
-def _predict_batch(network: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool) -> np.ndarray:
-    """Foreground probability (B, T, T) float32 of a batch of uint8 RGB windows (B, T, T, 3)."""
+def _predict_batch(
+    network: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool, norm: tuple[Any, Any] | None = None
+) -> np.ndarray:
+    """Foreground probability (B, T, T) float32 of a batch of uint8 RGB windows (B, T, T, 3).
+
+    ``norm`` = (source stats, reference): Reinhard-normalise the batch on the device first.
+    """
     from pointnuc.models.net import preprocess
 
     x = torch.from_numpy(batch)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
+    if norm is not None:
+        x = normalise_tiles_torch(x, *norm)
     t = preprocess(x)
     if device.type == "cuda":
         t = t.contiguous(memory_format=torch.channels_last)
