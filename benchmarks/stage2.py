@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="stage-2 epochs")
     ap.add_argument("--crf-epochs", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. segmentation.crf_beta=0.5")
+    ap.add_argument("--supervised", action="store_true", help="fully supervised reference (same net, full masks; no CRF)")
     ap.add_argument("--tta", action="store_true", help="flip test-time augmentation at test")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -237,16 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.info("step cost: plain %.2f s, with CRF %.2f s (x%.2f)", plain_s, crf_s, crf_s / plain_s)
 
     t0 = time.time()
-    res = train_segmenter(train, points, cfg, layout, device=device, progress=False, tune_samples=val, selection="points")
+    res = train_segmenter(train, points, cfg, layout, device=device, progress=False, tune_samples=val, selection="points",
+                          supervised=args.supervised)
     t2 = time.time() - t0
     lq = label_quality(train, res.labels)
 
     model = res.model
     thr = res.thresholds
-    variants: list[tuple[str, dict | None, str]] = [("CRF", None, "points")]
+    variants: list[tuple[str, dict | None, str]] = [("supervised" if args.supervised else "CRF", None, "points")]
     if res.plain_state is not None:
         variants.insert(0, ("no CRF", res.plain_state, "points"))
-    for k in ("plain-aji", "crf-aji"):
+    for k in ([] if args.supervised else ["plain-aji", "crf-aji"]):
         if res.alt_states.get(k) is not None:
             variants.append(("no CRF" if k.startswith("plain") else "CRF", res.alt_states[k], "masks"))
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     seg = cfg.segmentation
     lines = [
-        f"# Stage 2 benchmark, profile `{args.profile}`, points: {args.points}",
+        f"# Stage 2 benchmark, profile `{args.profile}`, " + ("fully supervised reference" if args.supervised else f"points: {args.points}"),
         "",
         f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage2.py'] + (argv if argv is not None else sys.argv[1:]))}`",
         f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                                        for e in h.epochs) for k, h in res.history.items()) + " (points score / val AJI)"]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = args.out or Path(__file__).resolve().parent / "results" / f"stage2-{args.profile}{'-gt' if args.points == 'gt' else ''}.md"
+    tag = "-supervised" if args.supervised else ("-gt" if args.points == "gt" else "")
+    out = args.out or Path(__file__).resolve().parent / "results" / f"stage2-{args.profile}{tag}.md"
     if args.out or (args.images is None and args.epochs is None):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
