@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}, "
         f"{torch.get_num_threads()} threads (CPU shared with other jobs)",
         f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px (r1 = {res.metrics['r1_px']:.2f} px), "
-        f"{cfg.detection.epochs} epochs initial + {cfg.detection.rounds} round(s) x {cfg.detection.epochs} epochs, "
+        f"{cfg.detection.epochs} epochs initial + {cfg.detection.rounds} round(s) x "
+        f"{cfg.detection.round_epochs or cfg.detection.epochs} epochs, "
         f"batch {cfg.detection.batch_size}, lr {cfg.detection.lr}, {cfg.data.patches_per_image} patches/image, "
         f"crop {cfg.data.crop_size}; ImageNet weights: {'yes' if _has_imagenet(cfg) else 'no (random init)'}",
         f"- data: {len(train)} train images ({res.metrics['n_points']} points = 10%), {len(val)} val images "

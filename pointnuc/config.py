@@ -55,6 +55,7 @@ class DetectionConfig:
     variant: str = "ST-bg"  #: GM | ext-GM | ST-nu | ST-bg (Table I)
     rounds: int = 3  #: self-training rounds after the initial training (ST-* only)
     epochs: int = 80  #: epochs of the initial training and of each round
+    round_epochs: int = 0  #: epochs of each self-training round; 0 = same as ``epochs`` (paper)
     lr: float = 1e-3
     batch_size: int = 16
     fg_weight: float = 10.0  #: w in Eq. 2 for pixels with mask > 0
@@ -159,7 +160,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     "quick": {
         "data.pixel_size_um": 0.5,
-        "detection.epochs": 6,
+        "detection.epochs": 8,
+        "detection.round_epochs": 6,  # stage 1: ~14 CPU epochs = 2,700 patches (benchmarks/results/stage1-quick.md)
         "detection.rounds": 1,
         "detection.batch_size": 8,
         "segmentation.epochs": 8,

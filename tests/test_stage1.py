@@ -209,7 +209,7 @@ def test_train_detector_tiny_finds_the_blobs(tmp_path: Path) -> None:
     assert set(res.history) == {"round0", "round1"}  # ST-bg, 1 round in the tiny profile
     sc = detection_scores([detection_counts(res.points[s.name], c, 4.0) for s, c in data])
     assert sc["F1"] >= 0.9 and sc["mu_d"] < 2.0
-    assert 0.15 <= res.threshold <= 0.85
+    assert 0.05 <= res.threshold <= 0.85
     assert layout.detector.is_file()
     saved = load_points(layout, "s0")
     assert np.allclose(saved, res.points["s0"], atol=1e-3)  # scale 1, origin 0

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 #: "background everywhere", and there is nothing left to hold back for tuning.
 MIN_POINTS = 10
 
-THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(0.15, 0.851, 0.05), 2))
+THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.851, 0.05), 2))
 #: minimum component areas tried, as fractions of the mean nucleus area π r1²
 AREA_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3)
 
@@ -320,8 +320,9 @@ def train_detector(
     probs: list[np.ndarray] = []
     for k in range(rounds + 1):
         ds = PatchDataset(samples, [t[None] for t in targets], config.data, seed=config.seed + 1000 * k)
+        epochs = det_cfg.round_epochs if (k > 0 and det_cfg.round_epochs > 0) else det_cfg.epochs
         hist = fit(
-            model, ds, loss_fn, epochs=det_cfg.epochs, lr=det_cfg.lr, batch_size=det_cfg.batch_size, device=dev,
+            model, ds, loss_fn, epochs=epochs, lr=det_cfg.lr, batch_size=det_cfg.batch_size, device=dev,
             checkpoint_dir=layout.checkpoints, stage_name=f"detector-round{k}", seed=config.seed + 1000 * k,
             resume=resume, progress=progress, config={"train": config.to_dict(), "round": k},
         )
