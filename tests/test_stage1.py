@@ -270,3 +270,19 @@ def test_stage1_on_one_monuseg_image(shared: Path, tmp_path: Path) -> None:
     assert res.history["round0"].losses[-1] < res.history["round0"].losses[0]
     sc = detection_scores([detection_counts(s.to_full_res(res.points[name]), gt, 11.0)])
     assert sc["F1"] > 0.5, sc
+
+
+def test_train_detector_resume_reuses_finished_rounds(tmp_path: Path) -> None:
+    from pointnuc.models.bundle import ModelLayout
+    from pointnuc.train.detect import train_detector
+
+    data = [_synthetic(s)[0] for s in range(2)]
+    cfg = _tiny_config(**{"detection.epochs": 2})
+    layout = ModelLayout(tmp_path)
+    first = train_detector(data, cfg, layout, device="cpu", progress=False)
+    again = train_detector(data, cfg, layout, device="cpu", progress=False, resume=True)  # nothing left to train
+    assert again.history["round1"].losses == first.history["round1"].losses
+    for name in first.points:
+        assert np.allclose(again.points[name], first.points[name])
+    with pytest.raises(TrainingError, match="another configuration"):
+        train_detector(data, cfg.replace(**{"detection.lr": 1e-4}), layout, device="cpu", progress=False, resume=True)
