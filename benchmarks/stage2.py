@@ -111,10 +111,10 @@ def crf_step_cost(cfg: TrainConfig, device, steps: int = 3) -> tuple[float, floa
                     torch.rand(seg.batch_size, 3, c, c, generator=g)], 1).to(device)
     sxy = cfg.data.px(seg.crf_sigma_xy_um)
     losses = {"plain": Stage2Loss(seg.alpha), "crf": Stage2Loss(seg.alpha, seg.crf_beta, sxy, seg.crf_sigma_rgb, crf_downsample(sxy))}
-    out = {}
-    for name, fn in losses.items():
-        times = []
-        for i in range(steps + 1):
+    # interleaved plain/CRF steps, so that load from other jobs on a shared machine hits both alike
+    times: dict[str, list[float]] = {k: [] for k in losses}
+    for i in range(steps + 1):
+        for name, fn in losses.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -125,8 +125,8 @@ def crf_step_cost(cfg: TrainConfig, device, steps: int = 3) -> tuple[float, floa
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i:
-                times.append(time.perf_counter() - t0)
-        out[name] = float(np.median(times))
+                times[name].append(time.perf_counter() - t0)
+    out = {k: float(np.median(v)) for k, v in times.items()}
     return out["plain"], out["crf"]
 
 
