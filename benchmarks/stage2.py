@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- wall time: {wall / 60:.1f} min (stage 1 {t1 / 60:.1f} min, stage 2 training + selection {t2 / 60:.1f} min)",
         f"- labels: Voronoi + cluster label of one 1000x1000 image ({len(gts[n0])} points) in {label_full_s:.2f} s; "
         f"all {len(train)} train images at the working resolution in {res.metrics['label_seconds']:.1f} s",
-        f"- CRF cost per training step: plain {plain_s:.2f} s, with CRF {crf_s:.2f} s (x{crf_s / plain_s:.2f})",
+        f"- CRF cost per training step: plain {plain_s:.2f} s, with CRF {crf_s:.2f} s (x{crf_s / plain_s:.2f}); in training: "
+        + ", ".join(f"{k} {np.mean([e.patches_per_s for e in h.epochs]):.2f} patches/s" for k, h in res.history.items()),
         f"- selection (points): threshold {thr['prob']:.2f}, score {res.metrics.get('selection_score', float('nan')):.4f}; "
         f"best epochs: " + ", ".join(f"{k} {h.best_epoch}" for k, h in res.history.items()),
         "",
