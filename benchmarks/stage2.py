@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. segmentation.crf_beta=0.5")
     ap.add_argument("--supervised", action="store_true", help="fully supervised reference (same net, full masks; no CRF)")
     ap.add_argument("--tta", action="store_true", help="flip test-time augmentation at test")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     res = train_segmenter(train, points, cfg, layout, device=device, progress=False, tune_samples=val, selection="points",
-                          supervised=args.supervised)
+                          supervised=args.supervised, resume=args.resume)
     t2 = time.time() - t0
     lq = label_quality(train, res.labels)
 
