@@ -68,7 +68,8 @@ def _boxes_for_image(
         return [(0, 0, image.width, image.height, None)]
     # a large slide: windows around the points (grid cells that hold points, plus a margin)
     cell = int(1024 * downsample)
-    margin = int(config.data.region_margin_um / (config.data.pixel_size_um / downsample) * downsample)
+    image_um = config.data.pixel_size_um / downsample  # the image's own µm per pixel
+    margin = int(round(config.data.region_margin_um / image_um))
     keys = sorted({(int(x // cell), int(y // cell)) for x, y in points_xy})
     out = []
     for cx, cy in keys:
