@@ -128,7 +128,7 @@ def speed(args: argparse.Namespace) -> dict:
     out = {
         "device": str(dev), "encoder": args.encoder, "model_px_um": args.model_px, "slide_px": args.size,
         "tile": tile, "halo": res.halo, "batch": batch, "amp": amp, "workers": args.workers, "n_tiles": len(tiles),
-        "core_megapixels": round(core_mp, 3), "nuclei": res.n_nuclei,
+        "core_megapixels": round(core_mp, 3), "nuclei": res.n_nuclei, "instances": info.config.segmentation.instance_method,
         "bare_seconds": [round(t, 2) for t in bare], "e2e_seconds": [round(t, 2) for t in e2e],
         "bare_mp_s": round(core_mp / tb, 4), "e2e_mp_s": round(core_mp / te, 4), "ratio": round(tb / te, 3),
         "busy_seconds": {k: round(v, 2) for k, v in res.timings.items()}, "slide_write_seconds": round(t_write, 1),

@@ -183,25 +183,24 @@ def slide_colour_stats(thumbnail: tuple[np.ndarray, float], pixel_size_um: float
     Per-tile statistics would make neighbouring tiles disagree at the seams.
     """
     from pointnuc.infer.tissue import tissue_mask
-    from pointnuc.stain import _lab
+    from pointnuc.stain import lab_stats
 
     thumb, tds = thumbnail
     mask = tissue_mask(thumb, downsample=tds, pixel_size_um=pixel_size_um, margin_um=0.0)
-    lab = _lab(thumb)[mask] if mask.any() else _lab(thumb).reshape(-1, 3)
-    if lab.shape[0] < 16:
+    pixels = thumb[..., :3][mask] if mask.any() else thumb[..., :3].reshape(-1, 3)
+    if pixels.shape[0] < 16:
         return None
-    return lab.mean(0), lab.std(0)
+    return lab_stats(pixels[:, None, :])
 
 
 def normalise_tile(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], ref: dict[str, Sequence[float]]) -> np.ndarray:
     """Reinhard with the slide's fixed source statistics (same LAB convention as :mod:`pointnuc.stain`)."""
-    from skimage.color import lab2rgb
-
-    from pointnuc.stain import _lab
+    from skimage.color import lab2rgb, rgb2lab
 
     tm, ts = np.asarray(ref["mean"], np.float32), np.asarray(ref["std"], np.float32)
     m, s = source
-    lab = (_lab(image) - m) / np.maximum(s, 1e-6) * ts + tm
+    lab = rgb2lab(np.asarray(image)[..., :3].astype(np.float32) / 255.0).astype(np.float32)
+    lab = (lab - m) / np.maximum(s, 1e-6) * ts + tm
     with warnings.catch_warnings():  # out-of-gamut colours are clipped, as in pointnuc.stain
         warnings.simplefilter("ignore", UserWarning)
         rgb = lab2rgb(lab)
@@ -293,7 +292,11 @@ class _ThreadSlides:
         self.local = threading.local()
         self.opened: list[Any] = []
         self.lock = threading.Lock()
-        self.reopen = getattr(slide, "path", None) is not None and hasattr(slide, "_backend")
+        from pointnuc.io.slide import TIFF_SUFFIXES, Slide
+
+        # a tiffslide-backed Slide gets one handle per thread; anything else (a plain image
+        # held in memory, a test double) is shared behind a lock
+        self.reopen = isinstance(slide, Slide) and slide.path.suffix.lower() in TIFF_SUFFIXES
 
     def get(self) -> Any:
         s = getattr(self.local, "slide", None)
