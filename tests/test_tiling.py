@@ -17,6 +17,7 @@ from pointnuc.infer.tiling import (
     stitch_labels,
     tiled_predict,
     label_tiles,
+    tiles_intersecting,
     untiled_reference,
 )
 
@@ -143,3 +144,12 @@ def test_tiled_equals_untiled_tiny_unet() -> None:
     ref = untiled_reference(img, predict, tile_size=192, halo=48, pad_value=255)
     assert tiled.shape == ref.shape == (2, 200, 230)
     assert np.abs(tiled - ref).max() < 1e-5  # measured 2e-7; with no halo it is 0.12
+
+
+def test_tiles_intersecting_a_coarse_mask() -> None:
+    g = make_grid(100, 100, tile_size=64, halo=16)  # cores of 32 px: 4 x 4 tiles
+    mask = np.zeros((25, 25), bool)  # 4 image px per mask px
+    mask[9, 17] = True  # image rows 36..40, cols 68..72 -> the core at row 1, col 2
+    assert [(t.row, t.col) for t in tiles_intersecting(g, mask, 4.0)] == [(1, 2)]
+    # the same grid laid over a region starting at image (row 32, col 0): now core row 0
+    assert [(t.row, t.col) for t in tiles_intersecting(g, mask, 4.0, origin=(32, 0))] == [(0, 2)]

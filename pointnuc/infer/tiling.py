@@ -262,15 +262,21 @@ def untiled_reference(
     return pred[:, halo : halo + grid.height, halo : halo + grid.width]
 
 
-def tiles_intersecting(grid: TileGrid, mask: np.ndarray, scale: float) -> list[Tile]:
-    """Tiles whose core touches a True pixel of ``mask``, a coarse mask with ``scale`` image pixels per mask pixel."""
+def tiles_intersecting(
+    tiles: Iterable[Tile], mask: np.ndarray, scale: float, origin: tuple[int, int] = (0, 0)
+) -> list[Tile]:
+    """Tiles whose core touches a True pixel of a coarse ``mask``.
+
+    ``scale``: image pixels per mask pixel; ``origin``: the (row, col) in mask-aligned
+    image coordinates of the grid's (0, 0) (a grid over a region of a larger image).
+    """
     mh, mw = mask.shape
     keep = []
-    for t in grid:
-        y0 = min(int(t.core.y0 / scale), mh - 1)
-        x0 = min(int(t.core.x0 / scale), mw - 1)
-        y1 = max(min(int(math.ceil(t.core.y1 / scale)), mh), y0 + 1)
-        x1 = max(min(int(math.ceil(t.core.x1 / scale)), mw), x0 + 1)
+    for t in tiles:
+        y0 = min(max(int(math.floor((t.core.y0 + origin[0]) / scale)), 0), mh - 1)
+        x0 = min(max(int(math.floor((t.core.x0 + origin[1]) / scale)), 0), mw - 1)
+        y1 = max(int(math.ceil((t.core.y1 + origin[0]) / scale)), y0 + 1)
+        x1 = max(int(math.ceil((t.core.x1 + origin[1]) / scale)), x0 + 1)
         if mask[y0:y1, x0:x1].any():
             keep.append(t)
     return keep

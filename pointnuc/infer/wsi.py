@@ -36,7 +36,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError, PixelSizeError
 from pointnuc.infer.polygons import InstanceParams, TileContext, init_worker, tile_nuclei, worker_job
-from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, round_halo
+from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, round_halo, tiles_intersecting
 from pointnuc.io.base import NucleusObject
 from pointnuc.models.bundle import ModelInfo
 
@@ -127,7 +127,7 @@ def plan_slide(
     if tissue and tiles:
         thumb, tds = thumbnail if thumbnail is not None else read_thumbnail(slide, pixel_size_um=px)
         mask = tissue_mask(thumb, downsample=tds, pixel_size_um=px)
-        tiles = _tiles_on_mask(tiles, mask, scale=tds / ds, origin=(area.y0, area.x0))
+        tiles = tiles_intersecting(tiles, mask, tds / ds, origin=(area.y0, area.x0))
     if region is not None and tiles:
         prepared = prep(region.buffer(halo * ds))
         boxes = [
@@ -160,21 +160,6 @@ def read_thumbnail(
             part = np.asarray(slide.read_region(x, y, w, h, downsample=ds))[..., :3]
             out[y // ds : y // ds + part.shape[0], x // ds : x // ds + part.shape[1]] = part[: th - y // ds, : tw - x // ds]
     return out, float(ds)
-
-
-def _tiles_on_mask(tiles: Sequence[Tile], mask: np.ndarray, *, scale: float, origin: tuple[int, int]) -> list[Tile]:
-    """Tiles whose core touches the mask; ``scale`` working px per mask px; ``origin`` working (row, col) of the grid."""
-    mh, mw = mask.shape
-    keep = []
-    for t in tiles:
-        y0 = int(math.floor((t.core.y0 + origin[0]) / scale))
-        x0 = int(math.floor((t.core.x0 + origin[1]) / scale))
-        y1 = int(math.ceil((t.core.y1 + origin[0]) / scale))
-        x1 = int(math.ceil((t.core.x1 + origin[1]) / scale))
-        y0, x0 = min(max(y0, 0), mh - 1), min(max(x0, 0), mw - 1)
-        if mask[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].any():
-            keep.append(t)
-    return keep
 
 
 def slide_colour_stats(thumbnail: tuple[np.ndarray, float], pixel_size_um: float | None) -> tuple[np.ndarray, np.ndarray] | None:
