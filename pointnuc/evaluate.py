@@ -21,14 +21,11 @@ def polygons_to_labels(polygons: Sequence, shape: tuple[int, int]) -> np.ndarray
     A pixel belongs to a polygon when its centre (c + 0.5, r + 0.5) is inside, so
     outlines traced on pixel corners give back exactly the traced pixels.
     """
-    from skimage.draw import polygon as draw_polygon
+    from pointnuc.geometry import polygon_pixels
 
     out = np.zeros(shape, np.int32)
     for i, poly in enumerate(polygons, start=1):
-        for part in getattr(poly, "geoms", [poly]):
-            ext = np.asarray(part.exterior.coords)
-            rr, cc = draw_polygon(ext[:, 1] - 0.5, ext[:, 0] - 0.5, shape=shape)
-            out[rr, cc] = i
+        out[polygon_pixels(poly, shape)] = i
     return out
 
 

@@ -141,6 +141,43 @@ def labels_to_polygons(
     return out
 
 
+def polygon_pixels(
+    geom: BaseGeometry, shape: tuple[int, int], *, origin_xy: tuple[float, float] = (0.0, 0.0), scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the pixels of an array of ``shape`` whose centres lie in ``geom``.
+
+    ``geom`` is in full-resolution QuPath x/y; array pixel (r, c) has its centre at
+    ``origin + ((c + 0.5) * scale, (r + 0.5) * scale)``. Holes are left out, so a polygon
+    traced on pixel corners gives back exactly its pixels.
+    """
+    from skimage.draw import polygon as draw_polygon
+
+    ox, oy = float(origin_xy[0]), float(origin_xy[1])
+
+    def ring_pixels(ring: object) -> tuple[np.ndarray, np.ndarray]:
+        xy = np.asarray(ring.coords)  # type: ignore[attr-defined]
+        return draw_polygon((xy[:, 1] - oy) / scale - 0.5, (xy[:, 0] - ox) / scale - 0.5, shape=shape)
+
+    rows, cols = [np.zeros(0, np.intp)], [np.zeros(0, np.intp)]
+    for part in shapely.get_parts(geom):
+        if not isinstance(part, Polygon) or part.is_empty:
+            continue
+        rr, cc = ring_pixels(part.exterior)
+        if len(rr) and part.interiors:
+            r0, c0 = int(rr.min()), int(cc.min())
+            keep = np.zeros((int(rr.max()) - r0 + 1, int(cc.max()) - c0 + 1), bool)
+            keep[rr - r0, cc - c0] = True
+            for hole in part.interiors:
+                hr, hc = ring_pixels(hole)
+                ok = (hr >= r0) & (hc >= c0) & (hr - r0 < keep.shape[0]) & (hc - c0 < keep.shape[1])
+                keep[hr[ok] - r0, hc[ok] - c0] = False
+            rr, cc = np.nonzero(keep)
+            rr, cc = rr + r0, cc + c0
+        rows.append(rr)
+        cols.append(cc)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
 def valid_polygon(geom: BaseGeometry | None) -> Polygon | None:
     """A single valid Polygon from any area geometry: made valid, largest piece kept; None if empty."""
     if geom is None or geom.is_empty:

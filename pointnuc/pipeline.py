@@ -100,8 +100,7 @@ def load_training_images(
 
     Returns the samples, the Reinhard reference computed over them, and points per image.
     """
-    from skimage.draw import polygon as draw_polygon
-
+    from pointnuc.geometry import polygon_pixels
     from pointnuc.io.slide import open_slide
     from pointnuc.stain import reinhard_normalize, reinhard_reference
 
@@ -126,11 +125,7 @@ def load_training_images(
                 scale = w / ww
                 if geom is not None:
                     valid = np.zeros((hh, ww), bool)
-                    polys = getattr(geom, "geoms", [geom])
-                    for poly in polys:
-                        ext = np.asarray(poly.exterior.coords)
-                        rr, cc = draw_polygon((ext[:, 1] - y) / scale, (ext[:, 0] - x) / scale, shape=(hh, ww))
-                        valid[rr, cc] = True
+                    valid[polygon_pixels(geom, (hh, ww), origin_xy=(x, y), scale=scale)] = True
                 else:
                     valid = np.ones((hh, ww), bool)
                 local = (ann.points_xy - np.array([x, y], float)) / scale

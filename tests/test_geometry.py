@@ -142,3 +142,19 @@ def test_expand_cells_contain_nuclei_and_do_not_overlap():
     assert cells[0].bounds[2] == pytest.approx(5.0)  # stopped half way to the neighbour
     one = expand_cells([a], 1.0)[0]
     assert one.area == pytest.approx(a.buffer(1.0, quad_segs=4).area)
+
+
+def test_polygon_pixels_by_centres_with_holes_origin_and_scale():
+    from pointnuc.geometry import polygon_pixels
+
+    ring = box(1, 2, 4, 5)  # pixels rows 2..4, cols 1..3
+    mask = np.zeros((6, 6), bool)
+    mask[polygon_pixels(ring, (6, 6))] = True
+    assert np.argwhere(mask).tolist() == [[r, c] for r in range(2, 5) for c in range(1, 4)]
+    holed = ring.difference(box(2, 3, 3, 4))  # without the middle pixel
+    mask[:] = False
+    mask[polygon_pixels(holed, (6, 6))] = True
+    assert mask.sum() == 8 and not mask[3, 2]
+    # array pixel (r, c) centred at full-res (100 + 4 (c + 0.5), 50 + 4 (r + 0.5)): box x in [104, 108) holds c = 1 only
+    rr, cc = polygon_pixels(box(104, 50, 108, 54), (3, 3), origin_xy=(100, 50), scale=4.0)
+    assert rr.tolist() == [0] and cc.tolist() == [1]

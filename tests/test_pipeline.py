@@ -24,3 +24,52 @@ def test_large_slide_windows_have_the_margin_in_microns() -> None:
     boxes = _boxes_for_image(image, (), np.array([[3000.0, 100.0]]), 2.0, config)
     x0, x1 = 2048 - 100, 2 * 2048 + 100  # the point's cell, x in [2048, 4096), plus the margin
     assert boxes == [(x0, 0, x1 - x0, 2048 + 100, None)]  # clipped at the top edge
+
+
+def _region_feature(geom) -> dict:
+    from shapely.geometry import mapping
+
+    g = mapping(geom)
+    return {"type": "Feature", "geometry": {"type": g["type"], "coordinates": g["coordinates"]},
+            "properties": {"objectType": "annotation", "classification": {"name": "Region*", "color": [0, 0, 180]}}}
+
+
+def _project_with_region(tmp_path: Path, pixel_size_um: float) -> Path:
+    from shapely.geometry import box
+
+    from synth import write_geojson_project
+
+    region = box(10, 10, 30, 30).difference(box(14, 14, 20, 20))  # a square with a square hole
+    img = np.full((40, 40, 3), 200, np.uint8)
+    img[::3] = 90
+    pts = np.array([[11.5 + 2 * i, 11.5] for i in range(9)] + [[11.5, 25.5], [25.5, 25.5], [16.5, 16.5]])
+    return write_geojson_project(tmp_path / "p", "img", img, pts, pixel_size_um=pixel_size_um,
+                                 extra_features=[_region_feature(region)])
+
+
+def test_region_mask_takes_pixel_centres_and_holes(tmp_path: Path) -> None:
+    from pointnuc.io.base import open_project
+    from pointnuc.pipeline import load_training_images
+
+    config = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.holdout_fraction": 0.0})
+    # same resolution: the region's pixels are rows/cols 10..29 minus 14..19
+    (s,), _, _ = load_training_images(open_project(_project_with_region(tmp_path, 0.5)), config)
+    expect = np.zeros((20, 20), bool)
+    expect[:, :] = True
+    expect[4:10, 4:10] = False
+    assert s.origin_xy == (10.0, 10.0) and s.scale == 1.0
+    assert np.array_equal(s.valid, expect)
+    assert len(s.points) == 11  # the point in the hole is not a training point
+
+
+def test_region_mask_at_half_resolution(tmp_path: Path) -> None:
+    from pointnuc.io.base import open_project
+    from pointnuc.pipeline import load_training_images
+
+    config = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.holdout_fraction": 0.0})
+    # 0.25 µm/px image, downsample 2: working pixel c covers full-res [10 + 2c, 12 + 2c), centre 11 + 2c;
+    # the hole [14, 20) holds the centres of c = 2, 3, 4
+    (s,), _, _ = load_training_images(open_project(_project_with_region(tmp_path, 0.25)), config)
+    expect = np.ones((10, 10), bool)
+    expect[2:5, 2:5] = False
+    assert s.scale == 2.0 and np.array_equal(s.valid, expect)
