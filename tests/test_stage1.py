@@ -286,3 +286,25 @@ def test_train_detector_resume_reuses_finished_rounds(tmp_path: Path) -> None:
         assert np.allclose(again.points[name], first.points[name])
     with pytest.raises(TrainingError, match="another configuration"):
         train_detector(data, cfg.replace(**{"detection.lr": 1e-4}), layout, device="cpu", progress=False, resume=True)
+
+
+def test_points_only_tuning_rejects_weak_false_blobs() -> None:
+    """10 true nuclei (peak 0.9; 5 held back) and 10 spurious blobs (peak 0.3).
+
+    Below 0.3: 20 detections, recall 1 -> N_true <= 20; at 0.3..0.85: 10 detections, recall 1
+    -> N_true estimate = 10, estimated F1 = 2*10/(10+10) = 1 against 2*10/(20+10) = 0.67.
+    """
+    from pointnuc.train.detect import tune_on_points
+
+    prob = np.zeros((40, 200), np.float32)
+    true_xy = []
+    for i in range(10):
+        prob[5:8, 5 + 20 * i : 8 + 20 * i] = 0.9  # 3x3 blob, centre pixel (6, 6 + 20 i)
+        prob[30:33, 5 + 20 * i : 8 + 20 * i] = 0.3
+        true_xy.append((6.5 + 20 * i, 6.5))
+    hold = np.array(true_xy[::2])
+    s = TrainingImage("p", "p", np.zeros((40, 200, 3), np.uint8), np.zeros((0, 2)), hold, np.ones((40, 200), bool))
+    t = tune_on_points([prob], [s], r1=3.0)
+    assert 0.3 <= t.threshold < 0.9
+    assert t.n_detections == 10 and t.score == pytest.approx(1.0)
+    assert t.table[0]["n_true_est"] == pytest.approx(10.0)
