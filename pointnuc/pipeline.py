@@ -24,6 +24,7 @@ import pointnuc.errors
 from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, OutputExistsError, PixelSizeError, TrainingError
 from pointnuc.io.base import ImageRef, Project
+from pointnuc.io.paths import check_output_dir
 from pointnuc.train.samples import TrainingImage
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 MIN_POINTS = 10
 
 MODELS_FOLDER = "pointnuc-models"
+MODEL_JSON = "pointnuc-model.json"  #: as pointnuc.models.bundle.MODEL_JSON (not imported: it needs torch)
 
 
 # --------------------------------------------------------------------------- training data
@@ -173,8 +175,6 @@ def default_model_dir(project: Project, config: TrainConfig) -> Path:
 
 def newest_model_dir(project: Project) -> Path:
     """The most recent model trained for this project (by the time it was saved)."""
-    from pointnuc.models.bundle import MODEL_JSON
-
     folder = project.root / MODELS_FOLDER
     cands = sorted(folder.glob(f"*/{MODEL_JSON}"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     done = [p.parent for p in cands if (p.parent / "segmenter.pt").is_file()]
@@ -184,13 +184,20 @@ def newest_model_dir(project: Project) -> Path:
 
 
 def check_model_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an existing model folder unless asked to (nothing is changed here)."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it or --resume to continue training there")
-    if resume and not (out / "pointnuc-model.json").is_file():
+    """Refuse to clobber an existing folder unless asked to (nothing is changed here).
+
+    ``overwrite`` deletes the folder later, so it is allowed only on a pointnuc model
+    folder (one holding ``pointnuc-model.json``) or an empty one, never on other files.
+    """
+    check_output_dir(out, overwrite=overwrite or resume,
+                     hint="pass --overwrite to replace it or --resume to continue training there")
+    has_model = (out / MODEL_JSON).is_file()
+    if resume and not has_model:
         raise InputError(f"--resume: {out} holds no interrupted pointnuc training")
+    if overwrite and not resume and out.is_dir() and any(out.iterdir()) and not has_model:
+        raise OutputExistsError(
+            f"--overwrite replaces only a pointnuc model folder, and {out} is not one; choose another --out"
+        )
 
 
 @dataclass

@@ -59,6 +59,9 @@ def test_existing_output_and_resume_of_another_configuration(tmp_path: Path) -> 
     (out / "keep.txt").write_text("user file")
     _one_error_line(_train(str(proj), "--out", str(out)), "pass --overwrite")
     assert (out / "keep.txt").read_text() == "user file"
+    # --overwrite deletes the folder: never one that is not a pointnuc model folder
+    _one_error_line(_train(str(proj), "--out", str(out), "--overwrite"), "is not one; choose another --out")
+    assert (out / "keep.txt").read_text() == "user file"
     _one_error_line(_train(str(proj), "--out", str(out), "--resume"), "holds no interrupted pointnuc training")
     # a model description of another configuration: --resume must refuse it
     from pointnuc.config import profile_config

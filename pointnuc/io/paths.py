@@ -7,17 +7,26 @@ from pathlib import Path
 from pointnuc.errors import InputError, OutputExistsError
 
 
-def prepare_output_dir(path: Path, overwrite: bool = False) -> Path:
-    """Create ``path`` as an output folder and return it.
+def check_output_dir(path: Path, *, overwrite: bool = False, hint: str = "pass --overwrite or choose another") -> Path:
+    """``path`` if it may become an output folder; changes nothing.
 
-    An existing non-empty folder is an :class:`OutputExistsError` unless ``overwrite``;
-    with ``overwrite`` its files are left in place and replaced one by one as they are
-    written (nothing is deleted up front). A file at ``path`` is always an error.
+    A file at ``path`` is an :class:`InputError`; an existing non-empty folder is an
+    :class:`OutputExistsError` (its message ends with ``hint``) unless ``overwrite``.
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"output {path} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {path} already exists and is not empty; pass --overwrite or choose another")
+        raise OutputExistsError(f"output folder {path} already exists and is not empty; {hint}")
+    return path
+
+
+def prepare_output_dir(path: Path, overwrite: bool = False) -> Path:
+    """Create ``path`` as an output folder and return it (refused as :func:`check_output_dir` says).
+
+    With ``overwrite`` an existing folder's files are left in place and replaced one by one
+    as they are written (nothing is deleted up front).
+    """
+    path = check_output_dir(path, overwrite=overwrite)
     path.mkdir(parents=True, exist_ok=True)
     return path
