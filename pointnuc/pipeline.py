@@ -8,7 +8,6 @@ the model folder (:mod:`pointnuc.models.bundle`) records all of it.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import platform
 import shutil
@@ -20,9 +19,8 @@ from typing import Sequence
 import numpy as np
 
 import pointnuc
-import pointnuc.errors
 from pointnuc.config import TrainConfig
-from pointnuc.errors import InputError, OutputExistsError, PixelSizeError, TrainingError
+from pointnuc.errors import InputError, OutputExistsError, PointnucError, TrainingError
 from pointnuc.io.base import ImageRef, Project
 from pointnuc.io.paths import check_output_dir
 from pointnuc.train.samples import TrainingImage
@@ -38,16 +36,6 @@ MODEL_JSON = "pointnuc-model.json"  #: as pointnuc.models.bundle.MODEL_JSON (not
 
 
 # --------------------------------------------------------------------------- training data
-
-
-def _resolve_pixel_size(image: ImageRef, override: float | None) -> float:
-    if override is not None:
-        return float(override)
-    if image.pixel_size_um is None:
-        raise PixelSizeError(
-            f"image {image.name!r} has no pixel size; pass --pixel-size (µm per pixel, e.g. 0.25 for 40x, 0.5 for 20x)"
-        )
-    return float(image.pixel_size_um)
 
 
 def _boxes_for_image(
@@ -103,7 +91,7 @@ def load_training_images(
     Returns the samples, the Reinhard reference computed over them, and points per image.
     """
     from pointnuc.geometry import polygon_pixels
-    from pointnuc.io.slide import open_slide
+    from pointnuc.io.slide import open_slide, pixel_size_or_error
     from pointnuc.stain import reinhard_normalize, reinhard_reference
 
     rng = np.random.default_rng(config.seed)
@@ -118,7 +106,7 @@ def load_training_images(
         if len(ann.points_xy) == 0:
             log.info("%s: no %r points, not used for training", image.name, point_class)
             continue
-        px = _resolve_pixel_size(image, pixel_size_um)
+        px = pixel_size_or_error(image, pixel_size_um)
         ds = config.data.pixel_size_um / px
         with open_slide(image.path, pixel_size_um=px) as slide:
             for k, (x, y, w, h, geom) in enumerate(_boxes_for_image(image, ann.regions, ann.points_xy, ds, config)):
@@ -343,11 +331,6 @@ def _train(
     )
 
 
-def write_json(path: Path, data: object) -> None:
-    """Small JSON writer used by the CLI's --json outputs."""
-    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
-
-
 # --------------------------------------------------------------------------- segmentation
 
 RESULTS_FOLDER = "pointnuc-results"
@@ -465,15 +448,17 @@ def segment_project(
     """
     from pointnuc.infer.wsi import segment_slide
     from pointnuc.io.geojson import read_nuclei, write_nuclei_file
-    from pointnuc.io.slide import open_slide
+    from pointnuc.io.slide import open_slide, pixel_size_or_error
     from pointnuc.models.bundle import load_info, load_network
     from pointnuc.train.fit import resolve_device
 
+    plans = plan_segmentation(project, model_dir, image_names=image_names, within_class=within_class, shard=shard, redo=redo)
+    # every image's pixel size before any work, so a missing one stops the run with nothing half-done
+    pixel_sizes = {p.image.name: pixel_size_or_error(p.image, pixel_size_um) for p in plans if not p.done}
     info = load_info(model_dir)
     net = load_network(model_dir, "segmenter", info)
     dev = resolve_device(device)
     net.to(dev)
-    plans = plan_segmentation(project, model_dir, image_names=image_names, within_class=within_class, shard=shard, redo=redo)
     out_dir = results_dir(project, model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
@@ -485,15 +470,13 @@ def segment_project(
             nuclei = read_nuclei(result_file)
         else:
             t0 = time.time()
+            px = pixel_sizes[name]
             try:
-                px = _resolve_pixel_size(plan.image, pixel_size_um)
                 with open_slide(plan.image.path, pixel_size_um=px) as slide:
                     res = segment_slide(slide, net, info, region=plan.region, device=dev, batch_size=batch_size,
                                         progress=progress, name=name)
-            except PixelSizeError:
-                raise
             except Exception as err:  # one bad slide must not stop the others
-                if not isinstance(err, pointnuc.errors.PointnucError):
+                if not isinstance(err, PointnucError):
                     log.debug("failure on %s", name, exc_info=True)
                 summary.failed[name] = f"{err.__class__.__name__}: {err}"
                 log.error("%s failed: %s", name, err)

@@ -73,3 +73,19 @@ def test_region_mask_at_half_resolution(tmp_path: Path) -> None:
     expect = np.ones((10, 10), bool)
     expect[2:5, 2:5] = False
     assert s.scale == 2.0 and np.array_equal(s.valid, expect)
+
+
+def test_segment_checks_every_pixel_size_before_any_work(tmp_path: Path) -> None:
+    import pytest
+
+    from pointnuc.errors import PixelSizeError
+    from pointnuc.io.base import open_project
+    from pointnuc.pipeline import RESULTS_FOLDER, segment_project
+    from synth import write_geojson_project
+
+    img = np.full((16, 16, 3), 200, np.uint8)
+    proj = write_geojson_project(tmp_path / "p", "a", img, np.zeros((0, 2)), pixel_size_um=0.5)
+    write_geojson_project(proj, "b", img, np.zeros((0, 2)), pixel_size_um=None)
+    with pytest.raises(PixelSizeError, match="'b.tif' has no pixel size; pass --pixel-size"):
+        segment_project(open_project(proj), tmp_path / "no-model-needed-yet")
+    assert not (proj / RESULTS_FOLDER).exists()

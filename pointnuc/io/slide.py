@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pointnuc.errors import ImageReadError, PixelSizeError
+from pointnuc.io.base import ImageRef
 
 #: file name endings read through tiffslide (everything else through Pillow)
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".btf")
@@ -199,12 +200,14 @@ def open_slide(path: Path, pixel_size_um: float | None = None) -> Slide:
     return Slide(Path(path), pixel_size_um)
 
 
-def pixel_size_or_error(slide: Slide, override: float | None = None) -> float:
-    """The pixel size to use (override first), or a PixelSizeError telling how to give one."""
+def pixel_size_or_error(source: Slide | ImageRef, override: float | None = None) -> float:
+    """The pixel size to use for an open slide or a project image (override first), or a
+    PixelSizeError telling how to give one."""
     if override is not None:
         return float(override)
-    if slide.pixel_size_um is None:
+    if source.pixel_size_um is None:
+        name = source.name if isinstance(source, ImageRef) else source.path.name
         raise PixelSizeError(
-            f"{slide.path.name} carries no pixel size; pass --pixel-size (µm per pixel, e.g. 0.25 for 40x)"
+            f"image {name!r} has no pixel size; pass --pixel-size (µm per pixel, e.g. 0.25 for 40x, 0.5 for 20x)"
         )
-    return float(slide.pixel_size_um)
+    return float(source.pixel_size_um)
