@@ -70,6 +70,7 @@ def _boxes_for_image(
 
 
 def _split_holdout(points: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held back): a random ``fraction`` of ``points`` held back, but never all of them."""
     n_hold = int(round(len(points) * fraction))
     if len(points) - n_hold < 1:
         n_hold = 0
@@ -97,6 +98,7 @@ def load_training_images(
     rng = np.random.default_rng(config.seed)
     raw: list[TrainingImage] = []
     counts: dict[str, int] = {}
+    total = 0  # distinct points inside the training boxes
     wanted = set(image_names) if image_names else None
     for image in project.images():
         if wanted is not None and image.name not in wanted:
@@ -108,6 +110,7 @@ def load_training_images(
             continue
         px = pixel_size_or_error(image, pixel_size_um)
         ds = config.data.pixel_size_um / px
+        boxes = []  # (k, pixels, valid mask, points in working px, which points lie in the box)
         with open_slide(image.path, pixel_size_um=px) as slide:
             for k, (x, y, w, h, geom) in enumerate(_boxes_for_image(image, ann.regions, ann.points_xy, ds, config)):
                 arr = slide.read_region(x, y, w, h, downsample=ds)
@@ -122,23 +125,26 @@ def load_training_images(
                 ij = np.floor(local).astype(int)
                 inside = (ij[:, 0] >= 0) & (ij[:, 1] >= 0) & (ij[:, 0] < ww) & (ij[:, 1] < hh)
                 inside[inside] = valid[ij[inside, 1], ij[inside, 0]]
-                pts = local[inside]
-                if len(pts) == 0:
-                    continue
-                train_pts, hold_pts = _split_holdout(pts, config.data.holdout_fraction, rng)
-                raw.append(
-                    TrainingImage(
-                        name=f"{image.name}#{k}",
-                        image_name=image.name,
-                        image=arr,
-                        points=train_pts,
-                        holdout=hold_pts,
-                        valid=valid,
-                        origin_xy=(float(x), float(y)),
-                        scale=float(scale),
-                    )
+                if inside.any():
+                    boxes.append((k, arr, valid, local, inside, (float(x), float(y)), float(scale)))
+        # held-back points are drawn per image, so a point in two overlapping windows or regions
+        # is never trained on in one and held back in the other
+        in_any = np.flatnonzero(np.any([b[4] for b in boxes], axis=0)) if boxes else np.zeros(0, int)
+        train_idx, hold_idx = _split_holdout(in_any, config.data.holdout_fraction, rng)
+        total += len(in_any)
+        for k, arr, valid, local, inside, origin, scale in boxes:
+            raw.append(
+                TrainingImage(
+                    name=f"{image.name}#{k}",
+                    image_name=image.name,
+                    image=arr,
+                    points=local[train_idx[inside[train_idx]]],
+                    holdout=local[hold_idx[inside[hold_idx]]],
+                    valid=valid,
+                    origin_xy=origin,
+                    scale=scale,
                 )
-    total = sum(len(s.points) + len(s.holdout) for s in raw)
+            )
     if total == 0:
         raise TrainingError(
             f"no {point_class!r} points found in any image of the project; click points with QuPath's "

@@ -89,3 +89,25 @@ def test_segment_checks_every_pixel_size_before_any_work(tmp_path: Path) -> None
     with pytest.raises(PixelSizeError, match="'b.tif' has no pixel size; pass --pixel-size"):
         segment_project(open_project(proj), tmp_path / "no-model-needed-yet")
     assert not (proj / RESULTS_FOLDER).exists()
+
+
+def test_overlapping_regions_never_train_on_a_held_back_point(tmp_path: Path) -> None:
+    from shapely.geometry import box
+
+    from pointnuc.io.base import open_project
+    from pointnuc.pipeline import load_training_images
+    from synth import write_geojson_project
+
+    img = np.full((40, 40, 3), 200, np.uint8)
+    img[::3] = 90
+    pts = np.array([[8.5 + 2 * i, 8.5 + i] for i in range(12)])  # all in both regions
+    regions = [_region_feature(box(0, 0, 32, 32)), _region_feature(box(6, 6, 40, 40))]
+    proj = write_geojson_project(tmp_path / "p", "img", img, pts, pixel_size_um=0.5, extra_features=regions)
+    config = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.holdout_fraction": 0.25})
+    samples, _, _ = load_training_images(open_project(proj), config)
+    assert len(samples) == 2
+    full = [({tuple(p) for p in s.to_full_res(s.points)}, {tuple(p) for p in s.to_full_res(s.holdout)}) for s in samples]
+    trained = full[0][0] | full[1][0]
+    held = full[0][1] | full[1][1]
+    assert len(held) == 3 and not trained & held and len(trained | held) == 12
+    assert full[0] == full[1]  # the same split seen through both regions
