@@ -344,3 +344,14 @@ def test_real_qupath_reads_and_writes(shared: Path, tmp_path: Path, qupath_avail
                                         NucleusObject(box(40, 40, 50, 52), 0.8)]})
     assert open_project(work).annotations(images[0]).n_pointnuc_objects == 2
     assert np.isfinite(proj.annotations(images[0]).points_xy).all()
+
+
+def test_failed_first_write_of_a_moved_project_restores_every_image_folder(fake_project: Path, monkeypatch):
+    # the first write re-roots every image path, which rewrites data/N/server.json of all images,
+    # also those not written to: a failure must put those back too
+    before = _snapshot(fake_project)
+    proj = QuPathProjectFile(fake_project, paquo=FAKE)
+    monkeypatch.setattr(FakeHierarchy, "fail_after", 1)
+    with pytest.raises(RuntimeError, match="simulated"):
+        proj.write_nuclei({A7: [NucleusObject(box(1, 1, 5, 5), 0.5), NucleusObject(box(50, 50, 60, 60), 0.5)]})
+    assert _snapshot(fake_project) == before

@@ -9,8 +9,8 @@ Reading never changes the project: it opens in mode ``"r"`` without
 moved project are found by re-rooting their URIs from the old project folder (the
 ``"uri"`` field of project.qpproj) to the current one, as paquo's ``try_relative`` does.
 
-Writing: a backup of project.qpproj and of each touched ``data/N/`` goes to
-``pointnuc-backup/<UTC timestamp>/`` first; the project is opened ``"r+"``, its image
+Writing: a backup of project.qpproj, of each touched ``data/N/`` and of every image's
+``data/N/server.json`` goes to ``pointnuc-backup/<UTC timestamp>/`` first; the project is opened ``"r+"``, its image
 paths re-rooted, pointnuc's own detections (the ``pointnuc score`` measurement) inside the
 area are discarded, the new ones added under ``hierarchy.no_autoflush()``, and the project
 is saved only when everything succeeded. On any failure the backup is copied back.
@@ -38,6 +38,7 @@ from pointnuc.io.slide import open_slide
 log = logging.getLogger(__name__)
 
 BACKUP_FOLDER = "pointnuc-backup"
+SERVER_JSON = "server.json"  #: per-image file QuPath rewrites when image paths are updated
 QUPATH_NOT_FOUND = (
     "QuPath was not found (paquo looks at $PAQUO_QUPATH_DIR, qupath_dir in .paquo.toml, then folders named "
     "QuPath* in /opt, /Applications, /usr/local, C:/Program Files, ~/AppData/Local and ~); point PAQUO_QUPATH_DIR "
@@ -201,7 +202,9 @@ class QuPathProjectFile:
 
     # ------------------------------------------------------------------ writing
 
-    def _backup(self, entry_dirs: list[Path]) -> Path:
+    def _backup(self, entry_dirs: list[Path], all_dirs: list[Path]) -> Path:
+        """Copy project.qpproj, the ``entry_dirs`` whole, and every other entry's server.json
+        (which re-rooting the image paths rewrites) to a new timestamped backup folder."""
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         dest = self.output_dir / BACKUP_FOLDER / stamp
         dest.mkdir(parents=True, exist_ok=False)
@@ -209,15 +212,28 @@ class QuPathProjectFile:
         for d in entry_dirs:
             if d.is_dir():
                 shutil.copytree(d, dest / "data" / d.name)
+        for d in all_dirs:
+            if d not in entry_dirs and (d / SERVER_JSON).is_file():
+                (dest / "data" / d.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(d / SERVER_JSON, dest / "data" / d.name / SERVER_JSON)
         return dest
 
-    def _restore(self, backup: Path, entry_dirs: list[Path]) -> None:
+    def _restore(self, backup: Path, entry_dirs: list[Path], all_dirs: list[Path]) -> None:
+        """Put back what :meth:`_backup` copied (the project as it was before the write)."""
         shutil.copy2(backup / self.qpproj.name, self.qpproj)
         for d in entry_dirs:
             src = backup / "data" / d.name
             if src.is_dir():
                 shutil.rmtree(d, ignore_errors=True)
                 shutil.copytree(src, d)
+        for d in all_dirs:
+            if d in entry_dirs:
+                continue
+            src = backup / "data" / d.name / SERVER_JSON
+            if src.is_file():
+                shutil.copy2(src, d / SERVER_JSON)
+            elif (d / SERVER_JSON).is_file():  # written by the failed attempt
+                (d / SERVER_JSON).unlink()
 
     def write_nuclei(
         self,
@@ -240,13 +256,14 @@ class QuPathProjectFile:
             raise InputError(f"no image named {unknown[0]!r} in {self.qpproj}")
         entries = {e.image_name: e for e in self._entries()}
         dirs = [Path(entries[n].entry_path) for n in results]
+        all_dirs = [Path(e.entry_path) for e in entries.values()]
         records = {
             n: nucleus_records(nuc, object_type=object_type, pixel_size_um=refs[n].pixel_size_um,
                                cell_expansion_um=cell_expansion_um)
             for n, nuc in results.items()
         }
         self._reader = None  # reopen for reading afterwards
-        backup = self._backup(dirs)
+        backup = self._backup(dirs, all_dirs)
         written: list[Path] = []
         try:
             qp = self._Project(self.qpproj, mode="r+")
@@ -274,7 +291,7 @@ class QuPathProjectFile:
                 written.append(Path(entry.entry_path) / "data.qpdata")
             qp.save()
         except BaseException:
-            self._restore(backup, dirs)
+            self._restore(backup, dirs, all_dirs)
             log.error("writing to %s failed; the project was restored from %s", self.qpproj, backup)
             raise
         finally:
