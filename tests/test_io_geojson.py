@@ -200,3 +200,20 @@ def test_inside_uses_centroid():
     assert inside(box(8, 8, 11, 11), area)  # centroid (9.5, 9.5) inside
     assert not inside(box(9, 9, 13, 13), area)  # centroid (11, 11) outside
     assert inside(box(100, 100, 101, 101), None)
+
+
+def test_atomic_write_failure_keeps_the_old_file_and_no_tmp(tmp_path: Path, monkeypatch):
+    import os
+
+    from pointnuc.io.geojson import write_text_atomic
+
+    target = tmp_path / "a.geojson"
+    write_text_atomic(target, "old")
+
+    def fail(*_args: object) -> None:
+        raise OSError("simulated: disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="simulated"):
+        write_text_atomic(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.geojson"]

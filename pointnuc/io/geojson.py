@@ -355,8 +355,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: no half-written .tmp left beside the file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_features(path: Path, features: Sequence[dict[str, Any]], layout: str = "collection") -> Path:
