@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 
-@click.command("evaluate")
+@click.command("evaluate", short_help="Score pointnuc's results against ground-truth label images.")
 @click.argument("predictions", type=click.Path(path_type=Path))
 @click.argument("truth", type=click.Path(path_type=Path))
 @click.option("--radius", "radius_px", type=click.FloatRange(min=0, min_open=True), default=11.0, show_default=True,

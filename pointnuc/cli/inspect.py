@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pointnuc.cli.options import pixel_size_option, point_class_option, project_argument
+from pointnuc.cli.options import pixel_size_option, point_class_option, project_argument, region_class_option
 
 
 def inspect_project(
@@ -62,12 +62,11 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command("inspect")
+@click.command("inspect", short_help="Show the images, pixel sizes, points and regions pointnuc finds.")
 @project_argument
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 @point_class_option
-@click.option("--region-class", default=None,
-              help='QuPath class of training-region annotations [default: "Region*"].')
+@region_class_option
 @pixel_size_option
 def inspect_cmd(project: Path, as_json: bool, point_class: str, region_class: str | None,
                 pixel_size: float | None) -> None:

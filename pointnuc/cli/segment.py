@@ -19,7 +19,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-@click.command("segment")
+@click.command("segment", short_help="Segment every nucleus and write the outlines back for QuPath.")
 @project_argument
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="Model folder from `pointnuc train` [default: the newest model of this project].")
@@ -47,6 +47,11 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     Objects pointnuc wrote before (in the same area) are replaced; your own annotations
     are never touched, and a backup is kept. An interrupted run continues with the
     images not yet done when you run the same command again.
+
+    \b
+    QuPath project: close it in QuPath first (QuPath would save over the new objects),
+    then reopen it to review the nuclei. Folder of images: the nuclei go to
+    pointnuc-geojson/NAME.geojson; drag that file onto the image in QuPath.
     """
     from pointnuc.io.base import open_project
     from pointnuc.pipeline import merge_results, newest_model_dir, plan_segmentation, segment_project
@@ -87,8 +92,10 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
         click.echo(f"Wrote {p}")
     if shard_kn:
         click.echo(f"Shard {shard} done; when all shards are done run: pointnuc segment {project} --model {model_dir} --merge")
+    elif s.written and getattr(proj, "kind", "") == "qupath":
+        click.echo("In QuPath: reopen the project to review the nuclei.")
     elif s.written:
-        click.echo("In QuPath: File > Import objects from file (GeoJSON), or reopen the project, to review the detections.")
+        click.echo("In QuPath: open the image and drag its file above onto it (or File > Import objects from file).")
     if s.failed:
         for name, why in s.failed.items():
             click.echo(f"pointnuc: error: {name}: {why}", err=True)

@@ -24,7 +24,7 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
     return out
 
 
-@click.command("train")
+@click.command("train", short_help="Train a detector, then a segmenter, from the clicked points.")
 @project_argument
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Model folder to create [default: PROJECT_FOLDER/pointnuc-models/DATE-PROFILE].")
@@ -43,7 +43,7 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Change any configuration field, e.g. --set detection.epochs=40 --set data.pixel_size_um=0.5.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--overwrite", is_flag=True, help="Replace the pointnuc model folder at --out (never a folder of other files).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None, point_class: str,
               region_class: str | None, pixel_size: float | None, device: str, weights: Path | None, seed: int,
