@@ -23,6 +23,19 @@ def _check(cond: bool, msg: str) -> None:
         raise InputError(msg)
 
 
+def _check_types(obj: Any, section: str) -> None:
+    """Every int/float/str field holds a value of that type (e.g. from ``--set KEY=VALUE``)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = f"{section}.{f.name}" if section else f.name
+        if f.type == "int":
+            _check(isinstance(v, int) and not isinstance(v, bool), f"{key} must be a whole number, not {v!r}")
+        elif f.type == "float":
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{key} must be a number, not {v!r}")
+        elif f.type == "str":
+            _check(isinstance(v, str), f"{key} must be text, not {v!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How training images are read and cut."""
@@ -37,8 +50,12 @@ class DataConfig:
     max_whole_image_px: int = 4096  #: without regions, images up to this size (working px) are used whole
 
     def __post_init__(self) -> None:
+        _check_types(self, "data")
         _check(self.pixel_size_um > 0, "pixel size must be positive")
         _check(self.nucleus_radius_um > 0, "nucleus radius must be positive")
+        _check(self.crop_size >= 32 and self.patches_per_image >= 1, "need crop_size >= 32 and patches_per_image >= 1")
+        _check(self.region_margin_um >= 0 and self.max_whole_image_px >= 1,
+               "need region_margin_um >= 0 and max_whole_image_px >= 1")
         _check(self.crop_size <= self.patch_size, "crop size must not exceed patch size")
         _check(self.crop_size % 32 == 0, "crop size must be a multiple of 32 (U-Net)")
         _check(0 <= self.holdout_fraction < 1, "holdout fraction must be in [0, 1)")
@@ -65,8 +82,11 @@ class DetectionConfig:
     bg_high: float = 0.7  #: Eq. 3: ... or p > bg_high in a component larger than π r1²
 
     def __post_init__(self) -> None:
+        _check_types(self, "detection")
         _check(self.variant in VARIANTS, f"unknown detection variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         _check(self.rounds >= 0 and self.epochs >= 1, "rounds must be >= 0 and epochs >= 1")
+        _check(self.round_epochs >= 0 and self.batch_size >= 1 and self.lr > 0,
+               "need round_epochs >= 0, batch_size >= 1 and lr > 0")
         _check(0 <= self.bg_low < self.bg_high <= 1, "need 0 <= bg_low < bg_high <= 1")
 
 
@@ -96,6 +116,10 @@ class SegmentationConfig:
     watershed_h_um: float = 0.25  #: watershed: distance-map maxima at least this deep seed a nucleus (val AJI: 0.25 > 0.5 > 0.75 µm)
 
     def __post_init__(self) -> None:
+        _check_types(self, "segmentation")
+        _check(self.epochs >= 1 and self.crf_epochs >= 0 and self.batch_size >= 1,
+               "need epochs >= 1, crf_epochs >= 0 and batch_size >= 1")
+        _check(self.lr > 0 and self.crf_lr > 0, "learning rates must be positive")
         _check(0 <= self.alpha <= 1, "alpha must be in [0, 1]")
         _check(self.instance_method in ("cc", "watershed"), "instance method must be cc or watershed")
 
@@ -112,6 +136,7 @@ class TrainConfig:
     profile: str = "paper"
 
     def __post_init__(self) -> None:
+        _check_types(self, "")
         _check(self.encoder in ENCODERS, f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
 
     def to_dict(self) -> dict[str, Any]:

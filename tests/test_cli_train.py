@@ -41,6 +41,8 @@ def _one_error_line(res, message: str) -> None:
         ("too few points", 4, 0.5, [], "only 4 'Nucleus' points"),
         ("no pixel size", 12, None, [], "has no pixel size; pass --pixel-size"),
         ("unknown setting", 12, 0.5, ["--set", "detection.nonsense=3"], "unknown setting detection.nonsense"),
+        ("setting of the wrong type", 12, 0.5, ["--set", "detection.epochs=2.5"], "detection.epochs must be a whole number"),
+        ("setting out of range", 12, 0.5, ["--set", "segmentation.batch_size=0"], "batch_size >= 1"),
         ("resume without out", 12, 0.5, ["--resume"], "--resume needs --out"),
     ],
 )
