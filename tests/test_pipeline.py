@@ -111,3 +111,16 @@ def test_overlapping_regions_never_train_on_a_held_back_point(tmp_path: Path) ->
     held = full[0][1] | full[1][1]
     assert len(held) == 3 and not trained & held and len(trained | held) == 12
     assert full[0] == full[1]  # the same split seen through both regions
+
+
+def test_model_description_without_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from pointnuc.errors import ModelFormatError
+    from pointnuc.models.bundle import MODEL_JSON, load_info
+
+    (tmp_path / MODEL_JSON).write_text(json.dumps({"format": "pointnuc-model", "format_version": 1}))
+    with pytest.raises(ModelFormatError, match="no training configuration"):
+        load_info(tmp_path)

@@ -121,6 +121,8 @@ def load_info(root: Path) -> ModelInfo:
         raise ModelFormatError(f"{layout.meta} is damaged ({err.__class__.__name__}: {err})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{layout.meta} is not a pointnuc model description")
+    if not isinstance(d.get("config"), dict):
+        raise ModelFormatError(f"{layout.meta} is damaged (no training configuration)")
     if d.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(
             f"{layout.root} has model format {d.get('format_version')!r}; this pointnuc "
