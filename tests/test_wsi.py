@@ -353,3 +353,32 @@ def test_colour_normalisation_on_device_matches_reader_threads(slide_file: tuple
     c1 = shapely.get_coordinates(shapely.centroid(np.array([n.polygon for n in r1.nuclei], dtype=object)))
     c2 = shapely.get_coordinates(shapely.centroid(np.array([n.polygon for n in r2.nuclei], dtype=object)))
     assert np.abs(np.sort(c1, axis=0) - np.sort(c2, axis=0)).max() < 0.5
+
+
+def test_search_box_keeps_the_same_nuclei() -> None:
+    from scipy import ndimage as ndi
+
+    from pointnuc.infer.polygons import InstanceParams, TileContext, search_box, tile_nuclei
+
+    g = make_grid(300, 300, tile_size=256, halo=64)  # cores of 128: 3 x 3 tiles
+    mid = g.tiles[4]
+    small = search_box(mid, 26)
+    assert small.valid.height == small.valid.width == 128 + 2 * 26 and small.image_edges == (False,) * 4
+    corner = search_box(g.tiles[0], 26)
+    assert corner.valid.y0 == 0 and corner.image_edges[:2] == (True, True) and corner.image_edges[2:] == (False, False)
+    # blobs up to 19 px wide (less than the 26 px margin) everywhere, many across the box edges
+    lab = np.zeros((256, 256), np.int32)
+    yy, xx = np.mgrid[:256, :256]
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        cy, cx, r = rng.uniform(0, 256), rng.uniform(0, 256), rng.uniform(3, 9)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        if not ndi.binary_dilation(lab > 0, iterations=2)[disc].any():
+            lab[disc] = 1
+    prob = ndi.gaussian_filter(lab.astype(float), 1.0)
+    for method in ("cc", "watershed"):
+        params = InstanceParams(threshold=0.5, min_area_px=5, method=method)
+        full, _ = tile_nuclei(prob, mid, TileContext((0, 0), 2.0, 0.25, params))
+        cut, _ = tile_nuclei(prob, mid, TileContext((0, 0), 2.0, 0.25, params, keep_margin=26))
+        assert len(full) > 10
+        assert sorted(n.polygon.wkt for n in full) == sorted(n.polygon.wkt for n in cut)

@@ -6,6 +6,7 @@ processes beside the GPU. Ownership is :func:`pointnuc.infer.tiling.owned_labels
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 from shapely.prepared import prep
 
-from pointnuc.infer.tiling import Tile, owned_labels
+from pointnuc.infer.tiling import Box, Tile, owned_labels
 from pointnuc.io.base import NucleusObject
 
 #: polygon simplification tolerance in working pixels. The traced outline is a pixel
@@ -44,6 +45,10 @@ class TileContext:
     params: InstanceParams = InstanceParams()
     region: BaseGeometry | None = None  #: full-res; nuclei with their centroid outside are dropped
     simplify_px: float = SIMPLIFY_PX
+    #: instances are looked for only within this many working px around the core (None: the whole
+    #: valid window). Anything the tile owns lies within one nucleus diameter of its core, so a
+    #: margin just above the largest diameter gives the same nuclei for less work.
+    keep_margin: int | None = None
 
 
 def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext, *, region_prepared: Any = None) -> tuple[list[NucleusObject], int]:
@@ -57,6 +62,7 @@ def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext, *, region_pre
     from pointnuc.infer.instances import instances_from_probability
 
     p = ctx.params
+    tile = search_box(tile, ctx.keep_margin)
     v = tile.valid.shift(-tile.window.y0, -tile.window.x0)
     prob = np.ascontiguousarray(prob_fg[v.slices()], dtype=np.float32)
     labels = instances_from_probability(prob, threshold=p.threshold, min_area_px=p.min_area_px, method=p.method, h_px=p.h_px)
@@ -81,6 +87,21 @@ def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext, *, region_pre
         score = float(sums[i] / max(counts[i], 1))
         out.append(NucleusObject(poly, score, nucleus_measurements(poly, ctx.pixel_size_um)))
     return out, n_big
+
+
+def search_box(tile: Tile, margin: int | None) -> Tile:
+    """The tile with its ``valid`` box cut down to the core grown by ``margin`` (edges that move inward are no image border)."""
+    if margin is None:
+        return tile
+    box = tile.valid.intersect(Box(tile.core.y0 - margin, tile.core.x0 - margin, tile.core.y1 + margin, tile.core.x1 + margin))
+    v = tile.valid
+    edges = (
+        tile.image_edges[0] and box.y0 == v.y0,
+        tile.image_edges[1] and box.x0 == v.x0,
+        tile.image_edges[2] and box.y1 == v.y1,
+        tile.image_edges[3] and box.x1 == v.x1,
+    )
+    return dataclasses.replace(tile, valid=box, image_edges=edges)
 
 
 def count_large(labels: np.ndarray, tile: Tile) -> int:

@@ -368,7 +368,9 @@ def segment_slide(
     px = pixel_size_um if pixel_size_um is not None else getattr(slide, "pixel_size_um", None)
     thumb = read_thumbnail(slide, pixel_size_um=px) if (tissue or info.norm_reference) and px is not None else None
     plan = plan_slide(slide, info, region=region, tile_size=tile_size, halo=halo, pixel_size_um=px, tissue=tissue, thumbnail=thumb)
-    ctx = TileContext(plan.origin, plan.downsample, plan.pixel_size_um, instance_params(info), region)
+    r1_px = info.config.data.nucleus_radius_um / info.pixel_size_um
+    margin = min(plan.grid.halo, int(math.ceil(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px)) + 4)
+    ctx = TileContext(plan.origin, plan.downsample, plan.pixel_size_um, instance_params(info), region, keep_margin=margin)
     source = slide_colour_stats(thumb, plan.pixel_size_um) if (info.norm_reference and thumb is not None) else None
     prepared = prep(region) if region is not None else None
     if post_processes is None:
