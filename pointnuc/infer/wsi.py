@@ -2,16 +2,19 @@
 
 The flow per slide::
 
-    thumbnail ─> tissue mask ─┐
-    region (optional) ────────┼─> tiles to do ─> [reader threads] read + colour-normalise
-                              │                     ─> [main thread] network, batch by batch
-                              │                     ─> [post threads] instances, ownership, polygons
-                              └─> nuclei (full-resolution QuPath coordinates)
+    thumbnail ─> tissue mask, slide colour statistics ─┐
+    region (optional) ─────────────────────────────────┼─> tiles to do
+      ─> [reader threads, one slide handle each] read at the model's pixel size (+ Reinhard on CPU)
+      ─> [main thread] network batch by batch (+ Reinhard, fp16 autocast on CUDA)
+      ─> [post threads; worker processes on CUDA] instances, ownership, polygons, measurements
+      ─> nuclei (full-resolution QuPath coordinates), kept or streamed to a sink
 
 Reading, the network and polygon work run at the same time; at most a few batches of
 tiles are in flight, so memory is bounded by the batch, not by the slide. Ownership
 (:mod:`pointnuc.infer.tiling`) keeps every nucleus exactly once. Nuclei whose
-centroid lies outside ``region`` are dropped.
+centroid lies outside ``region`` are dropped. Colour normalisation uses one set of
+source statistics per slide (from the thumbnail's tissue), never per tile, so that
+neighbouring tiles see the same colours.
 """
 
 from __future__ import annotations
