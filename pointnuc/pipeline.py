@@ -99,12 +99,15 @@ def load_training_images(
     raw: list[TrainingImage] = []
     counts: dict[str, int] = {}
     total = 0  # distinct points inside the training boxes
+    others: dict[str, int] = {}  # points of other classes, for the hint when there are none of point_class
     wanted = set(image_names) if image_names else None
     for image in project.images():
         if wanted is not None and image.name not in wanted:
             continue
         ann = project.annotations(image, point_class=point_class, region_class=region_class)
         counts[image.name] = len(ann.points_xy)
+        for cls, n in ann.other_point_counts.items():
+            others[cls] = others.get(cls, 0) + n
         if len(ann.points_xy) == 0:
             log.info("%s: no %r points, not used for training", image.name, point_class)
             continue
@@ -146,10 +149,10 @@ def load_training_images(
                 )
             )
     if total == 0:
-        raise TrainingError(
-            f"no {point_class!r} points found in any image of the project; click points with QuPath's "
-            f"Points tool using that class, or choose the class with --point-class"
-        )
+        found = ", ".join(f"{k!r} ({v})" for k, v in sorted(others.items()))
+        hint = f"; the project has points of {found}: pass --point-class to use them" if found else (
+            "; click points with QuPath's Points tool using that class, or choose the class with --point-class")
+        raise TrainingError(f"no {point_class!r} points found in any image of the project{hint}")
     if total < MIN_POINTS:
         raise TrainingError(f"only {total} {point_class!r} points in the project; pointnuc needs at least {MIN_POINTS}")
     ref = reinhard_reference([s.image for s in raw])

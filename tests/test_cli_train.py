@@ -38,6 +38,7 @@ def _one_error_line(res, message: str) -> None:
     "label, n_points, pixel_size, extra, message",
     [
         ("no points of the class", 12, 0.5, ["--point-class", "Tumor"], "no 'Tumor' points"),
+        ("points of another class", 12, 0.5, ["--point-class", "Tumor"], "has points of 'Nucleus' (12): pass --point-class"),
         ("too few points", 4, 0.5, [], "only 4 'Nucleus' points"),
         ("no pixel size", 12, None, [], "has no pixel size; pass --pixel-size"),
         ("unknown setting", 12, 0.5, ["--set", "detection.nonsense=3"], "unknown setting detection.nonsense"),
