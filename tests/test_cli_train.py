@@ -80,3 +80,16 @@ def test_pixel_size_option_rescues_an_uncalibrated_image(tmp_path: Path) -> None
     res = CliRunner().invoke(main, ["inspect", str(proj), "--json", "--pixel-size", "0.5"])
     assert res.exit_code == 0, res.output
     assert '"pixel_size_um": 0.5' in res.output
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import pointnuc.pipeline
+
+    def full(*_a: object, **_k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model"))
+
+    monkeypatch.setattr(pointnuc.pipeline, "train_project", full)
+    res = _train(str(_project(tmp_path)), "--out", str(tmp_path / "model"))
+    _one_error_line(res, f"No space left on device: {tmp_path / 'model'}")

@@ -7,6 +7,7 @@ and a non-zero exit; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -14,6 +15,10 @@ import click
 
 from pointnuc import __version__
 from pointnuc.errors import PointnucError
+
+
+#: OS errors that are the user's to fix (permissions, a full or read-only disk): one line, no traceback
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
 class _Group(click.Group):
@@ -25,6 +30,12 @@ class _Group(click.Group):
         except PointnucError as err:
             click.echo(f"pointnuc: error: {err}", err=True)
             sys.exit(err.exit_code)
+        except OSError as err:
+            if err.errno not in _USER_OS_ERRORS:
+                raise
+            where = f": {err.filename}" if err.filename else ""
+            click.echo(f"pointnuc: error: {err.strerror or err}{where}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("pointnuc: interrupted; re-run the same command to continue where it stopped", err=True)
             sys.exit(130)
