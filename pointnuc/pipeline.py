@@ -14,9 +14,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from shapely.geometry.base import BaseGeometry
 
 import pointnuc
 from pointnuc.config import TrainConfig
@@ -25,6 +26,9 @@ from pointnuc.io.base import ImageRef, Project
 from pointnuc.io.paths import check_output_dir
 from pointnuc.train.samples import TrainingImage
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 #: Fewer user points than this in the whole project cannot train a detector: with
@@ -32,6 +36,8 @@ log = logging.getLogger(__name__)
 MIN_POINTS = 10
 
 MODELS_FOLDER = "pointnuc-models"
+#: a large slide without regions is trained on in windows of this many working px (plus a margin) around its points
+WINDOW_PX = 1024
 MODEL_JSON = "pointnuc-model.json"  #: as pointnuc.models.bundle.MODEL_JSON (not imported: it needs torch)
 
 
@@ -39,9 +45,14 @@ MODEL_JSON = "pointnuc-model.json"  #: as pointnuc.models.bundle.MODEL_JSON (not
 
 
 def _boxes_for_image(
-    image: ImageRef, regions: Sequence, points_xy: np.ndarray, downsample: float, config: TrainConfig
-) -> list[tuple[int, int, int, int, object | None]]:
-    """Full-res boxes (x, y, w, h, region geometry or None) to train on for one image."""
+    image: ImageRef, regions: Sequence[BaseGeometry], points_xy: np.ndarray, downsample: float, config: TrainConfig
+) -> list[tuple[int, int, int, int, BaseGeometry | None]]:
+    """Full-res boxes (x, y, w, h, region geometry or None) to train on for one image.
+
+    Regions: each region's bounding box. Otherwise the whole image when it is at most
+    ``max_whole_image_px`` working px a side, else a :data:`WINDOW_PX` grid cell around
+    each group of points plus ``region_margin_um`` on every side.
+    """
     if regions:
         out = []
         for geom in regions:
@@ -57,7 +68,7 @@ def _boxes_for_image(
     if image.width <= limit and image.height <= limit:
         return [(0, 0, image.width, image.height, None)]
     # a large slide: windows around the points (grid cells that hold points, plus a margin)
-    cell = int(1024 * downsample)
+    cell = int(WINDOW_PX * downsample)
     image_um = config.data.pixel_size_um / downsample  # the image's own µm per pixel
     margin = int(round(config.data.region_margin_um / image_um))
     keys = sorted({(int(x // cell), int(y // cell)) for x, y in points_xy})
@@ -267,7 +278,7 @@ def _train(
     ref: dict[str, list[float]],
     counts: dict[str, int],
     *,
-    dev,
+    dev: "torch.device",
     t0: float,
     point_class: str,
     region_class: str | None,
@@ -276,6 +287,7 @@ def _train(
     resume: bool,
     progress: bool,
 ) -> TrainSummary:
+    """Stage 1 and stage 2 on loaded samples, saving the model description after each."""
     import torch
 
     from pointnuc.models.bundle import ModelInfo, ModelLayout, save_info
@@ -350,7 +362,7 @@ class ImagePlan:
     """One image ``pointnuc segment`` will process."""
 
     image: ImageRef
-    region: object | None  #: full-res shapely geometry to segment within, None = whole image
+    region: BaseGeometry | None  #: full-res shapely geometry to segment within, None = whole image
     done: bool  #: a result from this model already exists (skipped unless --redo)
 
 

@@ -1,8 +1,9 @@
 """The ``pointnuc`` command: a thin click shell over :mod:`pointnuc.pipeline`.
 
 Heavy imports (torch, paquo) happen inside commands so ``--help`` is instant.
-User errors (:class:`pointnuc.errors.PointnucError`) end in one line on stderr
-and a non-zero exit; anything else is a bug and keeps its traceback.
+User errors (:class:`pointnuc.errors.PointnucError`, and OS errors such as a full
+disk or a missing permission) end in one line on stderr and a non-zero exit;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
