@@ -435,7 +435,7 @@ def plan_segmentation(
                 continue
             region = unary_union(list(ann.regions))
             any_region = True
-        done = (out_dir / f"{_safe(name)}.geojson").is_file() and not redo
+        done = result_file(out_dir, name, region).is_file() and not redo
         plans.append(ImagePlan(image=image, region=region, done=done))
     if within_class and not any_region:
         raise InputError(f"no {within_class!r} annotations in the selected images; draw one in QuPath or drop --within")
@@ -444,6 +444,16 @@ def plan_segmentation(
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def result_file(out_dir: Path, image_name: str, region: BaseGeometry | None) -> Path:
+    """Where one image's result is kept: ``NAME.geojson`` for the whole image, and for an area
+    (``--within``) a file named after that area, so a result is never reused for another area."""
+    if region is None:
+        return out_dir / f"{_safe(image_name)}.geojson"
+    import hashlib
+
+    return out_dir / f"{_safe(image_name)}.within-{hashlib.sha1(region.wkb).hexdigest()[:8]}.geojson"
 
 
 def segment_project(
@@ -485,10 +495,10 @@ def segment_project(
     summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
     for plan in plans:
         name = plan.image.name
-        result_file = out_dir / f"{_safe(name)}.geojson"
+        result = result_file(out_dir, name, plan.region)
         if plan.done:
             summary.skipped.append(name)
-            nuclei = read_nuclei(result_file)
+            nuclei = read_nuclei(result)
         else:
             t0 = time.time()
             px = pixel_sizes[name]
@@ -503,7 +513,7 @@ def segment_project(
                 log.error("%s failed: %s", name, err)
                 continue
             nuclei = res.nuclei
-            write_nuclei_file(result_file, nuclei, object_type=object_type, class_name=class_name,
+            write_nuclei_file(result, nuclei, object_type=object_type, class_name=class_name,
                               pixel_size_um=px)
             summary.seconds[name] = time.time() - t0
         summary.nuclei[name] = len(nuclei)
@@ -527,7 +537,7 @@ def merge_results(
     batch = {}
     within = {}
     for plan in plans:
-        f = out_dir / f"{_safe(plan.image.name)}.geojson"
+        f = result_file(out_dir, plan.image.name, plan.region)
         if not f.is_file():
             summary.skipped.append(plan.image.name)
             continue

@@ -139,6 +139,16 @@ def test_within_a_region_keeps_objects_elsewhere(trained: tuple[Path, Path, Path
     from shapely.geometry import shape
 
     assert all(shape(f["geometry"]).centroid.x < 96 for f in feats)
+    # the whole image afterwards: segmented anew, not the region's result reused for it
+    res = _segment(str(copy), "--model", str(model), "--image", "synth-a.tif")
+    assert res.exit_code == 0 and "(done earlier)" not in res.output, res.output
+    feats = json.loads((copy / "pointnuc-geojson" / "synth-a.geojson").read_text())["features"]
+    assert any(shape(f["geometry"]).centroid.x > 96 for f in feats)
+    # and the region again: its own result, replacing only the objects inside it
+    res = _segment(str(copy), "--model", str(model), "--within", "Tumor")
+    assert res.exit_code == 0 and "(done earlier)" in res.output, res.output
+    again = json.loads((copy / "pointnuc-geojson" / "synth-a.geojson").read_text())["features"]
+    assert len(again) == len(feats)
 
 
 def test_a_failing_slide_does_not_stop_the_others(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
