@@ -287,10 +287,11 @@ def test_read_failure_half_way_is_reported(slide_file: tuple[Path, SynthSlide]) 
                 raise ImageReadError("cannot read pixels of slide.tif: corrupt tile")
             return self.s.read_region(*a, **k)
 
+    before = threading.active_count()
     with open_slide(path) as slide:
         with pytest.raises(ImageReadError):
             segment_slide(Failing(slide), DarknessNet(), _info(), tile_size=TILE, progress=False)
-    assert threading.active_count() < 5  # no reader/post threads left behind
+    assert threading.active_count() <= before  # no reader/post threads left behind
 
 
 def test_pointnuc_segment_cli_on_a_pyramidal_tiff(
