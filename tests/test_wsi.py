@@ -383,3 +383,26 @@ def test_search_box_keeps_the_same_nuclei() -> None:
         cut, _ = tile_nuclei(prob, mid, TileContext((0, 0), 2.0, 0.25, params, keep_margin=26))
         assert len(full) > 10
         assert sorted(n.polygon.wkt for n in full) == sorted(n.polygon.wkt for n in cut)
+
+
+def test_inference_colour_stats_are_the_training_stats_on_a_small_image(tmp_path: Path) -> None:
+    """On an image of a few tiles, segment uses exactly the colour statistics training used
+    (full working-resolution pixels), not a blurred thumbnail's."""
+    from PIL import Image
+
+    from pointnuc.infer.wsi import sampled_colour_stats
+    from pointnuc.io.slide import open_slide
+    from pointnuc.stain import lab_stats
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(40, 250, (300, 600, 3), dtype=np.uint8)
+    img[100:180, 50:300] = (90, 60, 150)  # some structure, so blurring would shrink the spread
+    Image.fromarray(img).save(tmp_path / "im.png")
+    info = _info()  # works at 0.5 µm/px
+    with open_slide(tmp_path / "im.png", pixel_size_um=0.5) as slide:
+        plan = plan_slide(slide, info, tile_size=512, pixel_size_um=0.5, tissue=False)
+        assert len(plan.tiles) <= 8
+        m, s = sampled_colour_stats(slide, plan)
+    em, es = lab_stats(img)
+    np.testing.assert_allclose(m, em, atol=0.05)  # float32 sums over 180k pixels
+    np.testing.assert_allclose(s, es, atol=0.05)

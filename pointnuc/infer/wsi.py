@@ -13,7 +13,7 @@ Reading, the network and polygon work run at the same time; at most a few batche
 tiles are in flight, so memory is bounded by the batch, not by the slide. Ownership
 (:mod:`pointnuc.infer.tiling`) keeps every nucleus exactly once. Nuclei whose
 centroid lies outside ``region`` are dropped. Colour normalisation uses one set of
-source statistics per slide (from the thumbnail's tissue), never per tile, so that
+source statistics per slide (sampled tiles at the working resolution), never per tile, so that
 neighbouring tiles see the same colours.
 """
 
@@ -165,20 +165,33 @@ def read_thumbnail(
     return out, float(ds)
 
 
-def slide_colour_stats(thumbnail: tuple[np.ndarray, float], pixel_size_um: float | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """LAB mean/std of the slide's tissue (from the thumbnail): one colour transform for every tile.
+#: Tiles read to estimate a slide's colour statistics (spread evenly over the tissue tiles).
+COLOUR_SAMPLE_TILES = 8
 
-    Per-tile statistics would make neighbouring tiles disagree at the seams.
+
+def sampled_colour_stats(slide: Any, plan: SlidePlan, n_tiles: int = COLOUR_SAMPLE_TILES) -> tuple[np.ndarray, np.ndarray] | None:
+    """LAB mean/std of the slide at the working resolution, from the cores of up to ``n_tiles`` tiles.
+
+    Training computes its statistics from full working-resolution pixels
+    (:func:`pointnuc.stain.reinhard_normalize`); a thumbnail would blur away contrast and
+    make inference stretch it (x1.5 on the example tile). One set for the whole slide, so
+    neighbouring tiles agree at the seams; for an image of up to ``n_tiles`` tiles it is
+    exactly the statistics training used.
     """
-    from pointnuc.infer.tissue import tissue_mask
     from pointnuc.stain import lab_stats
 
-    thumb, tds = thumbnail
-    mask = tissue_mask(thumb, downsample=tds, pixel_size_um=pixel_size_um, margin_um=0.0)
-    pixels = thumb[..., :3][mask] if mask.any() else thumb[..., :3].reshape(-1, 3)
-    if pixels.shape[0] < 16:
+    tiles = plan.tiles
+    if not tiles:
         return None
-    return lab_stats(pixels[:, None, :])
+    picks = sorted({int(i) for i in np.linspace(0, len(tiles) - 1, min(n_tiles, len(tiles))).round()})
+    pixels = []
+    for i in picks:
+        t = tiles[i]
+        img = read_tile(slide, plan, t)
+        y0, x0 = t.core.y0 - t.window.y0, t.core.x0 - t.window.x0
+        pixels.append(img[y0 : y0 + t.core.height, x0 : x0 + t.core.width].reshape(-1, 3))
+    flat = np.concatenate(pixels)
+    return lab_stats(flat[:, None, :]) if len(flat) >= 16 else None
 
 
 def normalise_tile(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], ref: dict[str, Sequence[float]]) -> np.ndarray:
@@ -374,7 +387,7 @@ def segment_slide(
     r1_px = info.config.data.nucleus_radius_um / info.pixel_size_um
     margin = min(plan.grid.halo, int(math.ceil(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px)) + 4)
     ctx = TileContext(plan.origin, plan.downsample, plan.pixel_size_um, instance_params(info), region, keep_margin=margin)
-    source = slide_colour_stats(thumb, plan.pixel_size_um) if (info.norm_reference and thumb is not None) else None
+    source = sampled_colour_stats(slide, plan) if info.norm_reference else None
     prepared = prep(region) if region is not None else None
     if post_processes is None:
         post_processes = max(1, (os.cpu_count() or 1) - 2) if kind == "cuda" else 0
