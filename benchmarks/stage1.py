@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {label} | {sel} | {tu.threshold:.2f} | {tu.min_area_px:.1f} | {sc['P']:.4f} | {sc['R']:.4f} | "
                          f"{sc['F1']:.4f} | {mu:.2f} | {sd:.2f} |")
     for name, (p, r, f, mu, sd) in PAPER.items():
-        lines.append(f"| paper {name} (GPU, ImageNet, 3 rounds x 80 ep) | masks? | – | – | {p:.4f} | {r:.4f} | {f:.4f} | {mu:.2f} | {sd:.2f} |")
+        lines.append(f"| paper {name} (GPU, ImageNet, 3 rounds x 80 ep) | not stated | – | – | {p:.4f} | {r:.4f} | {f:.4f} | {mu:.2f} | {sd:.2f} |")
     lines += ["", f"Final model: `{final}`. μ_d/σ_d in full-resolution pixels.",
               "Per-round epoch losses: " + "; ".join(f"{k}: " + ", ".join(f"{v:.4f}" for v in h.losses) for k, h in res.history.items())]
     text = "\n".join(lines) + "\n"
