@@ -308,3 +308,23 @@ def test_points_only_tuning_rejects_weak_false_blobs() -> None:
     assert 0.3 <= t.threshold < 0.9
     assert t.n_detections == 10 and t.score == pytest.approx(1.0)
     assert t.table[0]["n_true_est"] == pytest.approx(10.0)
+
+
+def test_points_only_tuning_with_few_held_back_points() -> None:
+    """A small project holds back 3 points. Found all three: tuned as usual (need = 3, not 5).
+    Found none: the most sensitive setting, not a threshold that detects nothing."""
+    from pointnuc.train.detect import THRESHOLDS, tune_on_points
+
+    prob = np.zeros((40, 200), np.float32)
+    true_xy = []
+    for i in range(10):
+        prob[5:8, 5 + 20 * i : 8 + 20 * i] = 0.9
+        true_xy.append((6.5 + 20 * i, 6.5))
+    hold = np.array(true_xy[:3])
+    s = TrainingImage("p", "p", np.zeros((40, 200, 3), np.uint8), np.zeros((0, 2)), hold, np.ones((40, 200), bool))
+    t = tune_on_points([prob], [s], r1=3.0)
+    assert t.threshold < 0.9 and t.n_detections == 10 and t.score == pytest.approx(1.0)
+    weak = np.full((40, 200), 0.02, np.float32)
+    weak[30:33, 100:103] = 0.5  # one blob far from every held-back point
+    t = tune_on_points([weak], [s], r1=3.0)
+    assert t.threshold == THRESHOLDS[0] and t.min_area_px == 0.0 and t.score == 0.0

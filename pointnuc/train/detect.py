@@ -188,11 +188,18 @@ def tune_on_points(probs: Sequence[np.ndarray], samples: Sequence[TrainingImage]
                 matched += detection_counts(det, ref, r1).tp if len(ref) else 0
             table.append({"threshold": float(t), "min_area_px": a, "recall": matched / n_ref, "n_detections": n_det})
     # pairs matching too few held-back points give a noisy N_det / R
-    enough = [r for r in table if r["recall"] * n_ref >= max(5.0, 0.2 * n_ref)]
+    # (a small project may hold back fewer than 5 points: then all of them must be found)
+    need = max(min(5.0, n_ref), 0.2 * n_ref)
+    enough = [r for r in table if r["recall"] * n_ref >= need]
     if not enough:
-        log.warning("the detector finds almost none of the held-back points; threshold left at the lowest value")
-        enough = [max(table, key=lambda r: r["recall"])] if max(r["recall"] for r in table) > 0 else table[:1]
-    n_true = min(r["n_detections"] / r["recall"] for r in enough) if enough[0]["recall"] > 0 else float(n_ref)
+        # nothing to estimate precision from: take the most sensitive setting rather than
+        # one that detects nothing (all estimated scores would be 0)
+        log.warning("the detector finds too few of the %d held-back points; using the most sensitive threshold", n_ref)
+        pick = max(table, key=lambda r: (r["recall"], r["n_detections"] > 0, -r["threshold"], -r["min_area_px"]))
+        for r in table:
+            r["n_true_est"], r["score"] = float(n_ref), 0.0
+        return Tuning(pick["threshold"], pick["min_area_px"], 0.0, int(pick["n_detections"]), "points", table)
+    n_true = min(r["n_detections"] / r["recall"] for r in enough)
     for r in table:
         tp = r["recall"] * n_true
         r["n_true_est"] = n_true
