@@ -31,7 +31,6 @@ import torch
 from PIL import Image
 
 from pointnuc.config import TrainConfig, profile_config
-from pointnuc.infer.points import points_from_probability
 from pointnuc.metrics import detection_counts, detection_scores, gt_points_from_labels
 from pointnuc.models.bundle import ModelLayout
 from pointnuc.stain import reinhard_normalize, reinhard_reference
@@ -91,6 +90,38 @@ def make_sample(name: str, img: np.ndarray, lab: np.ndarray, ref: dict, scale: f
     )
 
 
+def parse_set(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` overrides; numbers and booleans parsed as JSON."""
+    out = {}
+    for kv in items:
+        key, _, value = kv.partition("=")
+        out[key] = json.loads(value) if re.fullmatch(r"[-+0-9.eE]+|true|false", value) else value
+    return out
+
+
+def mo_samples(cfg: TrainConfig, seed: int, images: int | None = None):
+    """The MO split as samples: train images with 10% points, val images with 10% held-back
+    points, test images with their full-resolution labels; the same points for every script.
+
+    Returns ``(train, val, test, gts, ref, scale)``: ``test`` pairs each sample with its label map.
+    """
+    data_dir = shared_dir() / "data" / "monuseg" / "train"
+    split = read_split(data_dir)
+    lim = slice(None, images)
+    names_train, names_val = split["train"][lim], split["val"][lim]
+    names_test = (split["testA"] + split["testB"])[lim]
+    scale = cfg.data.pixel_size_um / FULL_RES_UM
+    rng = np.random.default_rng(seed)
+    raw = {n: load_image(data_dir, n) for n in names_train + names_val + names_test}
+    ref = reinhard_reference([raw[n][0] for n in names_train])
+    gts = {n: gt_points_from_labels(raw[n][1]) for n in raw}
+    none = np.zeros((0, 2))
+    train = [make_sample(n, *raw[n], ref, scale, sample_points(gts[n], rng), none) for n in names_train]
+    val = [make_sample(n, *raw[n], ref, scale, none, sample_points(gts[n], rng)) for n in names_val]
+    test = [(make_sample(n, *raw[n], ref, scale, none, none), raw[n][1]) for n in names_test]
+    return train, val, test, gts, ref, scale
+
+
 def score_test(model: torch.nn.Module, test: list[tuple[TrainingImage, np.ndarray]], tuning: Tuning,
                device: torch.device) -> dict[str, float]:
     probs = predict_probabilities(model, [s for s, _ in test], device)
@@ -124,26 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides["detection.epochs"] = args.epochs
     if args.rounds is not None:
         overrides["detection.rounds"] = args.rounds
-    for kv in args.set:
-        key, _, value = kv.partition("=")
-        overrides[key] = json.loads(value) if re.fullmatch(r"[-+0-9.eE]+|true|false", value) else value
+    overrides.update(parse_set(args.set))
     cfg: TrainConfig = profile_config(args.profile, **overrides)
     cfg = cfg.replace(**{"detection.variant": "ST-bg"})
     device = resolve_device(args.device)
-    data_dir = shared_dir() / "data" / "monuseg" / "train"
-    split = read_split(data_dir)
-    lim = slice(None, args.images)
-    names_train, names_val = split["train"][lim], split["val"][lim]
-    names_test = (split["testA"] + split["testB"])[lim]
-    scale = cfg.data.pixel_size_um / FULL_RES_UM
-    rng = np.random.default_rng(args.seed)
-
-    raw = {n: load_image(data_dir, n) for n in names_train + names_val + names_test}
-    ref = reinhard_reference([raw[n][0] for n in names_train])
-    gts = {n: gt_points_from_labels(raw[n][1]) for n in raw}
-    train = [make_sample(n, *raw[n], ref, scale, sample_points(gts[n], rng), np.zeros((0, 2))) for n in names_train]
-    val = [make_sample(n, *raw[n], ref, scale, np.zeros((0, 2)), sample_points(gts[n], rng)) for n in names_val]
-    test = [(make_sample(n, *raw[n], ref, scale, np.zeros((0, 2)), np.zeros((0, 2))), gts[n]) for n in names_test]
+    train, val, test_l, gts, ref, scale = mo_samples(cfg, args.seed, args.images)
+    test = [(s, gts[s.name]) for s, _ in test_l]
     t_data = time.time() - t_start
     logging.info("data ready in %.0f s: %d train (%d points), %d val (%d held-back points), %d test (%d nuclei)",
                  t_data, len(train), sum(len(s.points) for s in train), len(val), sum(len(s.holdout) for s in val),

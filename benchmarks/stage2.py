@@ -28,14 +28,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1 import FULL_RES_UM, load_image, make_sample, read_split, sample_points, shared_dir  # noqa: E402
+from stage1 import FULL_RES_UM, load_image, mo_samples, parse_set, shared_dir  # noqa: E402
 
 from pointnuc.config import TrainConfig, profile_config  # noqa: E402
 from pointnuc.infer.instances import instances_from_probability, nucleus_probability  # noqa: E402
 from pointnuc.labels.voronoi import BACKGROUND, NUCLEUS  # noqa: E402
-from pointnuc.metrics import aji, gt_points_from_labels, mean_scores, segmentation_scores  # noqa: E402
+from pointnuc.metrics import aji, mean_scores, segmentation_scores  # noqa: E402
 from pointnuc.models.bundle import ModelLayout  # noqa: E402
-from pointnuc.stain import reinhard_reference  # noqa: E402
 from pointnuc.train.fit import resolve_device  # noqa: E402
 from pointnuc.train.samples import TrainingImage  # noqa: E402
 from pointnuc.train.segment import train_segmenter  # noqa: E402
@@ -161,25 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["segmentation.epochs"] = args.epochs
     if args.crf_epochs is not None:
         overrides["segmentation.crf_epochs"] = args.crf_epochs
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        overrides[k] = type(getattr(getattr(TrainConfig(), k.split(".")[0]), k.split(".")[1]))(v) if "." in k else v
+    overrides.update(parse_set(args.set))
     cfg = profile_config(args.profile, **overrides)
     device = resolve_device(args.device)
-    data_dir = shared_dir() / "data" / "monuseg" / "train"
-    split = read_split(data_dir)
-    lim = slice(None, args.images)
-    names_train, names_val = split["train"][lim], split["val"][lim]
-    names_test = (split["testA"] + split["testB"])[lim]
-    scale = cfg.data.pixel_size_um / FULL_RES_UM
-    rng = np.random.default_rng(args.seed)
-    raw = {n: load_image(data_dir, n) for n in names_train + names_val + names_test}
-    ref = reinhard_reference([raw[n][0] for n in names_train])
-    gts = {n: gt_points_from_labels(raw[n][1]) for n in raw}
-    # same random stream as benchmarks/stage1.py: the same 10% points
-    train = [make_sample(n, *raw[n], ref, scale, sample_points(gts[n], rng), np.zeros((0, 2))) for n in names_train]
-    val = [make_sample(n, *raw[n], ref, scale, np.zeros((0, 2)), sample_points(gts[n], rng)) for n in names_val]
-    test = [(make_sample(n, *raw[n], ref, scale, np.zeros((0, 2)), np.zeros((0, 2))), raw[n][1]) for n in names_test]
+    train, val, test, gts, ref, scale = mo_samples(cfg, args.seed, args.images)
     work = args.work or Path(f"/tmp/pointnuc-bench-stage2-{args.profile}-{args.points}")
     layout = ModelLayout(work)
 
@@ -229,10 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     # label generation speed on one full-resolution 1000x1000 image (all its GT points, 0.25 µm/px)
     from pointnuc.labels.cluster import labels_for_image
 
-    n0 = names_train[0]
-    labels_for_image(raw[n0][0][:64, :64], gts[n0][:3], cfg.segmentation, FULL_RES_UM)  # warm-up (imports)
+    n0 = train[0].name
+    img0, _ = load_image(shared_dir() / "data" / "monuseg" / "train", n0)
+    labels_for_image(img0[:64, :64], gts[n0][:3], cfg.segmentation, FULL_RES_UM)  # warm-up (imports)
     tl = time.perf_counter()
-    labels_for_image(raw[n0][0], gts[n0], cfg.segmentation, FULL_RES_UM)
+    labels_for_image(img0, gts[n0], cfg.segmentation, FULL_RES_UM)
     label_full_s = time.perf_counter() - tl
     logging.info("Voronoi + cluster labels of a 1000x1000 image: %.2f s", label_full_s)
     plain_s, crf_s = crf_step_cost(cfg, device)

@@ -13,7 +13,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from typing import TYPE_CHECKING
+
 from pointnuc.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS = ("cc", "watershed")
 
@@ -82,10 +87,10 @@ def instances_from_probability(
 
 
 def nucleus_probability(
-    model: "torch.nn.Module",  # noqa: F821
+    model: torch.nn.Module,
     image: np.ndarray,
     *,
-    device: "str | torch.device" = "cpu",  # noqa: F821
+    device: str | torch.device = "cpu",
     tta: bool = False,
     window: int = 512,
     margin: int = 32,

@@ -28,8 +28,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from typing import TYPE_CHECKING
+
 from pointnuc.errors import InputError
 from pointnuc.labels.voronoi import BACKGROUND, IGNORE, NUCLEUS, nearest_point_map, points_to_pixels
+
+if TYPE_CHECKING:
+    from pointnuc.config import SegmentationConfig
 
 
 def disk(radius: float) -> np.ndarray:
@@ -158,7 +163,7 @@ def cluster_label(
 def labels_for_image(
     image_rgb: np.ndarray,
     points_xy: np.ndarray,
-    seg_config: "SegmentationConfig",  # noqa: F821 - imported lazily to keep this module light
+    seg_config: SegmentationConfig,
     pixel_size_um: float,
     *,
     seed: int = 0,
