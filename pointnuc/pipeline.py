@@ -24,16 +24,12 @@ from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, OutputExistsError, PointnucError, TrainingError
 from pointnuc.io.base import ImageRef, Project
 from pointnuc.io.paths import check_output_dir
-from pointnuc.train.samples import TrainingImage
+from pointnuc.train.samples import MIN_POINTS, TrainingImage
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-#: Fewer user points than this in the whole project cannot train a detector: with
-#: 20% held back for tuning, 10 points leave 8 to learn from, about one 224² crop's worth.
-MIN_POINTS = 10
 
 MODELS_FOLDER = "pointnuc-models"
 #: a large slide without regions is trained on in windows of this many working px (plus a margin) around its points

@@ -39,14 +39,10 @@ from pointnuc.models.net import build_network
 from pointnuc.train.data import PatchDataset
 from pointnuc.train.fit import FitHistory, fit, resolve_device
 from pointnuc.train.losses import weighted_mse
-from pointnuc.train.samples import TrainingImage
+from pointnuc.train.samples import MIN_POINTS, TrainingImage
 
 log = logging.getLogger(__name__)
 
-#: Fewest points (training + held back) we train from. Below ~10 clicked nuclei a
-#: 16-crop batch holds on average less than one labeled nucleus, the network learns
-#: "background everywhere", and there is nothing left to hold back for tuning.
-MIN_POINTS = 10
 
 THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.851, 0.05), 2))
 #: minimum component areas tried, as fractions of the mean nucleus area π r1²
