@@ -58,6 +58,13 @@ def read_split(data_dir: Path) -> dict[str, list[str]]:
     return json.loads(m.group(1))
 
 
+def machine_line(device: torch.device) -> str:
+    """Host, cores, torch, device (with the GPU's name) and the load average at the end of the run."""
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}{gpu}, "
+            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end")
+
+
 def load_image(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     img = np.asarray(Image.open(data_dir / f"{name}.png").convert("RGB"))
     lab = np.asarray(Image.open(data_dir / f"{name}_label.png")).astype(np.int32)
@@ -145,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="model/checkpoint folder (default: /tmp)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="results markdown (default: benchmarks/results/stage1-PROFILE.md)")
+    ap.add_argument("--points-out", type=Path, default=None,
+                    help="npz of the final detector's points on the train and val images (stage2.py --stage1-cache)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -184,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     res = train_detector(train, cfg, ModelLayout(work), device=device, resume=args.resume, progress=False,
                          tune_samples=val, on_round_end=on_round_end)
     t_train = time.time() - t0
+    if args.points_out is not None:
+        vprobs = predict_probabilities(res.model, val, device)
+        points = dict(res.points)
+        points.update({s.name: detect(p, s.valid, res.threshold, res.min_area_px) for s, p in zip(val, vprobs)})
+        args.points_out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.points_out, **points)
     hist = [e for h in res.history.values() for e in h.epochs]
     pps = float(np.mean([e.patches_per_s for e in hist]))
     wait = float(np.mean([e.data_wait_share for e in hist]))
@@ -195,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage1.py'] + (argv if argv is not None else sys.argv[1:]))}`",
         f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
-        f"- machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}, "
-        f"{torch.get_num_threads()} threads (CPU shared with other jobs)",
+        f"- machine: {machine_line(device)}",
         f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px (r1 = {res.metrics['r1_px']:.2f} px), "
         f"{cfg.detection.epochs} epochs initial + {cfg.detection.rounds} round(s) x "
         f"{cfg.detection.round_epochs or cfg.detection.epochs} epochs, "

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1 import FULL_RES_UM, load_image, mo_samples, parse_set, shared_dir  # noqa: E402
+from stage1 import FULL_RES_UM, load_image, machine_line, mo_samples, parse_set, shared_dir  # noqa: E402
 
 from pointnuc.config import TrainConfig, profile_config  # noqa: E402
 from pointnuc.infer.instances import instances_from_probability, nucleus_probability  # noqa: E402
@@ -261,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage2.py'] + (argv if argv is not None else sys.argv[1:]))}`",
         f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
-        f"- machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}, "
-        f"{torch.get_num_threads()} threads (CPU shared with other jobs)",
+        f"- machine: {machine_line(device)}",
         f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px, {seg.epochs} epochs (lr {seg.lr}) + "
         f"{seg.crf_epochs} CRF epochs (lr {seg.crf_lr}, β {seg.crf_beta}, σ_xy {seg.crf_sigma_xy_um} µm, σ_rgb {seg.crf_sigma_rgb}), "
         f"batch {seg.batch_size}, {cfg.data.patches_per_image} patches/image, crop {cfg.data.crop_size}",

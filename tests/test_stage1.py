@@ -138,9 +138,24 @@ def test_fit_nan_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
 
     with pytest.raises(TrainingError, match="loss became nan"):
         fit(build_network(1, "tiny"), ds, loss, epochs=3, lr=1e-3, batch_size=4, device="cpu",
-            checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0)
+            checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0,
+            checkpoint_interval_s=0)
     state = torch.load(tmp_path / "toy.pt", weights_only=False)
     assert state["epoch"] == 1
+
+
+def test_fit_checkpoints_at_most_once_per_interval_and_after_the_last_epoch(tmp_path: Path) -> None:
+    saved: list[int] = []
+
+    def hook(epoch: int, model: torch.nn.Module) -> None:
+        ckpt = tmp_path / "toy.pt"
+        saved.append(torch.load(ckpt, weights_only=False)["epoch"] if ckpt.is_file() else 0)
+
+    fit(build_network(1, "tiny"), _toy_dataset(), weighted_mse, epochs=3, lr=1e-3, batch_size=4, device="cpu",
+        checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0,
+        on_epoch_end=hook, checkpoint_interval_s=3600)
+    assert saved == [0, 0, 0]  # the hook runs before the epoch's save: none saved within the hour...
+    assert torch.load(tmp_path / "toy.pt", weights_only=False)["epoch"] == 3  # ...but the last epoch always is
 
 
 def test_best_state_is_kept(tmp_path: Path) -> None:

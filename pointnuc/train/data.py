@@ -179,8 +179,10 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images) * self.data.patches_per_image
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index`` of the current epoch, or of epoch ``e`` for ``index = (e, i)``."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        rng = np.random.default_rng((self.seed, int(epoch), int(index)))
         j = index // self.data.patches_per_image
         image, valid, targets = self.images[j], self.valid[j], self.targets[j]
         h, w = image.shape[:2]

@@ -1,7 +1,11 @@
 """The one training loop both stages use: Adam, AMP on CUDA, checkpoints, resume, NaN guard.
 
-Checkpoints: ``checkpoint_dir/<stage_name>.pt`` after every epoch (model, optimizer,
-AMP scaler, epoch, history, best state, configuration fingerprint), written atomically.
+Checkpoints: ``checkpoint_dir/<stage_name>.pt`` after every epoch that ends at least
+:data:`CHECKPOINT_INTERVAL_S` after the last save, and after the last epoch (model, optimizer,
+AMP scaler, epoch, history, best state, configuration fingerprint), written atomically. On a
+CPU an epoch lasts longer than that, so every epoch is saved; on a GPU an epoch of the paper's
+schedule lasts about a second and a ResNet-34 checkpoint (with Adam's state) is ~300 MB, so
+saving each would cost more than the training.
 ``resume=True`` continues from it; a checkpoint written under another configuration
 (different fingerprint) is refused. The number of epochs is not part of the fingerprint,
 so a finished run can be extended by resuming with more epochs.
@@ -28,6 +32,9 @@ from pointnuc.errors import InputError, TrainingError
 from pointnuc.models.net import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
+
+#: at most one checkpoint per this many seconds (and always one after the last epoch)
+CHECKPOINT_INTERVAL_S = 20.0
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EpochHook = Callable[[int, nn.Module], "dict[str, Any] | None"]
@@ -106,6 +113,42 @@ def _seed_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers: 1 on CPU (the network already uses the cores), on CUDA enough
+    to keep the GPU fed (all cores but two, at most 12)."""
+    if device.type != "cuda":
+        return 1
+    return max(2, min(12, (os.cpu_count() or 4) - 2))
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of all epochs ``epochs`` in one stream, reshuffled per epoch from ``seed``.
+
+    With ``epoch_items`` each index is ``(epoch, i)``, so an epoch-aware dataset (such as
+    :class:`pointnuc.train.data.PatchDataset`) draws that epoch's crops in whatever worker
+    runs it. One DataLoader over all epochs keeps its workers and its prefetch running across
+    epoch ends instead of restarting them every epoch (on a GPU, where an epoch lasts a
+    second, the restarts dominated).
+    """
+
+    def __init__(self, n: int, batch_size: int, epochs: range, seed: int, epoch_items: bool) -> None:
+        self.n, self.batch_size, self.epochs, self.seed, self.epoch_items = n, batch_size, epochs, seed, epoch_items
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.epochs) * self.steps_per_epoch()
+
+    def __iter__(self):  # type: ignore[override]
+        for e in self.epochs:
+            g = torch.Generator().manual_seed(self.seed * 100003 + e)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            for i in range(0, self.n, self.batch_size):
+                chunk = perm[i : i + self.batch_size]
+                yield [(e, j) for j in chunk] if self.epoch_items else chunk
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -136,6 +179,7 @@ def fit(
     weight_decay: float = 0.0,
     num_workers: int | None = None,
     config: Mapping[str, Any] | None = None,
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
 ) -> FitHistory:
     """Train ``model`` on ``dataset`` with Adam; returns the per-epoch history.
 
@@ -184,33 +228,34 @@ def fit(
     elif resume:
         log.info("%s: no checkpoint to resume from; starting at epoch 1", stage_name)
 
-    workers = num_workers if num_workers is not None else (4 if use_amp else 1)
-    gen = torch.Generator()
+    workers = num_workers if num_workers is not None else default_workers(dev)
+    epoch_items = hasattr(dataset, "set_epoch")
+    sampler = EpochBatches(len(dataset), batch_size, range(start + 1, epochs + 1), seed, epoch_items)  # type: ignore[arg-type]
     loader_kw: dict[str, Any] = {}
     if workers > 0:
-        loader_kw = {"worker_init_fn": _seed_worker, "prefetch_factor": 4, "persistent_workers": False}
-    steps_per_epoch = -(-len(dataset) // batch_size)  # type: ignore[arg-type]
+        loader_kw = {"worker_init_fn": _seed_worker, "prefetch_factor": 4}
+    steps_per_epoch = sampler.steps_per_epoch()
     bar = None
     if progress and start < epochs:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=(epochs - start) * steps_per_epoch, desc=stage_name, unit="batch", dynamic_ncols=True)
+    batches = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=use_amp, **loader_kw,
+    )) if start < epochs else iter(())
+    last_save = time.monotonic()
     try:
         for epoch in range(start + 1, epochs + 1):
             torch.manual_seed(seed * 100003 + epoch)
-            gen.manual_seed(seed * 100003 + epoch)
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=workers,
-                pin_memory=use_amp, drop_last=False, **loader_kw,
-            )
             model.train()
             t0 = time.perf_counter()
             wait = 0.0
             total, n_items = 0.0, 0
             t_wait = time.perf_counter()
-            for images, targets in loader:
+            for _ in range(steps_per_epoch):
+                images, targets = next(batches)
                 wait += time.perf_counter() - t_wait
                 x = normalise_batch(images.to(dev, non_blocking=True))
                 y = targets.to(dev, non_blocking=True)
@@ -249,6 +294,9 @@ def fit(
                 "%s epoch %d/%d: loss %.5f, %.1f s, %.1f patches/s, data wait %.0f%%",
                 stage_name, epoch, epochs, stats.loss, secs, stats.patches_per_s, 100 * stats.data_wait_share,
             )
+            if epoch < epochs and time.monotonic() - last_save < checkpoint_interval_s:
+                continue
+            last_save = time.monotonic()
             _save_atomic(
                 {
                     "fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
