@@ -111,10 +111,144 @@ def labels_to_polygons(
     Vertex (x, y) in label-pixel corners becomes ``(x * scale + offset_x, y * scale + offset_y)``.
     ``simplify_px`` > 0 simplifies (Douglas-Peucker, topology preserving) with that tolerance in
     label pixels; 0 keeps the exact staircase, whose area in px² equals the pixel count.
+
+    All outlines are traced at once (:func:`_trace_all`) and turned into polygons by
+    shapely's array functions; instances with holes, several pieces or a diagonal pinch go
+    through :func:`trace_mask` one by one. The result is that of :func:`_labels_to_polygons_each`.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError("labels must be a 2-D array")
+    if labels.dtype.kind not in "iu" or labels.dtype.itemsize > 8:
+        labels = labels.astype(np.int64)
+    ids, coords, ring_of, odd = _trace_all(labels)
+    rings: list[np.ndarray] = []
+    ring_ids: list[int] = []
+    if len(odd):
+        slices = ndi.find_objects(labels, max_label=int(odd.max()))
+        for lab in odd.tolist():
+            sl = slices[lab - 1]
+            ring = trace_mask(labels[sl] == lab)
+            if len(ring) < 4:
+                continue
+            ring[:, 0] += sl[1].start
+            ring[:, 1] += sl[0].start
+            rings.append(ring)
+            ring_ids.append(lab)
+    if rings:
+        coords = np.concatenate([coords] + rings)
+        ring_of = np.concatenate([ring_of] + [np.full(len(r), len(ids) + k, np.int64) for k, r in enumerate(rings)])
+        ids = np.concatenate([ids, np.asarray(ring_ids, np.int64)])
+    if len(ids) == 0:
+        return {}
+    polys = shapely.polygons(shapely.linearrings(coords, indices=ring_of))
+    keep = np.ones(len(ids), bool)
+    if simplify_px > 0:
+        polys = shapely.simplify(polys, simplify_px, preserve_topology=True)
+        ok = (shapely.get_type_id(polys) == 3) & shapely.is_valid(polys) & ~shapely.is_empty(polys)
+        ok &= shapely.area(polys) > 0
+        for k in np.flatnonzero(~ok):
+            poly = valid_polygon(polys[k])
+            keep[k] = poly is not None
+            polys[k] = poly
+        polys = shapely.polygons(shapely.get_exterior_ring(polys[keep]))
+        ids = ids[keep]
+    ox, oy = float(offset_xy[0]), float(offset_xy[1])
+    if scale != 1.0 or ox or oy:
+        shift = np.array([ox, oy])
+        polys = shapely.transform(polys, lambda xy: xy * scale + shift if (ox or oy) else xy * scale)
+    order = np.argsort(ids, kind="stable")
+    return {int(ids[k]): polys[k] for k in order}
+
+
+def _trace_all(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Corner outlines of every instance of ``labels`` that is one 4-connected piece without holes.
+
+    Returns ``ids`` (K,), ``coords`` (M, 2) x/y of the closed rings one after the other,
+    ``ring_of`` (M,) which ring (0..K-1) each vertex belongs to, and ``odd``: the ids that
+    are not one simple ring (several pieces, holes, diagonal pinches), left to :func:`trace_mask`.
+    Each ring is the one :func:`trace_mask` gives: same direction, same first vertex, corners only.
+    """
+    h, w = labels.shape
+    m = np.zeros((h + 2, w + 2), np.int64)
+    m[1:-1, 1:-1] = labels
+    V = w + 3
+    NV = (h + 3) * V
+    parts = []
+    # directed unit edges along pixel sides (see _single_ring), one set per label; (start, end, direction)
+    a, b = m[1:, :], m[:-1, :]
+    r, c = np.nonzero((a != 0) & (a != b))  # top side of (r+1, c)
+    parts.append((a[r, c], (r + 1) * V + c + 1, (r + 1) * V + c, 0))
+    a, b = m[:-1, :], m[1:, :]
+    r, c = np.nonzero((a != 0) & (a != b))  # bottom side of (r, c)
+    parts.append((a[r, c], (r + 1) * V + c, (r + 1) * V + c + 1, 1))
+    a, b = m[:, 1:], m[:, :-1]
+    r, c = np.nonzero((a != 0) & (a != b))  # left side of (r, c+1)
+    parts.append((a[r, c], r * V + c + 1, (r + 1) * V + c + 1, 2))
+    a, b = m[:, :-1], m[:, 1:]
+    r, c = np.nonzero((a != 0) & (a != b))  # right side of (r, c)
+    parts.append((a[r, c], (r + 1) * V + c + 1, r * V + c + 1, 3))
+    lab = np.concatenate([p[0] for p in parts])
+    start = np.concatenate([p[1] for p in parts])
+    end = np.concatenate([p[2] for p in parts])
+    dirn = np.concatenate([np.full(len(p[0]), p[3], np.int8) for p in parts])
+    empty = (np.zeros(0, np.int64), np.zeros((0, 2), float), np.zeros(0, np.int64))
+    if len(lab) == 0:
+        return (*empty, np.zeros(0, np.int64))
+    key = lab * NV + start
+    order = np.argsort(key, kind="stable")
+    skey = key[order]
+    pinch = np.unique(lab[order[1:][skey[1:] == skey[:-1]]])  # a vertex with two outgoing edges
+    if len(pinch):
+        ok = ~np.isin(lab, pinch)
+        lab, start, end, dirn = lab[ok], start[ok], end[ok], dirn[ok]
+        key = key[ok]
+        order = np.argsort(key, kind="stable")
+        skey = key[order]
+    n = len(lab)
+    if n == 0:
+        return (*empty, pinch)
+    succ = order[np.searchsorted(skey, lab * NV + end)]
+    # the first edge of each label's ring: leftmost, then topmost start vertex (as trace_mask)
+    xs, ys = start % V, start // V
+    by = np.lexsort((xs * (h + 3) + ys, lab))
+    firsts = by[np.r_[True, lab[by][1:] != lab[by][:-1]]]
+    # list ranking by pointer jumping: steps from each edge to the last edge of its label's ring
+    is_first = np.zeros(n, bool)
+    is_first[firsts] = True
+    last = is_first[succ]
+    nxt = np.where(last, np.arange(n), succ)
+    dist = (~last).astype(np.int64)
+    counts = np.bincount(lab)
+    for _ in range(int(np.ceil(np.log2(max(2, int(counts.max()))))) + 1):
+        dist = dist + dist[nxt]
+        nxt = nxt[nxt]
+    multi = np.unique(lab[~last[nxt]])  # edges that never reach their ring's end: a second ring
+    odd = np.union1d(pinch, multi)
+    keep = ~np.isin(lab, multi) if len(multi) else np.ones(n, bool)
+    pred = np.empty(n, np.int64)
+    pred[succ] = np.arange(n)
+    turn = keep & (dirn != dirn[pred])  # corners only
+    idx = np.flatnonzero(turn)
+    idx = idx[np.lexsort((-dist[idx], lab[idx]))]
+    vlab = lab[idx]
+    ids, first_at = np.unique(vlab, return_index=True)
+    ring_of = np.repeat(np.arange(len(ids)), np.diff(np.r_[first_at, len(vlab)]) + 1)
+    # each ring closed: its first vertex repeated after its last
+    src = np.insert(idx, np.r_[first_at[1:], len(idx)], idx[first_at]) if len(ids) else idx
+    coords = np.stack((xs[src] - 1.0, ys[src] - 1.0), axis=1)
+    return ids.astype(np.int64), coords, ring_of.astype(np.int64), odd.astype(np.int64)
+
+
+def _labels_to_polygons_each(
+    labels: np.ndarray,
+    *,
+    offset_xy: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    simplify_px: float = 0.0,
+) -> dict[int, Polygon]:
+    """:func:`labels_to_polygons` one instance at a time (the reference for tests)."""
+    labels = np.asarray(labels)
     out: dict[int, Polygon] = {}
     ox, oy = float(offset_xy[0]), float(offset_xy[1])
     if labels.dtype.kind not in "iu" or labels.dtype.itemsize > 8:
@@ -212,6 +346,22 @@ def nucleus_measurements(polygon: BaseGeometry, pixel_size_um: float | None) -> 
         s = float(pixel_size_um)
         return {"Area µm^2": area * s * s, "Perimeter µm": perim * s, "Circularity": circ}
     return {"Area px^2": area, "Perimeter px": perim, "Circularity": circ}
+
+
+def measurements_many(polygons: np.ndarray, pixel_size_um: float | None) -> list[dict[str, float]]:
+    """:func:`nucleus_measurements` of an array of polygons at once (the same numbers)."""
+    area = shapely.area(polygons)
+    perim = shapely.length(polygons)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        circ = np.where(perim > 0, 4.0 * math.pi * area / (perim * perim), 0.0)
+    if pixel_size_um:
+        s = float(pixel_size_um)
+        keys = ("Area µm^2", "Perimeter µm", "Circularity")
+        cols = (area * s * s, perim * s, circ)
+    else:
+        keys = ("Area px^2", "Perimeter px", "Circularity")
+        cols = (area, perim, circ)
+    return [dict(zip(keys, row)) for row in zip(*(c.tolist() for c in cols))]
 
 
 def expand_cells(nuclei: list[Polygon], distance_px: float) -> list[Polygon]:

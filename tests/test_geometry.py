@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import shapely
 from shapely.geometry import Polygon, box
 
 from pointnuc.geometry import (
@@ -158,3 +159,27 @@ def test_polygon_pixels_by_centres_with_holes_origin_and_scale():
     # array pixel (r, c) centred at full-res (100 + 4 (c + 0.5), 50 + 4 (r + 0.5)): box x in [104, 108) holds c = 1 only
     rr, cc = polygon_pixels(box(104, 50, 108, 54), (3, 3), origin_xy=(100, 50), scale=4.0)
     assert rr.tolist() == [0] and cc.tolist() == [1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_all_outlines_at_once_equal_one_by_one(seed: int) -> None:
+    """labels_to_polygons (all rings traced together) = the per-instance tracer, vertex for vertex,
+    on touching instances, holes, several pieces, diagonal pinches; measurements_many = nucleus_measurements."""
+    from pointnuc.geometry import _labels_to_polygons_each, measurements_many
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:200, :240]
+    lab = np.zeros((200, 240), np.int64)
+    for i in range(1, 80):
+        cy, cx, ry, rx = rng.uniform(0, 200), rng.uniform(0, 240), rng.uniform(2, 10), rng.uniform(2, 10)
+        lab[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = i  # later ones overlap (touch) earlier ones
+    lab[150:200, 0:50] = rng.integers(80, 84, (50, 50)) * (rng.random((50, 50)) < 0.6)  # pieces, holes, pinches
+    lab[0, 0] = 90  # a single pixel in a corner
+    for kw in ({}, {"simplify_px": 0.75, "scale": 2.0, "offset_xy": (100.0, 50.0)}, {"scale": 0.5}):
+        a, b = labels_to_polygons(lab, **kw), _labels_to_polygons_each(lab, **kw)
+        assert list(a) == list(b) and len(a) > 60
+        for k in a:
+            assert np.array_equal(shapely.get_coordinates(a[k]), shapely.get_coordinates(b[k])), k
+    polys = np.array(list(a.values()), dtype=object)
+    for px in (0.25, None):
+        assert measurements_many(polys, px) == [nucleus_measurements(p, px) for p in polys]

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import shapely
 from shapely.geometry.base import BaseGeometry
-from shapely.prepared import prep
 
 from pointnuc.infer.tiling import Box, Tile, owned_labels
 from pointnuc.io.base import NucleusObject
@@ -51,14 +50,14 @@ class TileContext:
     keep_margin: int | None = None
 
 
-def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext, *, region_prepared: Any = None) -> tuple[list[NucleusObject], int]:
+def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext) -> tuple[list[NucleusObject], int]:
     """The nuclei ``tile`` owns, from its window's foreground probability (T, T).
 
     Returns the nuclei (full-res polygons, mean probability as score, shape
     measurements) and the number of objects dropped because they are centred in the
     core but cut by the tile's edge (larger than the halo: not nuclei).
     """
-    from pointnuc.geometry import labels_to_polygons, nucleus_measurements
+    from pointnuc.geometry import labels_to_polygons, measurements_many
     from pointnuc.infer.instances import instances_from_probability
 
     p = ctx.params
@@ -76,17 +75,23 @@ def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext, *, region_pre
     ds = ctx.downsample
     oy, ox = tile.valid.y0 + ctx.origin[0], tile.valid.x0 + ctx.origin[1]
     polys = labels_to_polygons(lab, offset_xy=(ox * ds, oy * ds), scale=ds, simplify_px=ctx.simplify_px)
+    if not polys:
+        return [], n_big
     flat = lab.ravel()
     sums = np.bincount(flat, weights=prob.ravel(), minlength=len(keep))
     counts = np.bincount(flat, minlength=len(keep))
-    region = region_prepared if region_prepared is not None else (prep(ctx.region) if ctx.region is not None else None)
-    out = []
-    for i, poly in polys.items():
-        if region is not None and not region.contains(poly.centroid):
-            continue
-        score = float(sums[i] / max(counts[i], 1))
-        out.append(NucleusObject(poly, score, nucleus_measurements(poly, ctx.pixel_size_um)))
-    return out, n_big
+    idx = np.fromiter(polys.keys(), np.int64, len(polys))
+    geoms = np.fromiter(polys.values(), object, len(polys))
+    if ctx.region is not None:
+        region = ctx.region
+        if not shapely.is_prepared(region):  # (prepared once per slide by the caller / worker)
+            shapely.prepare(region)
+        xy = shapely.get_coordinates(shapely.centroid(geoms))
+        inside = shapely.contains_xy(region, xy[:, 0], xy[:, 1])
+        idx, geoms = idx[inside], geoms[inside]
+    scores = sums[idx] / np.maximum(counts[idx], 1)
+    meas = measurements_many(geoms, ctx.pixel_size_um)
+    return [NucleusObject(g, float(sc), m) for g, sc, m in zip(geoms, scores.tolist(), meas)], n_big
 
 
 def search_box(tile: Tile, margin: int | None) -> Tile:
@@ -122,18 +127,18 @@ def count_large(labels: np.ndarray, tile: Tile) -> int:
 # --- worker-process side: the context is sent once, then only (tile, probability) per job
 
 _CTX: TileContext | None = None
-_REGION: Any = None
 
 
 def init_worker(ctx: TileContext) -> None:
     """Process-pool initializer: keep the slide's context (and the prepared region) in the worker."""
-    global _CTX, _REGION
+    global _CTX
     _CTX = ctx
-    _REGION = prep(ctx.region) if ctx.region is not None else None
+    if ctx.region is not None:
+        shapely.prepare(ctx.region)
 
 
 def worker_job(job: tuple[Tile, np.ndarray]) -> tuple[list[NucleusObject], int]:
     """One tile in a worker process (probability sent as float16 to halve the copy)."""
     assert _CTX is not None, "init_worker was not called"
     tile, prob = job
-    return tile_nuclei(prob.astype(np.float32), tile, _CTX, region_prepared=_REGION)
+    return tile_nuclei(prob.astype(np.float32), tile, _CTX)

@@ -388,7 +388,8 @@ def segment_slide(
     margin = min(plan.grid.halo, int(math.ceil(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px)) + 4)
     ctx = TileContext(plan.origin, plan.downsample, plan.pixel_size_um, instance_params(info), region, keep_margin=margin)
     source = sampled_colour_stats(slide, plan) if info.norm_reference else None
-    prepared = prep(region) if region is not None else None
+    if region is not None:
+        shapely.prepare(region)  # once, before the post-processing threads use it
     if post_processes is None:
         post_processes = max(1, (os.cpu_count() or 1) - 2) if kind == "cuda" else 0
     on_device = (kind == "cuda") if normalise_on_device is None else normalise_on_device
@@ -411,7 +412,7 @@ def segment_slide(
     def post(job: tuple[Tile, np.ndarray]) -> tuple[list[NucleusObject], int]:
         t0 = time.perf_counter()
         tile, prob = job
-        res = tile_nuclei(prob, tile, ctx, region_prepared=prepared)
+        res = tile_nuclei(prob, tile, ctx)
         with tlock:
             timings["post"] += time.perf_counter() - t0
         return res
