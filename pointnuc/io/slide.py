@@ -76,9 +76,40 @@ class _TiffBackend:
                 self.arrays = arrays
         except Exception:  # another layout (e.g. planar): fall back to tiffslide's read_region
             self.arrays = None
+        # levels whose tiles are decoded here directly (see _TileReader); None: through zarr
+        self.tiles: list[_TileReader | None] = [None] * len(self.level_dimensions)
+        self._fd: int | None = None
+        if self.arrays is not None:
+            try:
+                self._open_tiles(path)
+            except Exception:  # anything unusual: zarr reads every level
+                self.tiles = [None] * len(self.level_dimensions)
+
+    def _open_tiles(self, path: Path) -> None:
+        import os
+
+        import tifffile
+
+        tf = getattr(self.slide, "_tifffile", None)
+        if not hasattr(os, "pread") or not isinstance(tf, tifffile.TiffFile) or not tf.series:
+            return
+        levels = tf.series[0].levels
+        if len(levels) != len(self.level_dimensions):
+            return
+        for i, (lev, (ww, hh)) in enumerate(zip(levels, self.level_dimensions)):
+            if len(lev.pages) != 1 or lev.pages[0] is None:
+                continue
+            page = lev.pages[0]
+            if isinstance(page, tifffile.TiffPage):
+                self.tiles[i] = _TileReader.of(page, (hh, ww))
+        if any(t is not None for t in self.tiles):
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Pixels of level ``level`` in its own coordinates; the box lies inside the level."""
+        tiles = self.tiles[level] if self._fd is not None else None
+        if tiles is not None:
+            return _to_rgb(tiles.read(self._fd, x, y, w, h))
         if self.arrays is not None:
             return _to_rgb(np.asarray(self.arrays[level][y : y + h, x : x + w]))
         ds = self.level_dimensions[0][0] / self.level_dimensions[level][0]
@@ -87,7 +118,62 @@ class _TiffBackend:
         return _to_rgb(self.slide.read_region(loc, level, (w, h), as_array=True))
 
     def close(self) -> None:
+        if self._fd is not None:
+            import os
+
+            os.close(self._fd)
+            self._fd = None
         self.slide.close()
+
+
+class _TileReader:
+    """One tiled TIFF level read tile by tile: ``os.pread`` + tifffile's segment decoder.
+
+    Both release the GIL for the heavy part (the file read, the imagecodecs decoder), so
+    reader threads run in parallel, where zarr's reads (through one event loop) did not.
+    Only for the plain layout: one page, contiguous samples, 2-D tiles.
+    """
+
+    def __init__(self, page: Any, shape: tuple[int, int]) -> None:
+        self.decode = page.decode
+        self.jpegtables = page.jpegtables
+        self.tw, self.th = int(page.tilewidth), int(page.tilelength)
+        self.nx = -(-shape[1] // self.tw)
+        self.offsets = np.asarray(page.dataoffsets, np.int64)
+        self.counts = np.asarray(page.databytecounts, np.int64)
+        self.samples = int(page.samplesperpixel)
+        self.dtype = page.dtype
+        self.fill = 0  # as zarr fills a missing tile
+
+    @classmethod
+    def of(cls, page: Any, shape: tuple[int, int]) -> "_TileReader | None":
+        ok = (
+            page.is_tiled and page.tiledepth == 1 and page.imagedepth == 1 and page.planarconfig == 1
+            and page.samplesperpixel in (1, 3, 4) and (page.imagelength, page.imagewidth) == shape
+            and page.dtype is not None and len(page.dataoffsets) == -(-shape[0] // page.tilelength) * -(-shape[1] // page.tilewidth)
+        )
+        return cls(page, shape) if ok else None
+
+    def read(self, fd: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        import os
+
+        out = np.empty((h, w, self.samples), self.dtype)
+        tw, th = self.tw, self.th
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                i = ty * self.nx + tx
+                n = int(self.counts[i])
+                data = os.pread(fd, n, int(self.offsets[i])) if n else None
+                seg = self.decode(data, i, jpegtables=self.jpegtables)[0]
+                y0, x0 = ty * th, tx * tw
+                a0, b0, a1, b1 = max(y, y0), max(x, x0), min(y + h, y0 + th), min(x + w, x0 + tw)
+                dst = out[a0 - y : a1 - y, b0 - x : b1 - x]
+                if seg is None:
+                    dst[...] = self.fill
+                else:
+                    seg = seg.reshape(seg.shape[-3:])  # (depth 1,) length, width, samples
+                    dst[...] = seg[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+        return out
 
 
 class _PillowBackend:
@@ -103,7 +189,7 @@ class _PillowBackend:
         if self._arr is None:
             with Image.open(self.path) as im:
                 self._arr = _to_rgb(np.asarray(im.convert("RGB")))
-        return self._arr[y : y + h, x : x + w]
+        return self._arr[y : y + h, x : x + w].copy()  # callers own what they get
 
     def close(self) -> None:
         self._arr = None
@@ -161,14 +247,19 @@ class Slide:
         fx0, fy0, fx1, fy1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
         ix0, iy0 = math.floor(fx0 + 1e-9), math.floor(fy0 + 1e-9)
         ix1, iy1 = math.ceil(fx1 - 1e-9), math.ceil(fy1 - 1e-9)
-        buf = np.full((iy1 - iy0, ix1 - ix0, 3), WHITE, np.uint8)
         cx0, cy0, cx1, cy1 = max(ix0, 0), max(iy0, 0), min(ix1, lw), min(iy1, lh)
+        part = None
         if cx1 > cx0 and cy1 > cy0:
             try:
                 part = self._backend.read(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
             except Exception as err:
                 raise ImageReadError(f"cannot read pixels of {self.path}: {err.__class__.__name__}: {err}") from None
-            buf[cy0 - iy0 : cy0 - iy0 + part.shape[0], cx0 - ix0 : cx0 - ix0 + part.shape[1]] = part
+        if part is not None and part.shape[:2] == (iy1 - iy0, ix1 - ix0):
+            buf = part  # the box lies inside the level: no white margin to add
+        else:
+            buf = np.full((iy1 - iy0, ix1 - ix0, 3), WHITE, np.uint8)
+            if part is not None:
+                buf[cy0 - iy0 : cy0 - iy0 + part.shape[0], cx0 - ix0 : cx0 - ix0 + part.shape[1]] = part
         exact = (
             abs(fx0 - ix0) < 1e-6 and abs(fy0 - iy0) < 1e-6 and buf.shape[1] == out_w and buf.shape[0] == out_h
         )
