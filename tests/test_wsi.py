@@ -181,6 +181,11 @@ def test_worker_processes_give_the_same_nuclei(slide_file: tuple[Path, SynthSlid
     key = lambda n: (round(n.polygon.centroid.x, 3), round(n.polygon.centroid.y, 3))  # noqa: E731
     assert a.n_nuclei == b.n_nuclei > 50
     assert sorted(map(key, a.nuclei)) == sorted(map(key, b.nuclei))
+    # sent back as arrays, rebuilt alike: same outlines and measurements, in the same order
+    for x, y in zip(a.nuclei, b.nuclei):
+        assert shapely.equals_exact(x.polygon, y.polygon, 0) and x.measurements == y.measurements
+        assert abs(x.score - y.score) < 1e-3  # (probabilities travel as float16)
+    assert a.timings["post"] > 0 and b.timings["post"] > 0  # the workers' busy time is counted too
 
 
 def test_pixel_size_missing_or_given(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ processes beside the GPU. Ownership is :func:`pointnuc.infer.tiling.owned_labels
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import shapely
@@ -130,15 +132,54 @@ _CTX: TileContext | None = None
 
 
 def init_worker(ctx: TileContext) -> None:
-    """Process-pool initializer: keep the slide's context (and the prepared region) in the worker."""
+    """Process-pool initializer: keep the slide's context (region prepared) and import what jobs use."""
     global _CTX
     _CTX = ctx
     if ctx.region is not None:
         shapely.prepare(ctx.region)
+    import pointnuc.geometry  # noqa: F401  (here, not in the first tile's time)
+    import pointnuc.infer.instances  # noqa: F401
+
+    if ctx.params.method == "watershed":
+        import skimage.morphology  # noqa: F401
+        import skimage.segmentation  # noqa: F401
 
 
-def worker_job(job: tuple[Tile, np.ndarray]) -> tuple[list[NucleusObject], int]:
-    """One tile in a worker process (probability sent as float16 to halve the copy)."""
+def warm_up() -> None:
+    """A job that does nothing: submitting a few makes the pool start its workers early."""
+
+
+def worker_job(job: tuple[Tile, np.ndarray]) -> tuple[tuple[Any, ...], int, float]:
+    """One tile in a worker process (probability sent as float16 to halve the copy).
+
+    Returns the nuclei packed as arrays (:func:`pack_nuclei`: cheaper to send and to
+    rebuild than pickled objects), the count of dropped large objects, and the busy seconds.
+    """
     assert _CTX is not None, "init_worker was not called"
+    t0 = time.perf_counter()
     tile, prob = job
-    return tile_nuclei(prob.astype(np.float32), tile, _CTX)
+    found, big = tile_nuclei(prob.astype(np.float32), tile, _CTX)
+    packed = pack_nuclei(found)
+    return packed, big, time.perf_counter() - t0
+
+
+def pack_nuclei(nuclei: list[NucleusObject]) -> tuple[Any, ...]:
+    """Nuclei (single-ring polygons) as flat arrays: coordinates, ring index per vertex, scores,
+    measurement names and values."""
+    if not nuclei:
+        return ()
+    geoms = np.array([n.polygon for n in nuclei], dtype=object)
+    coords, ring = shapely.get_coordinates(shapely.get_exterior_ring(geoms), return_index=True)
+    keys = tuple(nuclei[0].measurements)
+    values = np.array([[n.measurements[k] for k in keys] for n in nuclei], np.float64)
+    scores = np.array([n.score for n in nuclei], np.float64)
+    return coords, ring, scores, keys, values
+
+
+def unpack_nuclei(packed: tuple[Any, ...]) -> list[NucleusObject]:
+    """The nuclei of :func:`pack_nuclei` again (same coordinates, scores and measurements)."""
+    if not packed:
+        return []
+    coords, ring, scores, keys, values = packed
+    polys = shapely.polygons(shapely.linearrings(coords, indices=ring))
+    return [NucleusObject(p, sc, dict(zip(keys, v))) for p, sc, v in zip(polys.tolist(), scores.tolist(), values.tolist())]

@@ -38,7 +38,9 @@ from shapely.prepared import prep
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError, PixelSizeError
-from pointnuc.infer.polygons import InstanceParams, TileContext, init_worker, tile_nuclei, worker_job
+from pointnuc.infer.polygons import (
+    InstanceParams, TileContext, init_worker, tile_nuclei, unpack_nuclei, warm_up, worker_job,
+)
 from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, round_halo, tiles_intersecting
 from pointnuc.io.base import NucleusObject
 from pointnuc.models.bundle import ModelInfo
@@ -169,14 +171,18 @@ def read_thumbnail(
 COLOUR_SAMPLE_TILES = 8
 
 
-def sampled_colour_stats(slide: Any, plan: SlidePlan, n_tiles: int = COLOUR_SAMPLE_TILES) -> tuple[np.ndarray, np.ndarray] | None:
+def sampled_colour_stats(
+    slide: Any, plan: SlidePlan, n_tiles: int = COLOUR_SAMPLE_TILES, *, read: Callable[[Tile], np.ndarray] | None = None,
+    pool: Executor | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """LAB mean/std of the slide at the working resolution, from the cores of up to ``n_tiles`` tiles.
 
     Training computes its statistics from full working-resolution pixels
     (:func:`pointnuc.stain.reinhard_normalize`); a thumbnail would blur away contrast and
     make inference stretch it (x1.5 on the example tile). One set for the whole slide, so
     neighbouring tiles agree at the seams; for an image of up to ``n_tiles`` tiles it is
-    exactly the statistics training used.
+    exactly the statistics training used. ``read`` (a tile -> pixels) and ``pool`` (to read
+    the tiles in parallel) are what :func:`segment_slide` passes.
     """
     from pointnuc.stain import lab_stats
 
@@ -185,9 +191,10 @@ def sampled_colour_stats(slide: Any, plan: SlidePlan, n_tiles: int = COLOUR_SAMP
         return None
     picks = sorted({int(i) for i in np.linspace(0, len(tiles) - 1, min(n_tiles, len(tiles))).round()})
     pixels = []
-    for i in picks:
-        t = tiles[i]
-        img = read_tile(slide, plan, t)
+    reader = read if read is not None else (lambda t: read_tile(slide, plan, t))
+    chosen = [tiles[i] for i in picks]
+    images = pool.map(reader, chosen) if pool is not None else map(reader, chosen)
+    for t, img in zip(chosen, images):
         y0, x0 = t.core.y0 - t.window.y0, t.core.x0 - t.window.x0
         pixels.append(img[y0 : y0 + t.core.height, x0 : x0 + t.core.width].reshape(-1, 3))
     flat = np.concatenate(pixels)
@@ -382,23 +389,46 @@ def segment_slide(
     batch_size = batch_size or DEFAULT_BATCH[kind]
     use_amp = (device.type == "cuda") if amp is None else amp
     px = pixel_size_um if pixel_size_um is not None else getattr(slide, "pixel_size_um", None)
-    thumb = read_thumbnail(slide, pixel_size_um=px) if (tissue or info.norm_reference) and px is not None else None
-    plan = plan_slide(slide, info, region=region, tile_size=tile_size, halo=halo, pixel_size_um=px, tissue=tissue, thumbnail=thumb)
-    r1_px = info.config.data.nucleus_radius_um / info.pixel_size_um
-    margin = min(plan.grid.halo, int(math.ceil(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px)) + 4)
-    ctx = TileContext(plan.origin, plan.downsample, plan.pixel_size_um, instance_params(info), region, keep_margin=margin)
-    source = sampled_colour_stats(slide, plan) if info.norm_reference else None
-    if region is not None:
-        shapely.prepare(region)  # once, before the post-processing threads use it
+    if num_workers is None:
+        num_workers = min(8, max(2, (os.cpu_count() or 1) // 2)) if kind == "cuda" else 2
     if post_processes is None:
         post_processes = max(1, (os.cpu_count() or 1) - 2) if kind == "cuda" else 0
     on_device = (kind == "cuda") if normalise_on_device is None else normalise_on_device
-    norm = (source, info.norm_reference) if (source is not None and info.norm_reference) else None
-    if num_workers is None:
-        num_workers = min(8, max(2, (os.cpu_count() or 1) // 2)) if kind == "cuda" else 2
     timings = {"read": 0.0, "network": 0.0, "post": 0.0}
     tlock = threading.Lock()
     slides = _ThreadSlides(slide)
+    readers = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="pointnuc-read")
+    posters: Executor | None = None
+    try:
+        thumb = read_thumbnail(slide, pixel_size_um=px) if (tissue or info.norm_reference) and px is not None else None
+        plan = plan_slide(slide, info, region=region, tile_size=tile_size, halo=halo, pixel_size_um=px, tissue=tissue,
+                          thumbnail=thumb)
+        r1_px = info.config.data.nucleus_radius_um / info.pixel_size_um
+        margin = min(plan.grid.halo, int(math.ceil(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px)) + 4)
+        ctx = TileContext(plan.origin, plan.downsample, plan.pixel_size_um, instance_params(info), region, keep_margin=margin)
+        if post_processes > 0 and len(plan.tiles) > 2 * batch_size:
+            # spawn: no fork of a process holding CUDA and reader threads; workers import no torch.
+            # Started now, so that they start up while the colour statistics are read.
+            posters = ProcessPoolExecutor(post_processes, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=init_worker, initargs=(ctx,))
+            for _ in range(post_processes):
+                posters.submit(warm_up)
+        else:
+            post_processes = 0
+        network.eval().to(device)  # (CUDA starts up while the workers do)
+        if device.type == "cuda":
+            network = network.to(memory_format=torch.channels_last)
+        if region is not None:
+            shapely.prepare(region)  # once, before the post-processing threads use it
+        source = (sampled_colour_stats(slide, plan, read=lambda t: read_tile(slides.get(), plan, t), pool=readers)
+                  if info.norm_reference else None)
+    except BaseException:
+        readers.shutdown(wait=True, cancel_futures=True)
+        if posters is not None:
+            posters.shutdown(wait=True, cancel_futures=True)
+        slides.close()
+        raise
+    norm = (source, info.norm_reference) if (source is not None and info.norm_reference) else None
 
     def load(tile: Tile) -> np.ndarray:
         t0 = time.perf_counter()
@@ -409,30 +439,20 @@ def segment_slide(
             timings["read"] += time.perf_counter() - t0
         return img
 
-    def post(job: tuple[Tile, np.ndarray]) -> tuple[list[NucleusObject], int]:
+    def post(job: tuple[Tile, np.ndarray]) -> tuple[list[NucleusObject], int, float]:
         t0 = time.perf_counter()
         tile, prob = job
-        res = tile_nuclei(prob, tile, ctx)
-        with tlock:
-            timings["post"] += time.perf_counter() - t0
-        return res
+        found, big = tile_nuclei(prob, tile, ctx)
+        return found, big, time.perf_counter() - t0
 
-    network.eval().to(device)
-    if device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last)
     nuclei: list[NucleusObject] = []
     n_found = n_big = 0
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(plan.tiles), desc=name or "slide", unit="tile", disable=not progress, leave=True)
-    readers = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="pointnuc-read")
-    posters: Executor
-    if post_processes > 0 and len(plan.tiles) > 2 * batch_size:
-        # spawn: no fork of a process holding CUDA and reader threads; workers import no torch
-        posters = ProcessPoolExecutor(post_processes, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=init_worker, initargs=(ctx,))
-        post_fn: Callable[[Any], Any] = worker_job
-        post_ahead = max(2 * batch_size, 2 * post_processes)
+    post_fn: Callable[[Any], Any]
+    if posters is not None:
+        post_fn, post_ahead = worker_job, max(2 * batch_size, 2 * post_processes)
     else:
         posters = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="pointnuc-post")
         post_fn, post_ahead = post, 2 * batch_size
@@ -449,7 +469,10 @@ def segment_slide(
                     probs = probs.astype(np.float16)
                 yield from zip([t for t, _ in batch], probs)
 
-        for _, (found, big) in _bounded(forward(), post_fn, posters, ahead=post_ahead):
+        for _, (found, big, secs) in _bounded(forward(), post_fn, posters, ahead=post_ahead):
+            if post_fn is worker_job:
+                found = unpack_nuclei(found)
+            timings["post"] += secs  # busy seconds of the post threads / worker processes, summed
             n_found += len(found)
             n_big += big
             if sink is not None:
