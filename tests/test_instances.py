@@ -92,3 +92,19 @@ def test_per_component_watershed_equals_the_whole_tile_one(seed: int, h_px: floa
     old = _watershed_reference(p, min_area_px=5, h_px=h_px)
     assert fast.max() > 40 and fast.max() > instances_from_probability(p, method="cc", min_area_px=5).max()
     assert np.array_equal(_canon(fast), _canon(old))
+
+
+def test_fill_small_holes_is_binary_fill_holes_by_size() -> None:
+    from scipy import ndimage as ndi
+
+    from pointnuc.infer.instances import fill_small_holes
+
+    rng = np.random.default_rng(3)
+    for density in (0.3, 0.55, 0.7):
+        mask = rng.random((120, 90)) < density
+        for max_hole in (1, 3, 10):
+            holes = ndi.binary_fill_holes(mask) & ~mask
+            lab, n = ndi.label(holes)
+            small = np.bincount(lab.ravel(), minlength=n + 1) < max_hole
+            small[0] = False
+            assert np.array_equal(fill_small_holes(mask, max_hole), mask | small[lab])
