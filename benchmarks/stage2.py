@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['clu_nuc_prec']:.3f} | {r['clu_bg_prec']:.3f} | {r['clu_labelled']:.3f} | {r['clu_nuc_recall']:.3f} |")
     lines += ["", "Epoch losses: " + "; ".join(f"{k}: " + ", ".join(f"{v:.4f}" for v in h.losses) for k, h in res.history.items()),
               "Per-epoch selection scores: " + "; ".join(
-                  f"{k}: " + ", ".join(f"{e.scores.get('points', float('nan')):.3f}/{e.scores.get('aji', float('nan')):.3f}"
-                                       for e in h.epochs) for k, h in res.history.items()) + " (points score / val AJI)"]
+                  f"{k}: " + ", ".join(f"{e.epoch}: {e.scores.get('points', float('nan')):.3f}/{e.scores.get('aji', float('nan')):.3f}"
+                                       for e in h.epochs if e.scores) for k, h in res.history.items())
+              + " (epoch: points score / val AJI)"]
     text = "\n".join(lines) + "\n"
     print(text)
     tag = "-supervised" if args.supervised else ("-gt" if args.points == "gt" else "")

@@ -107,6 +107,7 @@ class SegmentationConfig:
     cluster_bg_select_um: float = 1.25  #: background cluster = least overlap with points dilated by this (5 px)
     cluster_bg_exclusion_um: float = 2.5  #: no background label this close to a point (10 px)
     crf_epochs: int = 20
+    select_every: int = 5  #: score the checkpoint on held-back points every this many epochs (and after the last)
     crf_lr: float = 1e-5
     crf_sigma_xy_um: float = 2.25  #: σ_pq (paper: 9 px at 0.25 µm/px)
     crf_sigma_rgb: float = 0.1  #: σ_rgb on RGB in [0, 1]
@@ -117,8 +118,8 @@ class SegmentationConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "segmentation")
-        _check(self.epochs >= 1 and self.crf_epochs >= 0 and self.batch_size >= 1,
-               "need epochs >= 1, crf_epochs >= 0 and batch_size >= 1")
+        _check(self.epochs >= 1 and self.crf_epochs >= 0 and self.batch_size >= 1 and self.select_every >= 1,
+               "need epochs >= 1, crf_epochs >= 0, batch_size >= 1 and select_every >= 1")
         _check(self.lr > 0 and self.crf_lr > 0, "learning rates must be positive")
         _check(0 <= self.alpha <= 1, "alpha must be in [0, 1]")
         _check(self.instance_method in ("cc", "watershed"), "instance method must be cc or watershed")
@@ -185,6 +186,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     "quick": {
         "data.pixel_size_um": 0.5,
+        "segmentation.select_every": 1,
         "detection.epochs": 8,
         "detection.round_epochs": 6,  # stage 1: ~14 CPU epochs = 2,700 patches (benchmarks/results/stage1-quick.md)
         "detection.rounds": 1,
@@ -201,6 +203,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # (a round took the example from detection F1 .79 to a detector that found 1 nucleus).
     "example": {
         "data.pixel_size_um": 0.5,
+        "segmentation.select_every": 1,
         "detection.epochs": 20,
         "detection.rounds": 0,
         "detection.batch_size": 8,
@@ -212,6 +215,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "tiny": {
         "encoder": "tiny",
+        "segmentation.select_every": 1,
         "data.patch_size": 96,
         "data.crop_size": 64,
         "data.patches_per_image": 4,

@@ -271,8 +271,12 @@ def train_segmenter(
     other = "points" if key == "aji" else "aji"
     alt: dict[str, Any] = {"score": -np.inf, "state": None}
 
+    last_epoch = {"n": seg.epochs}  # of the fit in progress
+
     def on_epoch_end(epoch: int, model: nn.Module) -> dict[str, Any]:
         if key == "points" and not hold_samples:
+            return {}
+        if epoch % seg.select_every and epoch != last_epoch["n"]:
             return {}
         sc = tuner.score(model, [0.5])[0.5]
         # benchmarks: also keep the best state under the other protocol, when it can be scored
@@ -302,6 +306,7 @@ def train_segmenter(
         alt_states[f"plain-{other}"] = alt["state"]
         alt.update(score=-np.inf, state=None)
         if seg.crf_epochs > 0 and seg.crf_beta > 0:
+            last_epoch["n"] = seg.crf_epochs
             crf = Stage2Loss(alpha=seg.alpha, beta=seg.crf_beta, sigma_xy_px=sigma_xy, sigma_rgb=seg.crf_sigma_rgb,
                              crf_downsample=crf_downsample(sigma_xy))
             history["crf"] = fit(model, ds, crf, epochs=seg.crf_epochs, lr=seg.crf_lr, stage_name="segmenter-crf",
