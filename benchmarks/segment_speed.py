@@ -121,13 +121,14 @@ def speed(args: argparse.Namespace) -> dict:
                     torch.cuda.synchronize()
                 bare.append(time.perf_counter() - t0)
                 res = segment_slide(slide, net, info, device=dev, batch_size=batch, tile_size=tile,
-                                    num_workers=args.workers, progress=False)
+                                    num_workers=args.workers, progress=False, post_processes=args.post_processes)
                 e2e.append(res.seconds)
     assert res is not None
     tb, te = min(bare), min(e2e)
     out = {
         "device": str(dev), "encoder": args.encoder, "model_px_um": args.model_px, "slide_px": args.size,
-        "tile": tile, "halo": res.halo, "batch": batch, "amp": amp, "workers": args.workers, "n_tiles": len(tiles),
+        "tile": tile, "halo": res.halo, "batch": batch, "amp": amp, "workers": args.workers,
+        "post_processes": args.post_processes, "n_tiles": len(tiles),
         "core_megapixels": round(core_mp, 3), "nuclei": res.n_nuclei, "instances": info.config.segmentation.instance_method,
         "bare_seconds": [round(t, 2) for t in bare], "e2e_seconds": [round(t, 2) for t in e2e],
         "bare_mp_s": round(core_mp / tb, 4), "e2e_mp_s": round(core_mp / te, 4), "ratio": round(tb / te, 3),
@@ -189,6 +190,8 @@ def main() -> None:
     p.add_argument("--tile-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="reader/post threads [default: by device]")
+    p.add_argument("--post-processes", type=int, default=None,
+                   help="polygon work in this many worker processes [default: by device; 0 = threads]")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -411,3 +411,16 @@ def test_inference_colour_stats_are_the_training_stats_on_a_small_image(tmp_path
     em, es = lab_stats(img)
     np.testing.assert_allclose(m, em, atol=0.05)  # float32 sums over 180k pixels
     np.testing.assert_allclose(s, es, atol=0.05)
+
+
+def test_fast_normalise_tile_within_one_grey_level_of_scikit_image() -> None:
+    from pointnuc.infer.wsi import _normalise_tile_skimage
+
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (128, 96, 3), dtype=np.uint8)
+    ref = {"mean": [62.0, 25.0, -12.0], "std": [16.0, 9.0, 7.0]}
+    for src in ((np.array([70.0, 20.0, -10.0]), np.array([15.0, 10.0, 8.0])),
+                (np.array([80.0, 30.0, -20.0]), np.array([5.0, 4.0, 3.0]))):  # strong stretch: out of gamut
+        a, b = normalise_tile(img, src, ref), _normalise_tile_skimage(img, src, ref)
+        assert a.dtype == np.uint8 and a.shape == img.shape
+        assert np.abs(a.astype(int) - b).max() <= 1
