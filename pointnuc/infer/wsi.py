@@ -20,10 +20,12 @@ neighbouring tiles see the same colours.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import multiprocessing
 import os
+import sys
 import warnings
 import threading
 import time
@@ -347,6 +349,27 @@ def _batches(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
         yield batch
 
 
+@contextlib.contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """Worker processes started inside this block do not re-run the main script's imports.
+
+    A spawned process imports the parent's ``__main__`` (a script: by its path) before it
+    unpickles anything; a script that imports torch would cost every polygon worker
+    seconds and hundreds of MiB. The jobs only need :mod:`pointnuc.infer.polygons`.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__["__spec__"] = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
 class _ThreadSlides:
     """One slide handle per reader thread (tiffslide handles are not shared across threads)."""
 
@@ -466,8 +489,9 @@ def segment_slide(
             # Started now, so that they start up while the colour statistics are read.
             posters = ProcessPoolExecutor(post_processes, mp_context=multiprocessing.get_context("spawn"),
                                           initializer=init_worker, initargs=(ctx,))
-            for _ in range(post_processes):
-                posters.submit(warm_up)
+            with _main_not_reimported():
+                for _ in range(post_processes):
+                    posters.submit(warm_up)  # (each submit starts a worker)
         else:
             post_processes = 0
         network.eval().to(device)  # (CUDA starts up while the workers do)
