@@ -72,6 +72,12 @@ def make_slide(path: Path, size: int, tissue: float, seed: int = 0) -> SynthSlid
     return truth
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its ended children (worker processes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -111,18 +117,23 @@ def speed(args: argparse.Namespace) -> dict:
             images = [read_tile(slide, plan, t) for t in tiles]  # the same tiles, held in memory for the bare run
             _predict_batch(net, np.stack(images[:batch]), dev, amp)  # warm-up
             bare, e2e, res = [], [], None
+            bare_cpu, e2e_cpu = [], []
             for _ in range(args.repeats):
                 if kind == "cuda":
                     torch.cuda.synchronize()
+                c0 = cpu_seconds()
                 t0 = time.perf_counter()
                 for i in range(0, len(images), batch):
                     _predict_batch(net, np.stack(images[i : i + batch]), dev, amp)
                 if kind == "cuda":
                     torch.cuda.synchronize()
                 bare.append(time.perf_counter() - t0)
+                bare_cpu.append(cpu_seconds() - c0)
+                c0 = cpu_seconds()
                 res = segment_slide(slide, net, info, device=dev, batch_size=batch, tile_size=tile,
                                     num_workers=args.workers, progress=False, post_processes=args.post_processes)
                 e2e.append(res.seconds)
+                e2e_cpu.append(cpu_seconds() - c0)
     assert res is not None
     tb, te = min(bare), min(e2e)
     out = {
@@ -133,6 +144,8 @@ def speed(args: argparse.Namespace) -> dict:
         "bare_seconds": [round(t, 2) for t in bare], "e2e_seconds": [round(t, 2) for t in e2e],
         "bare_mp_s": round(core_mp / tb, 4), "e2e_mp_s": round(core_mp / te, 4), "ratio": round(tb / te, 3),
         "busy_seconds": {k: round(v, 2) for k, v in res.timings.items()}, "slide_write_seconds": round(t_write, 1),
+        # CPU seconds (all threads, and worker processes once they end): less sensitive to other jobs than wall time
+        "bare_cpu_seconds": [round(t, 2) for t in bare_cpu], "e2e_cpu_seconds": [round(t, 2) for t in e2e_cpu],
     }
     # extrapolation: a 100,000 x 80,000 px 40x (0.25 µm/px) slide with 40 % tissue
     ds = args.model_px / SLIDE_PX
