@@ -541,11 +541,10 @@ def segment_slide(
         def forward() -> Iterator[tuple[Tile, np.ndarray]]:
             for batch in _batches(loaded, batch_size):
                 t0 = time.perf_counter()
+                # float16 for the worker processes (half the copy), converted on the device
                 probs = _predict_batch(network, np.stack([img for _, img in batch]), device, use_amp,
-                                       norm if on_device else None)
+                                       norm if on_device else None, half=post_fn is worker_job)
                 timings["network"] += time.perf_counter() - t0
-                if post_fn is worker_job:
-                    probs = probs.astype(np.float16)
                 yield from zip([t for t, _ in batch], probs)
 
         for _, (found, big, secs) in _bounded(forward(), post_fn, posters, ahead=post_ahead):
@@ -586,11 +585,13 @@ def segment_slide(
 
 @torch.no_grad()
 def _predict_batch(
-    network: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool, norm: tuple[Any, Any] | None = None
+    network: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool, norm: tuple[Any, Any] | None = None,
+    half: bool = False,
 ) -> np.ndarray:
     """Foreground probability (B, T, T) float32 of a batch of uint8 RGB windows (B, T, T, 3).
 
     ``norm`` = (source stats, reference): Reinhard-normalise the batch on the device first.
+    ``half``: float16 instead, rounded on the device (half the copy back).
     """
     from pointnuc.models.net import preprocess
 
@@ -609,4 +610,6 @@ def _predict_batch(
         fg = torch.sigmoid(logits[:, 0])
     else:
         fg = torch.softmax(logits, dim=1)[:, 1]
+    if half:
+        fg = fg.half()
     return fg.cpu().numpy()
