@@ -184,15 +184,19 @@ class TrainConfig:
 #: well under an hour. ``example``: the README's one-image example. ``tiny``: seconds, for tests.
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
+    # a 2-core CPU: stage 1 in 14 min, stage 2 in ~25 min on the 12 MoNuSeg "MO" training images
+    # (benchmarks/results/stage1-quick.md, stage2-quick.md)
     "quick": {
         "data.pixel_size_um": 0.5,
-        "segmentation.select_every": 1,
-        "detection.epochs": 8,
-        "detection.round_epochs": 6,  # stage 1: ~14 CPU epochs = 2,700 patches (benchmarks/results/stage1-quick.md)
-        "detection.rounds": 1,
+        "data.crop_size": 160,
+        "data.patch_size": 192,
+        "detection.epochs": 12,
+        "detection.rounds": 2,
+        "detection.round_epochs": 8,
         "detection.batch_size": 8,
-        "segmentation.epochs": 8,
-        "segmentation.crf_epochs": 2,
+        "segmentation.epochs": 24,
+        "segmentation.crf_epochs": 4,
+        "segmentation.select_every": 2,
         "segmentation.batch_size": 8,
         "segmentation.lr": 3e-4,
         "segmentation.crf_lr": 3e-5,  # the paper's ratio: fine-tuning at 0.1x the training lr
