@@ -184,7 +184,7 @@ class TrainConfig:
 #: well under an hour. ``example``: the README's one-image example. ``tiny``: seconds, for tests.
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
-    # a 2-core CPU: stage 1 in 14 min, stage 2 in ~25 min on the 12 MoNuSeg "MO" training images
+    # a 2-core CPU: stage 1 in 14 min, stage 2 in 18 min on the 12 MoNuSeg "MO" training images
     # (benchmarks/results/stage1-quick.md, stage2-quick.md)
     "quick": {
         "data.pixel_size_um": 0.5,
