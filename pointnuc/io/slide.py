@@ -13,6 +13,7 @@ microscope's and is treated as unknown.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -86,8 +87,6 @@ class _TiffBackend:
                 self.tiles = [None] * len(self.level_dimensions)
 
     def _open_tiles(self, path: Path) -> None:
-        import os
-
         import tifffile
 
         tf = getattr(self.slide, "_tifffile", None)
@@ -119,8 +118,6 @@ class _TiffBackend:
 
     def close(self) -> None:
         if self._fd is not None:
-            import os
-
             os.close(self._fd)
             self._fd = None
         self.slide.close()
@@ -155,8 +152,6 @@ class _TileReader:
         return cls(page, shape) if ok else None
 
     def read(self, fd: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        import os
-
         out = np.empty((h, w, self.samples), self.dtype)
         tw, th = self.tw, self.th
         for ty in range(y // th, (y + h - 1) // th + 1):
