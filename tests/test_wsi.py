@@ -414,7 +414,7 @@ def test_inference_colour_stats_are_the_training_stats_on_a_small_image(tmp_path
 
 
 def test_fast_normalise_tile_within_one_grey_level_of_scikit_image() -> None:
-    from pointnuc.infer.wsi import _normalise_tile_skimage
+    from pointnuc.stain import _reinhard_apply_skimage as _normalise_tile_skimage
 
     rng = np.random.default_rng(5)
     img = rng.integers(0, 256, (128, 96, 3), dtype=np.uint8)

@@ -26,7 +26,6 @@ import math
 import multiprocessing
 import os
 import sys
-import warnings
 import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -46,6 +45,8 @@ from pointnuc.infer.polygons import (
 from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, round_halo, tiles_intersecting
 from pointnuc.io.base import NucleusObject
 from pointnuc.models.bundle import ModelInfo
+from pointnuc.stain import D65, XYZ_FROM_RGB, lab_stats
+from pointnuc.stain import reinhard_apply as normalise_tile  # the name the CPU path and tests use
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,6 @@ def sampled_colour_stats(
     exactly the statistics training used. ``read`` (a tile -> pixels) and ``pool`` (to read
     the tiles in parallel) are what :func:`segment_slide` passes.
     """
-    from pointnuc.stain import lab_stats
-
     tiles = plan.tiles
     if not tiles:
         return None
@@ -203,79 +202,6 @@ def sampled_colour_stats(
     return lab_stats(flat[:, None, :]) if len(flat) >= 16 else None
 
 
-def normalise_tile(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], ref: dict[str, Sequence[float]]) -> np.ndarray:
-    """Reinhard with the slide's fixed source statistics (same LAB convention as :mod:`pointnuc.stain`).
-
-    scikit-image's formulas in float32, with the two gamma curves as look-up tables (256
-    entries in, 65,536 out): the same pixels as :func:`_normalise_tile_skimage` to within one
-    grey level, at about a quarter of the cost.
-    """
-    img = np.asarray(image)[..., :3]
-    m_fwd, m_inv, white = _lab_matrices()
-    tm, ts = np.asarray(ref["mean"], np.float32), np.asarray(ref["std"], np.float32)
-    sm, ss = np.asarray(source[0], np.float32), np.maximum(np.asarray(source[1], np.float32), 1e-6)
-    gain = ts / ss
-    # channel planes and explicit 3x3 products (a BLAS call on (N, 3) x (3, 3) is slower)
-    lin = [_SRGB_TO_LINEAR[img[..., k]] for k in range(3)]
-    third = np.float32(16.0 / 116.0)
-    f = []
-    for j in range(3):
-        x = lin[0] * (m_fwd[j, 0] / white[j]) + lin[1] * (m_fwd[j, 1] / white[j]) + lin[2] * (m_fwd[j, 2] / white[j])
-        f.append(np.where(x > 0.008856, np.cbrt(np.maximum(x, 0)), 7.787 * x + third))
-    L = (116.0 * f[1] - 16.0 - sm[0]) * gain[0] + tm[0]
-    a = (500.0 * (f[0] - f[1]) - sm[1]) * gain[1] + tm[1]
-    b = (200.0 * (f[1] - f[2]) - sm[2]) * gain[2] + tm[2]
-    fy = (L + 16.0) / 116.0
-    f = [a / 500.0 + fy, fy, np.maximum(fy - b / 200.0, 0)]
-    xyz = [np.where(g > 0.2068966, g * g * g, (g - third) / np.float32(7.787)) * white[k] for k, g in enumerate(f)]
-    out = np.empty(img.shape, np.uint8)
-    for k in range(3):
-        v = xyz[0] * m_inv[k, 0] + xyz[1] * m_inv[k, 1] + xyz[2] * m_inv[k, 2]
-        idx = np.clip(v * np.float32(_LUT_OUT - 1) + 0.5, 0, _LUT_OUT - 1).astype(np.int32)
-        out[..., k] = _LINEAR_TO_SRGB[idx]
-    return out
-
-
-def _lab_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    m = np.asarray(_XYZ_FROM_RGB, np.float64)
-    return m.astype(np.float32), np.linalg.inv(m).astype(np.float32), np.asarray(_D65, np.float32)
-
-
-def _srgb_to_linear(x: np.ndarray) -> np.ndarray:
-    return np.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
-
-
-def _linear_to_srgb_u8(lin: np.ndarray) -> np.ndarray:
-    lin = np.clip(lin, 0, None)
-    rgb = np.where(lin > 0.0031308, 1.055 * np.power(np.maximum(lin, 0.0031308), 1 / 2.4) - 0.055, 12.92 * lin)
-    return np.clip(np.rint(np.clip(rgb, 0, 1) * 255.0), 0, 255).astype(np.uint8)
-
-
-_LUT_OUT = 65536
-_SRGB_TO_LINEAR = _srgb_to_linear(np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
-#: linear value k / (_LUT_OUT - 1) -> sRGB uint8 (the curve's steepest slope is 12.92, so one
-#: step moves the output by 0.05 of a grey level)
-_LINEAR_TO_SRGB = _linear_to_srgb_u8(np.arange(_LUT_OUT, dtype=np.float64) / (_LUT_OUT - 1))
-
-
-def _normalise_tile_skimage(image: np.ndarray, source: tuple[np.ndarray, np.ndarray], ref: dict[str, Sequence[float]]) -> np.ndarray:
-    """:func:`normalise_tile` through scikit-image's ``rgb2lab``/``lab2rgb`` (the reference; slower)."""
-    from skimage.color import lab2rgb, rgb2lab
-
-    tm, ts = np.asarray(ref["mean"], np.float32), np.asarray(ref["std"], np.float32)
-    m, s = source
-    lab = rgb2lab(np.asarray(image)[..., :3].astype(np.float32) / 255.0).astype(np.float32)
-    lab = (lab - m) / np.maximum(s, 1e-6) * ts + tm
-    with warnings.catch_warnings():  # out-of-gamut colours are clipped, as in pointnuc.stain
-        warnings.simplefilter("ignore", UserWarning)
-        rgb = lab2rgb(lab)
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
-
-
-_XYZ_FROM_RGB = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
-_D65 = (0.95047, 1.0, 1.08883)
-
-
 def normalise_tiles_torch(
     images: torch.Tensor, source: tuple[np.ndarray, np.ndarray], ref: dict[str, Sequence[float]]
 ) -> torch.Tensor:
@@ -285,8 +211,8 @@ def normalise_tiles_torch(
     paths give the same pixels to within rounding.
     """
     dev = images.device
-    m = torch.as_tensor(_XYZ_FROM_RGB, dtype=torch.float32, device=dev)
-    white = torch.as_tensor(_D65, dtype=torch.float32, device=dev)
+    m = torch.as_tensor(XYZ_FROM_RGB, dtype=torch.float32, device=dev)
+    white = torch.as_tensor(D65, dtype=torch.float32, device=dev)
     rgb = images.float() / 255.0
     lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     xyz = (lin @ m.T) / white
