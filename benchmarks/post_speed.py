@@ -70,22 +70,12 @@ def main() -> None:
     print(f"instances cc: {t_cc * 1e3:.0f} ms ({lab_cc.max()});  watershed: {t_ws * 1e3:.0f} ms ({lab_ws.max()})")
     if hasattr(inst, "_watershed_reference"):
         t_ref, lab_ref = best(lambda: inst._watershed_reference(prob, **kw), args.repeats)
-        same = lab_ref.max() == lab_ws.max() and np.array_equal(_canon(lab_ref), _canon(lab_ws))
+        same = lab_ref.max() == lab_ws.max() and np.array_equal(inst.canonical_labels(lab_ref), inst.canonical_labels(lab_ws))
         print(f"instances watershed, old whole-tile path: {t_ref * 1e3:.0f} ms ({lab_ref.max()}); same instances: {same}")
     ctx = TileContext(plan.origin, plan.downsample, plan.pixel_size_um, params, None, keep_margin=None)
     t_tile, (nuc, _) = best(lambda: tile_nuclei(prob, tile, ctx), args.repeats)
     print(f"tile_nuclei (instances + ownership + polygons + measurements): {t_tile * 1e3:.0f} ms, "
           f"{len(nuc)} nuclei, {(t_tile - t_ws) / max(len(nuc), 1) * 1e3:.3f} ms per nucleus beyond instances")
-
-
-def _canon(lab: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..n by each instance's first pixel in raster order (same partition <=> same array)."""
-    flat = lab.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    first, ids = first[ids > 0], ids[ids > 0]
-    lut = np.zeros(int(flat.max(initial=0)) + 1, np.int64)
-    lut[ids[np.argsort(first)]] = np.arange(1, len(ids) + 1)
-    return lut[lab]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pointnuc.errors import InputError
-from pointnuc.infer.instances import instances_from_probability
+from pointnuc.infer.instances import canonical_labels, instances_from_probability
 
 
 def _two_touching_discs(gap: int = 0) -> np.ndarray:
@@ -51,16 +51,6 @@ def test_a_single_disc_is_not_split_and_bad_input_raises():
         instances_from_probability(p[None])
 
 
-def _canon(lab: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..n by each instance's first pixel in raster order (same partition <=> same array)."""
-    flat = lab.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    first, ids = first[ids > 0], ids[ids > 0]
-    lut = np.zeros(int(flat.max(initial=0)) + 1, np.int64)
-    lut[ids[np.argsort(first)]] = np.arange(1, len(ids) + 1)
-    return lut[lab]
-
-
 def _clumps(seed: int, size: int = 256) -> np.ndarray:
     """A probability map of overlapping discs and ellipses (clumps of 2-4 nuclei), thin bridges and lone nuclei."""
     rng = np.random.default_rng(seed)
@@ -87,11 +77,11 @@ def test_per_component_watershed_equals_the_whole_tile_one(seed: int, h_px: floa
     fast = instances_from_probability(p, method="watershed", min_area_px=5, h_px=h_px)
     # exactly the whole-tile computation on the same distance map...
     mask = fill_small_holes(p >= 0.5, 20)
-    assert np.array_equal(_canon(_watershed(mask, h_px)), _canon(_watershed_tile(mask, h_px)))
+    assert np.array_equal(canonical_labels(_watershed(mask, h_px)), canonical_labels(_watershed_tile(mask, h_px)))
     # ...and the same instances as before per-component splitting
     old = _watershed_reference(p, min_area_px=5, h_px=h_px)
     assert fast.max() > 40 and fast.max() > instances_from_probability(p, method="cc", min_area_px=5).max()
-    assert np.array_equal(_canon(fast), _canon(old))
+    assert np.array_equal(canonical_labels(fast), canonical_labels(old))
 
 
 def test_fill_small_holes_is_binary_fill_holes_by_size() -> None:

@@ -196,3 +196,13 @@ def nucleus_probability(
         p = p[:, ::-1] if fx else p
         acc += p
     return acc / len(flips)
+
+
+def canonical_labels(lab: np.ndarray) -> np.ndarray:
+    """Labels renumbered 1..n by each instance's first pixel in raster order (same partition <=> same array)."""
+    flat = lab.ravel()
+    ids, first = np.unique(flat, return_index=True)
+    first, ids = first[ids > 0], ids[ids > 0]
+    lut = np.zeros(int(flat.max(initial=0)) + 1, np.int64)
+    lut[ids[np.argsort(first)]] = np.arange(1, len(ids) + 1)
+    return lut[lab]
