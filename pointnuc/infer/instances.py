@@ -156,18 +156,10 @@ def _watershed_reference(prob_fg: np.ndarray, *, threshold: float = 0.5, min_are
     """The whole-tile watershed as it was before per-component splitting (the distance map not
     zeroed outside the mask: a component's maxima could be weighed against a neighbour's
     through the smoothed background). Kept for tests and ``benchmarks/post_speed.py``."""
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
-
     p = np.asarray(prob_fg, dtype=np.float32)
     mask = fill_small_holes(p >= threshold, 4 * min_area_px if max_hole_px is None else max_hole_px)
-    eight = np.ones((3, 3), bool)
     dist = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
-    markers, _ = ndi.label(h_maxima(dist, h_px) & mask, structure=eight)
-    lab = watershed(-dist, markers, mask=mask, connectivity=1)
-    rest, _ = ndi.label(mask & (lab == 0), structure=eight)
-    lab = np.where(lab == 0, np.where(rest > 0, rest + lab.max(), 0), lab)
-    return _remove_small(lab.astype(np.int64), min_area_px)
+    return _remove_small(_split(dist, mask, h_px).astype(np.int64), min_area_px)
 
 
 def nucleus_probability(

@@ -229,7 +229,7 @@ def fit(
         log.info("%s: no checkpoint to resume from; starting at epoch 1", stage_name)
 
     workers = num_workers if num_workers is not None else default_workers(dev)
-    epoch_items = hasattr(dataset, "set_epoch")
+    epoch_items = hasattr(dataset, "set_epoch")  # epoch-aware: its items are keyed (epoch, i)
     sampler = EpochBatches(len(dataset), batch_size, range(start + 1, epochs + 1), seed, epoch_items)  # type: ignore[arg-type]
     loader_kw: dict[str, Any] = {}
     if workers > 0:
@@ -247,8 +247,6 @@ def fit(
     try:
         for epoch in range(start + 1, epochs + 1):
             torch.manual_seed(seed * 100003 + epoch)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)  # type: ignore[attr-defined]
             model.train()
             t0 = time.perf_counter()
             wait = 0.0
