@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.detection.epochs} epochs initial + {cfg.detection.rounds} round(s) x "
         f"{cfg.detection.round_epochs or cfg.detection.epochs} epochs, "
         f"batch {cfg.detection.batch_size}, lr {cfg.detection.lr}, {cfg.data.patches_per_image} patches/image, "
-        f"crop {cfg.data.crop_size}; ImageNet weights: {'yes' if _has_imagenet(cfg) else 'no (random init)'}",
+        f"crop {cfg.data.crop_size}, stain jitter {cfg.data.stain_jitter}, flip TTA on probability maps; ImageNet weights: {'yes' if _has_imagenet(cfg) else 'no (random init)'}",
         f"- data: {len(train)} train images ({res.metrics['n_points']} points = 10%), {len(val)} val images "
         f"({sum(len(s.holdout) for s in val)} held-back points = 10%), {len(test)} test images "
         f"({sum(len(g) for _, g in test)} nuclei); match radius {MATCH_RADIUS_FULL:g} px full-res, pooled",

@@ -48,6 +48,7 @@ class DataConfig:
     region_margin_um: float = 25.0  #: without regions: neighbourhood kept around the points
     holdout_fraction: float = 0.2  #: share of each image's points held back for tuning and selection
     max_whole_image_px: int = 4096  #: without regions, images up to this size (working px) are used whole
+    stain_jitter: float = 0.1  #: augmentation: each stain's amount varies by up to ± this share per crop (0 = off; ours)
 
     def __post_init__(self) -> None:
         _check_types(self, "data")
@@ -59,6 +60,7 @@ class DataConfig:
         _check(self.crop_size <= self.patch_size, "crop size must not exceed patch size")
         _check(self.crop_size % 32 == 0, "crop size must be a multiple of 32 (U-Net)")
         _check(0 <= self.holdout_fraction < 1, "holdout fraction must be in [0, 1)")
+        _check(0 <= self.stain_jitter < 1, "stain jitter must be in [0, 1)")
 
     def px(self, um: float) -> float:
         """A length in µm as pixels at the working resolution."""
@@ -106,6 +108,9 @@ class SegmentationConfig:
     cluster_erode_um: float = 1.75  #: per-Voronoi-cell erosion after hole filling (7 px)
     cluster_bg_select_um: float = 1.25  #: background cluster = least overlap with points dilated by this (5 px)
     cluster_bg_exclusion_um: float = 2.5  #: no background label this close to a point (10 px)
+    refine_epochs: int = 0  #: ours: epochs of one self-training round on the segmenter's own confident predictions (0 = off)
+    refine_low: float = 0.2  #: self-training round: background label where the nucleus probability is below this
+    refine_high: float = 0.8  #: ... nucleus label where it is above this; ignored between
     crf_epochs: int = 20
     select_every: int = 5  #: score the checkpoint on held-back points every this many epochs (and after the last)
     crf_lr: float = 1e-5
@@ -123,6 +128,8 @@ class SegmentationConfig:
         _check(self.lr > 0 and self.crf_lr > 0, "learning rates must be positive")
         _check(0 <= self.alpha <= 1, "alpha must be in [0, 1]")
         _check(self.instance_method in ("cc", "watershed"), "instance method must be cc or watershed")
+        _check(self.refine_epochs >= 0 and 0 <= self.refine_low < self.refine_high <= 1,
+               "need refine_epochs >= 0 and 0 <= refine_low < refine_high <= 1")
 
 
 @dataclass(frozen=True)

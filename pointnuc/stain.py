@@ -1,8 +1,10 @@
-"""Reinhard colour normalisation (paper §V-B2) in CIE LAB.
+"""Colour of H&E images: Reinhard normalisation (paper §V-B2) in CIE LAB, and stain jitter.
 
 The reference is the LAB mean/std of the training images, computed once at training
 and stored with the model (JSON-serialisable), so inference normalises every slide
-to the same target.
+to the same target. :func:`stain_jitter` is training augmentation (ours, not the
+paper's): it varies the amount of haematoxylin and eosin per crop, so that a network
+trained on a dozen images still finds pale or dark nuclei after normalisation.
 """
 
 from __future__ import annotations
@@ -122,3 +124,28 @@ def _reinhard_apply_skimage(image: np.ndarray, source: tuple[np.ndarray, np.ndar
 
 XYZ_FROM_RGB = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
 D65 = (0.95047, 1.0, 1.08883)
+
+
+# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB) in optical density,
+# the matrix scikit-image's ``rgb2hed`` inverts
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
+_OD_OF_U8 = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0)
+
+
+def stain_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """uint8 RGB with the amount of each stain varied at random (training augmentation).
+
+    Colour deconvolution into haematoxylin, eosin and a residual channel (Ruifrok &
+    Johnston), each channel's optical density ``c`` becomes ``c · U(1 - s, 1 + s) +
+    0.2 · U(-s, s)``, recomposed (the "HED" augmentation of Tellez et al. 2018).
+    ``strength`` 0 returns the image unchanged.
+    """
+    if strength <= 0:
+        return image
+    od = _OD_OF_U8[np.asarray(image)[..., :3]]
+    stains = od @ HED_FROM_RGB
+    alpha = rng.uniform(1.0 - strength, 1.0 + strength, 3).astype(np.float32)
+    beta = (rng.uniform(-strength, strength, 3) * 0.2).astype(np.float32)
+    od = np.maximum((stains * alpha + beta) @ RGB_FROM_HED, 0.0)
+    return np.clip(np.rint(255.0 * np.exp(-od)), 0, 255).astype(np.uint8)

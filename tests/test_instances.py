@@ -98,3 +98,19 @@ def test_fill_small_holes_is_binary_fill_holes_by_size() -> None:
             small = np.bincount(lab.ravel(), minlength=n + 1) < max_hole
             small[0] = False
             assert np.array_equal(fill_small_holes(mask, max_hole), mask | small[lab])
+
+
+def test_flip_tta_is_flip_equivariant() -> None:
+    from pointnuc.infer.predict import predict_channel
+    import torch
+
+    from pointnuc.models.net import build_network
+
+    torch.manual_seed(0)
+    net = build_network(1, "tiny", pretrained=False).eval()
+    img = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    p = predict_channel(net, img, 0, activation="sigmoid", tta=True)
+    q = predict_channel(net, np.ascontiguousarray(img[::-1]), 0, activation="sigmoid", tta=True)
+    np.testing.assert_allclose(q[::-1], p, atol=1e-5)  # the average over the four flips does not care about a flip
+    plain = predict_channel(net, img, 0, activation="sigmoid", tta=False)
+    assert plain.shape == p.shape and not np.allclose(plain, p, atol=1e-5)

@@ -71,6 +71,40 @@ def test_invalid_pixels_come_back_ignored_and_nearest_keeps_labels() -> None:
     assert not torch.equal(ds[3][0], a[0])
 
 
+def test_stain_jitter_changes_only_the_stain_amounts() -> None:
+    from pointnuc.stain import HED_FROM_RGB, RGB_FROM_HED, stain_jitter
+
+    # a pure-haematoxylin gradient: optical density c * H for c in 0.2 .. 1.5
+    c = np.linspace(0.2, 1.5, 64, dtype=np.float32)
+    od = c[:, None, None] * RGB_FROM_HED[0][None, None, :] * np.ones((64, 8, 1), np.float32)
+    img = np.clip(np.rint(255 * np.exp(-od)), 0, 255).astype(np.uint8)
+    assert stain_jitter(img, np.random.default_rng(0), 0.0) is img
+    near = stain_jitter(img, np.random.default_rng(0), 1e-9)
+    assert np.abs(near.astype(int) - img).max() <= 1  # the deconvolution round trip is lossless
+    rng_draw = np.random.default_rng(5)
+    alpha = rng_draw.uniform(0.9, 1.1, 3)
+    beta = rng_draw.uniform(-0.1, 0.1, 3) * 0.2
+    out = stain_jitter(img, np.random.default_rng(5), 0.1)
+
+    def stains(u8: np.ndarray) -> np.ndarray:
+        return (-np.log(np.maximum(u8.astype(np.float32), 1) / 255.0)) @ HED_FROM_RGB
+    before, after = stains(img), stains(out)
+    # haematoxylin scaled and shifted as drawn; eosin and residual stay near their shift (8-bit rounding: 0.01)
+    np.testing.assert_allclose(after[..., 0], before[..., 0] * alpha[0] + beta[0], atol=0.03)
+    assert np.abs(after[..., 1:] - before[..., 1:] * alpha[1:] - beta[1:]).max() < 0.03
+    assert not np.array_equal(out, img)
+
+
+def test_patch_dataset_stain_jitter_leaves_targets_alone() -> None:
+    s = _sample(64, 64)
+    tgt = np.random.default_rng(1).random((2, 64, 64)).astype(np.float32)
+    plain = PatchDataset([s], [tgt], DataConfig(patch_size=64, crop_size=32, patches_per_image=2, stain_jitter=0.0), seed=3)
+    jit = PatchDataset([s], [tgt], DataConfig(patch_size=64, crop_size=32, patches_per_image=2, stain_jitter=0.2), seed=3)
+    (a, ta), (b, tb) = plain[1], jit[1]
+    assert torch.equal(ta, tb)  # same geometry, same targets (the CRF loss reads the original colours there)
+    assert not torch.equal(a, b) and (a.int() - b.int()).abs().float().mean() < 40
+
+
 def test_small_image_is_padded() -> None:
     s = _sample(20, 20)
     ds = PatchDataset([s], [np.zeros((1, 20, 20), np.float32)], DataConfig(patch_size=64, crop_size=32, patches_per_image=3),

@@ -41,6 +41,35 @@ def test_merge_points_keeps_user_points_and_far_detections():
     np.testing.assert_allclose(merge_points(det, user, 5.0), [[10.0, 10.0], [40.0, 10.0]])
 
 
+def test_refined_targets_by_hand():
+    from pointnuc.train.data import IGNORE
+    from pointnuc.train.segment import refined_targets
+
+    t = np.zeros((5, 1, 4), np.float32)
+    t[0] = [[1, IGNORE, 0, IGNORE]]  # Voronoi channel: kept as it is
+    t[1] = [[1, 1, 0, IGNORE]]  # cluster channel: replaced
+    t[2:] = 0.5
+    out = refined_targets(t, np.array([[0.9, 0.5, 0.1, 0.85]], np.float32), 0.2, 0.8)
+    np.testing.assert_array_equal(out[1], [[1, IGNORE, 0, 1]])
+    np.testing.assert_array_equal(out[0], t[0])
+    np.testing.assert_array_equal(out[2:], t[2:])
+    assert t[1, 0, 3] == IGNORE  # the input is not modified
+
+
+def test_train_segmenter_self_training_round(tmp_path):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    img, gt = render_nuclei((96, 96), 8, 7.0, seed=4)
+    pts = label_points(gt)
+    sample = TrainingImage("s", "s", img, pts[:2], pts[5:], np.ones(gt.shape, bool), gt_labels=gt)
+    cfg = profile_config("tiny", **{"segmentation.epochs": 3, "segmentation.refine_epochs": 2, "segmentation.crf_epochs": 0,
+                                    "segmentation.lr": 3e-3, "data.patches_per_image": 4})
+    res = train_segmenter([sample], {"s": pts[:5]}, cfg, ModelLayout(tmp_path / "m"), device="cpu", progress=False)
+    assert set(res.history) == {"segmentation", "refine"} and len(res.history["refine"].losses) == 2
+    b0, b1 = res.history["segmentation"].best_score, res.history["refine"].best_score
+    assert res.metrics["refine_kept"] == (b1 >= b0)
+
+
 def test_train_segmenter_on_synthetic_discs(tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -175,19 +175,9 @@ def nucleus_probability(
 
     ``tta``: average over the four flips (horizontal, vertical, both, none).
     """
-    from pointnuc.infer.predict import predict_image
+    from pointnuc.infer.predict import predict_channel
 
-    img = np.asarray(image)
-    flips = [(False, False), (True, False), (False, True), (True, True)] if tta else [(False, False)]
-    acc = np.zeros(img.shape[:2], np.float32)
-    for fy, fx in flips:
-        v = img[::-1] if fy else img
-        v = v[:, ::-1] if fx else v
-        p = predict_image(model, np.ascontiguousarray(v), activation="softmax", window=window, margin=margin, device=device)[1]
-        p = p[::-1] if fy else p
-        p = p[:, ::-1] if fx else p
-        acc += p
-    return acc / len(flips)
+    return predict_channel(model, image, 1, activation="softmax", tta=tta, window=window, margin=margin, device=device)
 
 
 def canonical_labels(lab: np.ndarray) -> np.ndarray:

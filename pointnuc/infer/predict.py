@@ -68,3 +68,30 @@ def predict_image(
             out[:, y + y0 : y + y1, x + x0 : x + x1] = p[:, y0:y1, x0:x1]
     assert out is not None
     return out[:, :h, :w]
+
+
+FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
+
+
+def predict_channel(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    channel: int,
+    *,
+    activation: str = "softmax",
+    tta: bool = False,
+    window: int = 512,
+    margin: int = 32,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """One output channel (H, W) of :func:`predict_image`; ``tta``: averaged over the four flips."""
+    img = np.asarray(image)
+    acc = np.zeros(img.shape[:2], np.float32)
+    for fy, fx in FLIPS if tta else FLIPS[:1]:
+        v = img[::-1] if fy else img
+        v = v[:, ::-1] if fx else v
+        p = predict_image(model, np.ascontiguousarray(v), activation=activation, window=window, margin=margin,
+                          device=device)[channel]
+        p = p[::-1] if fy else p
+        acc += p[:, ::-1] if fx else p
+    return acc / (len(FLIPS) if tta else 1)

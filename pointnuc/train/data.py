@@ -10,7 +10,9 @@ One item = one crop of ``crop_size`` from a random ``patch_size`` patch (the pap
 16 patches of 250 px per image per epoch and feeds random 224 px crops). Augmentation is
 one affine map per item — flip, 90° rotation, a small free rotation, scale and shear —
 applied to the image (bilinear), to "label-like" target channels (nearest) and to
-"continuous" ones (bilinear), so image and targets stay aligned to the pixel.
+"continuous" ones (bilinear), so image and targets stay aligned to the pixel; then the
+image alone gets a stain jitter (``DataConfig.stain_jitter``; targets keep the original
+colours, which the CRF loss reads).
 Randomness comes from ``(seed, epoch, index)``, so a run is reproducible whatever the
 number of DataLoader workers, and resuming at epoch e reproduces epoch e.
 """
@@ -26,6 +28,7 @@ from scipy import ndimage as ndi
 
 from pointnuc.config import DataConfig
 from pointnuc.errors import InputError
+from pointnuc.stain import stain_jitter
 from pointnuc.train.samples import TrainingImage
 
 IGNORE: float = -1.0  #: target value of unlabeled pixels (any value < 0 is ignored)
@@ -39,10 +42,11 @@ class Augment:
     rotation_deg: float = 15.0  #: extra free rotation, uniform in ±rotation_deg
     scale: tuple[float, float] = (0.85, 1.18)  #: isotropic scale, log-uniform in this range
     shear: float = 0.08  #: shear factor, uniform in ±shear (the "affine" of the paper)
+    stain: float = 0.0  #: stain jitter strength (:func:`pointnuc.stain.stain_jitter`; 0 = off)
 
     @staticmethod
     def none() -> "Augment":
-        return Augment(flips=False, rotation_deg=0.0, scale=(1.0, 1.0), shear=0.0)
+        return Augment(flips=False, rotation_deg=0.0, scale=(1.0, 1.0), shear=0.0, stain=0.0)
 
 
 def random_affine(rng: np.random.Generator, aug: Augment) -> np.ndarray:
@@ -168,7 +172,7 @@ class PatchDataset(torch.utils.data.Dataset):
         if len(self.nearest) != k:
             raise InputError(f"nearest has {len(self.nearest)} entries for {k} target channels")
         self.data = data
-        self.augment = augment if augment is not None else Augment()
+        self.augment = augment if augment is not None else Augment(stain=data.stain_jitter)
         self.seed = int(seed)
         self.epoch = 0
 
@@ -197,4 +201,5 @@ class PatchDataset(torch.utils.data.Dataset):
             img, tgt = warp_crop(image, targets, valid, centre, matrix, c, self.nearest)
             if (tgt >= 0).any():
                 break
+        img = stain_jitter(img, rng, self.augment.stain)
         return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(tgt)

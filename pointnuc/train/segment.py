@@ -2,7 +2,8 @@
 
 Pipeline: points per image (stage-1 detections plus the user's training points) ->
 Voronoi and cluster labels -> training with partial cross-entropy (Eqs. 5-6) ->
-dense-CRF-loss fine-tuning (Eq. 10) -> checkpoint and threshold chosen on held-back
+optionally one self-training round on the segmenter's confident predictions (ours,
+``refine_epochs``) -> dense-CRF-loss fine-tuning (Eq. 10) -> checkpoint and threshold chosen on held-back
 data -> weights in the model folder.
 
 Selection without masks (the default; a user's project has only points). For each
@@ -48,7 +49,7 @@ from pointnuc.models.net import build_network
 from pointnuc.train.data import IGNORE, PatchDataset
 from pointnuc.train.fit import FitHistory, fit, resolve_device
 from pointnuc.train.samples import TrainingImage
-from pointnuc.train.seg_losses import TARGET_NEAREST, Stage2Loss, supervised_ce
+from pointnuc.train.seg_losses import CLUSTER, TARGET_NEAREST, Stage2Loss, supervised_ce
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,18 @@ def stage2_targets(sample: TrainingImage, points_xy: np.ndarray, config: TrainCo
     t[1] = np.where(clu == LABEL_IGNORE, IGNORE, clu)
     t[2:] = np.moveaxis(sample.image, -1, 0).astype(np.float32) / 255.0
     return t, vor, clu
+
+
+def refined_targets(targets: np.ndarray, prob: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Stage-2 targets with the cluster channel replaced by the segmenter's confident predictions.
+
+    Nucleus where ``prob > high``, background where ``prob < low``, ignored between. The
+    Voronoi channel (points and the edges between them) is kept, so the round still
+    cannot join the nuclei of two points or drop a point's nucleus.
+    """
+    t = targets.copy()
+    t[CLUSTER] = np.where(prob > high, 1.0, np.where(prob < low, 0.0, IGNORE)).astype(np.float32)
+    return t
 
 
 # ------------------------------------------------------------------------ selection scores
@@ -292,6 +305,7 @@ def train_segmenter(
     common = dict(batch_size=seg.batch_size, device=dev, checkpoint_dir=layout.checkpoints, seed=config.seed + 7,
                   resume=resume, progress=progress, on_epoch_end=on_epoch_end)
     history: dict[str, FitHistory] = {}
+    refine_kept: bool | None = None
     plain_state = None
     alt_states: dict[str, dict[str, torch.Tensor] | None] = {}
     if supervised:
@@ -302,6 +316,19 @@ def train_segmenter(
         loss = Stage2Loss(alpha=seg.alpha)
         history["segmentation"] = fit(model, ds, loss, epochs=seg.epochs, lr=seg.lr, stage_name="segmenter",
                                       config={"train": config.to_dict(), "stage": "plain"}, **common)
+        if seg.refine_epochs > 0:
+            before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            last_epoch["n"] = seg.refine_epochs
+            targets = [refined_targets(t, nucleus_probability(model, s.image, device=dev, tta=True), seg.refine_low, seg.refine_high)
+                       for s, t in zip(samples, targets)]
+            ds = PatchDataset(samples, targets, config.data, nearest=nearest, seed=config.seed + 11)
+            history["refine"] = fit(model, ds, loss, epochs=seg.refine_epochs, lr=seg.lr, stage_name="segmenter-refine",
+                                    config={"train": config.to_dict(), "stage": "refine"}, **common)
+            b0, b1 = history["segmentation"].best_score, history["refine"].best_score
+            refine_kept = b0 is None or (b1 is not None and b1 >= b0)  # kept only when the held-back score does not fall
+            if not refine_kept:
+                log.info("self-training round scored %.3f < %.3f before it: the segmenter before the round is kept", b1 or np.nan, b0)
+                model.load_state_dict(before)
         plain_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         alt_states[f"plain-{other}"] = alt["state"]
         alt.update(score=-np.inf, state=None)
@@ -315,7 +342,7 @@ def train_segmenter(
 
     # ---- threshold
     metrics: dict[str, Any] = {"selection": key, "label_seconds": t_labels, "r1_px": r1, "min_area_px": min_area_px,
-                               "h_px": h_px, "method": seg.instance_method,
+                               "h_px": h_px, "method": seg.instance_method, "refine_kept": refine_kept,
                                "n_points": int(sum(len(v) for v in known.values())),
                                "n_holdout": int(sum(len(s.holdout) for s in hold_samples))}
     prob_t = 0.5
