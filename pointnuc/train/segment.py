@@ -319,16 +319,18 @@ def train_segmenter(
         if seg.refine_epochs > 0:
             before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             last_epoch["n"] = seg.refine_epochs
-            targets = [refined_targets(t, nucleus_probability(model, s.image, device=dev, tta=True), seg.refine_low, seg.refine_high)
+            refined = [refined_targets(t, nucleus_probability(model, s.image, device=dev, tta=True), seg.refine_low, seg.refine_high)
                        for s, t in zip(samples, targets)]
-            ds = PatchDataset(samples, targets, config.data, nearest=nearest, seed=config.seed + 11)
-            history["refine"] = fit(model, ds, loss, epochs=seg.refine_epochs, lr=seg.lr, stage_name="segmenter-refine",
+            ds_refined = PatchDataset(samples, refined, config.data, nearest=nearest, seed=config.seed + 11)
+            history["refine"] = fit(model, ds_refined, loss, epochs=seg.refine_epochs, lr=seg.lr, stage_name="segmenter-refine",
                                     config={"train": config.to_dict(), "stage": "refine"}, **common)
             b0, b1 = history["segmentation"].best_score, history["refine"].best_score
             refine_kept = b0 is None or (b1 is not None and b1 >= b0)  # kept only when the held-back score does not fall
             if not refine_kept:
                 log.info("self-training round scored %.3f < %.3f before it: the segmenter before the round is kept", b1 or np.nan, b0)
                 model.load_state_dict(before)
+            else:  # CRF fine-tuning goes on from the refined labels
+                ds = ds_refined
         plain_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         alt_states[f"plain-{other}"] = alt["state"]
         alt.update(score=-np.inf, state=None)
