@@ -3,8 +3,9 @@
 Pipeline: points per image (stage-1 detections plus the user's training points) ->
 Voronoi and cluster labels -> training with partial cross-entropy (Eqs. 5-6) ->
 optionally one self-training round on the segmenter's confident predictions (ours,
-``refine_epochs``) -> dense-CRF-loss fine-tuning (Eq. 10) -> checkpoint and threshold chosen on held-back
-data -> weights in the model folder.
+``refine_epochs``; off: it did not help on MoNuSeg) -> dense-CRF-loss fine-tuning
+(Eq. 10) -> checkpoint and threshold chosen on held-back data -> weights in the model
+folder.
 
 Selection without masks (the default; a user's project has only points). For each
 held-back point h (never used as a label in either stage) we look at the predicted
@@ -103,8 +104,8 @@ def refined_targets(targets: np.ndarray, prob: np.ndarray, low: float, high: flo
     """Stage-2 targets with the cluster channel replaced by the segmenter's confident predictions.
 
     Nucleus where ``prob > high``, background where ``prob < low``, ignored between. The
-    Voronoi channel (points and the edges between them) is kept, so the round still
-    cannot join the nuclei of two points or drop a point's nucleus.
+    Voronoi channel (nucleus at the points, background on the edges between them) is
+    kept and goes on pulling the round towards one nucleus per point.
     """
     t = targets.copy()
     t[CLUSTER] = np.where(prob > high, 1.0, np.where(prob < low, 0.0, IGNORE)).astype(np.float32)
