@@ -191,14 +191,14 @@ class TrainConfig:
 #: well under an hour. ``example``: the README's one-image example. ``tiny``: seconds, for tests.
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
-    # a 2-core CPU: stage 1 in 14 min, stage 2 in 18 min on the 12 MoNuSeg "MO" training images
+    # a 2-core CPU: stage 1 in 18 min, stage 2 in about 18 min on the 12 MoNuSeg "MO" training images
     # (benchmarks/results/stage1-quick.md, stage2-quick.md)
     "quick": {
         "data.pixel_size_um": 0.5,
         "data.crop_size": 160,
         "data.patch_size": 192,
         "detection.epochs": 12,
-        "detection.rounds": 2,
+        "detection.rounds": 3,
         "detection.round_epochs": 8,
         "detection.batch_size": 8,
         "segmentation.epochs": 24,
