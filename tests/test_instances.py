@@ -101,9 +101,9 @@ def test_fill_small_holes_is_binary_fill_holes_by_size() -> None:
 
 
 def test_flip_tta_is_flip_equivariant() -> None:
-    from pointnuc.infer.predict import predict_channel
     import torch
 
+    from pointnuc.infer.predict import predict_channel
     from pointnuc.models.net import build_network
 
     torch.manual_seed(0)

@@ -88,6 +88,7 @@ def test_stain_jitter_changes_only_the_stain_amounts() -> None:
 
     def stains(u8: np.ndarray) -> np.ndarray:
         return (-np.log(np.maximum(u8.astype(np.float32), 1) / 255.0)) @ HED_FROM_RGB
+
     before, after = stains(img), stains(out)
     # haematoxylin scaled and shifted as drawn; eosin and residual stay near their shift (8-bit rounding: 0.01)
     np.testing.assert_allclose(after[..., 0], before[..., 0] * alpha[0] + beta[0], atol=0.03)
