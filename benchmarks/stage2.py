@@ -167,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t1 = 0.0
     stage1_note = ""
+    detector_state = None  # the segmenter's start with segmentation.init_from_detector
     if args.points == "gt":
         # GT-points row: every true point is known, on the val images too (minus the held-back ones)
         points = {s.name: gts[s.name] / scale for s in train + val}
         stage1_note = "all ground-truth points (no stage 1)"
     else:
         cache = args.stage1_cache
+        if args.stage1_dir is not None:
+            detector_state = torch.load(ModelLayout(args.stage1_dir).detector, map_location="cpu", weights_only=True)
         if cache is not None and cache.is_file():
             z = np.load(cache)
             points = {k: z[k] for k in z.files}
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             from pointnuc.train.detect import detect, predict_probabilities
 
             net = build_network(1, cfg.encoder, pretrained=False)
-            net.load_state_dict(torch.load(ModelLayout(args.stage1_dir).detector, map_location="cpu", weights_only=True))
+            net.load_state_dict(detector_state)
             probs = predict_probabilities(net, train + val, device)
             points = {s.name: detect(p, s.valid, args.stage1_threshold, args.stage1_min_area) for s, p in zip(train + val, probs)}
             stage1_note = (f"stage-1 detector from {args.stage1_dir} (threshold {args.stage1_threshold}, "
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
             t0 = time.time()
             det = train_detector(train, cfg, layout, device=device, progress=False, tune_samples=val)
+            detector_state = det.model.state_dict()
             probs = predict_probabilities(det.model, val, device)
             points = dict(det.points)
             points.update({s.name: detect(p, s.valid, det.threshold, det.min_area_px) for s, p in zip(val, probs)})
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     res = train_segmenter(train, points, cfg, layout, device=device, progress=False, tune_samples=val, selection="points",
-                          supervised=args.supervised, resume=args.resume)
+                          supervised=args.supervised, resume=args.resume, detector_state=detector_state)
     t2 = time.time() - t0
     lq = label_quality(train, res.labels)
 
@@ -260,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage2.py'] + (argv if argv is not None else sys.argv[1:]))}`",
         f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
         f"- machine: {machine_line(device)}",
-        f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px, {seg.epochs} epochs (lr {seg.lr}) + "
+        f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px, {seg.epochs} epochs (lr {seg.lr}, {seg.lr_schedule}) + "
         + (f"{seg.refine_epochs} self-training epochs (labels: p < {seg.refine_low} / > {seg.refine_high}) + " if seg.refine_epochs else "")
         + f"{seg.crf_epochs} CRF epochs (lr {seg.crf_lr}, β {seg.crf_beta}, σ_xy {seg.crf_sigma_xy_um} µm, σ_rgb {seg.crf_sigma_rgb}), "
         f"batch {seg.batch_size}, {cfg.data.patches_per_image} patches/image, crop {cfg.data.crop_size}, "
-        f"stain jitter {cfg.data.stain_jitter}",
+        f"stain jitter {cfg.data.stain_jitter}, start: " + ("stage-1 detector" if seg.init_from_detector and detector_state is not None else "ImageNet/random"),
         f"- points: {stage1_note}",
         f"- data: {len(train)} train, {len(val)} val ({sum(len(s.holdout) for s in val)} held-back points), {len(test)} test images",
         f"- wall time: {wall / 60:.1f} min (stage 1 {t1 / 60:.1f} min, stage 2 training + selection {t2 / 60:.1f} min)",

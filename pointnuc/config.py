@@ -98,6 +98,7 @@ class SegmentationConfig:
 
     epochs: int = 100
     lr: float = 1e-4
+    lr_schedule: str = "constant"  #: constant (paper) | cosine (ours: decays to 0 over each training phase)
     batch_size: int = 16
     alpha: float = 0.5  #: L = α·L_vor + (1-α)·L_cluster
     point_dilation_um: float = 0.5  #: Voronoi label: points dilated by a disk (paper: 2 px at 0.25)
@@ -108,6 +109,7 @@ class SegmentationConfig:
     cluster_erode_um: float = 1.75  #: per-Voronoi-cell erosion after hole filling (7 px)
     cluster_bg_select_um: float = 1.25  #: background cluster = least overlap with points dilated by this (5 px)
     cluster_bg_exclusion_um: float = 2.5  #: no background label this close to a point (10 px)
+    init_from_detector: bool = False  #: ours: the segmenter starts from the stage-1 detector's weights (all but its last layer)
     refine_epochs: int = 0  #: ours: epochs of one self-training round on the segmenter's own confident predictions (0 = off)
     refine_low: float = 0.2  #: self-training round: background label where the nucleus probability is below this
     refine_high: float = 0.8  #: ... nucleus label where it is above this; ignored between
@@ -128,6 +130,7 @@ class SegmentationConfig:
         _check(self.lr > 0 and self.crf_lr > 0, "learning rates must be positive")
         _check(0 <= self.alpha <= 1, "alpha must be in [0, 1]")
         _check(self.instance_method in ("cc", "watershed"), "instance method must be cc or watershed")
+        _check(self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine")
         _check(self.refine_epochs >= 0 and 0 <= self.refine_low < self.refine_high <= 1,
                "need refine_epochs >= 0 and 0 <= refine_low < refine_high <= 1")
 

@@ -327,7 +327,8 @@ def _train(
     save_info(out, info)
 
     t1 = time.time()
-    seg = train_segmenter(samples, det.points, config, layout, device=dev, resume=resume, progress=progress, weights=weights)
+    seg = train_segmenter(samples, det.points, config, layout, device=dev, resume=resume, progress=progress, weights=weights,
+                          detector_state=det.model.state_dict())
     info.thresholds.update({k: float(v) for k, v in seg.thresholds.items()})
     info.metrics["segmentation"] = seg.metrics
     info.provenance["stage2_seconds"] = round(time.time() - t1, 1)

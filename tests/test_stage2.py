@@ -70,6 +70,38 @@ def test_train_segmenter_self_training_round(tmp_path):
     assert res.metrics["refine_kept"] == (b1 >= b0)
 
 
+def test_transfer_weights_carries_all_but_the_last_layer():
+    from pointnuc.models.net import build_network, transfer_weights
+
+    torch.manual_seed(0)
+    det = build_network(1, "tiny", pretrained=False)
+    seg = build_network(2, "tiny", pretrained=False)
+    fresh = transfer_weights(seg, det.state_dict())
+    assert fresh == ["head.2.bias", "head.2.weight"]
+    d, s = det.state_dict(), seg.state_dict()
+    assert all(torch.equal(d[k], s[k]) for k in s if k not in fresh)
+    assert not s["head.2.weight"].any() and not s["head.2.bias"].any()
+
+
+def test_train_segmenter_starts_from_the_detector(tmp_path):
+    from pointnuc.models.net import build_network
+
+    torch.manual_seed(1)
+    torch.set_num_threads(1)
+    img, gt = render_nuclei((64, 64), 4, 7.0, seed=2)
+    pts = label_points(gt)
+    sample = TrainingImage("s", "s", img, pts[:2], np.zeros((0, 2)), np.ones(gt.shape, bool))
+    det = build_network(1, "tiny", pretrained=False).state_dict()
+    key = "stages.0.0.weight"
+    for init in (True, False):
+        cfg = profile_config("tiny", **{"segmentation.epochs": 1, "segmentation.crf_epochs": 0, "segmentation.lr": 1e-9,
+                                        "segmentation.init_from_detector": init, "data.patches_per_image": 2})
+        res = train_segmenter([sample], {"s": pts}, cfg, ModelLayout(tmp_path / f"m{init}"), device="cpu", progress=False,
+                              detector_state=det)
+        w = res.model.state_dict()[key].cpu()
+        assert torch.allclose(w, det[key], atol=1e-6) == init  # a step of lr 1e-9 leaves the detector's weights in place
+
+
 def test_train_segmenter_on_synthetic_discs(tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -108,3 +140,15 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     assert ov.shape == (256, 256, 3)  # 128 px tile drawn at zoom 2
     assert ((ov == (0, 230, 0)).all(-1)).sum() > 100  # outlines
     assert ((ov == (255, 40, 40)).all(-1)).sum() > 0  # held-back points
+
+
+def test_scheduled_lr_by_hand():
+    from pointnuc.errors import InputError
+    from pointnuc.train.fit import scheduled_lr
+
+    assert scheduled_lr(1e-3, "constant", 7, 10) == 1e-3
+    assert scheduled_lr(1e-3, "cosine", 0, 10) == pytest.approx(1e-3)
+    assert scheduled_lr(1e-3, "cosine", 5, 10) == pytest.approx(5e-4)  # half way: (1 + cos π/2) / 2
+    assert scheduled_lr(1e-3, "cosine", 10, 10) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(InputError):
+        scheduled_lr(1e-3, "step", 0, 10)

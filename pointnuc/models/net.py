@@ -8,6 +8,7 @@ random initialisation and a one-line notice says so.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,21 @@ def build_network(out_channels: int, encoder: str = "resnet34", weights: Path | 
 
         raise InputError(f"encoder weights file not found: {weights_file}")
     return UNet(out_channels, encoder, weights_file)
+
+
+def transfer_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy into ``model`` every tensor of ``state`` whose name and shape match, zero the rest; return the rest's names.
+
+    Used to start the segmenter from the detector: the two U-Nets differ only in the
+    number of output channels, so everything but the last layer carries over. The last
+    layer starts at zero (every logit 0), so its first, large gradients do not reach and
+    shake the features carried over (with a random last layer the first epoch's loss was ×10).
+    """
+    own = model.state_dict()
+    shared = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    rest = sorted(set(own) - set(shared))
+    model.load_state_dict({**shared, **{k: torch.zeros_like(own[k]) for k in rest}})
+    return rest
 
 
 def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -161,6 +162,18 @@ def checkpoint_path(checkpoint_dir: Path, stage_name: str) -> Path:
     return Path(checkpoint_dir) / f"{stage_name}.pt"
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, total: int) -> float:
+    """The learning rate of 0-based ``step`` of ``total``: ``constant``, or ``cosine`` decay from ``lr`` towards 0."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return 0.5 * lr * (1.0 + math.cos(math.pi * step / max(total, 1)))
+    raise InputError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
 def fit(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -177,6 +190,7 @@ def fit(
     progress: bool = True,
     on_epoch_end: EpochHook | None = None,
     weight_decay: float = 0.0,
+    schedule: str = "constant",
     num_workers: int | None = None,
     config: Mapping[str, Any] | None = None,
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
@@ -190,9 +204,12 @@ def fit(
     (end of the previous epoch) stays on disk. ``config``: extra settings that must match
     for a resume (e.g. the stage's TrainConfig as a dict). ``num_workers``: DataLoader
     workers (default: 1 on CPU — the network already uses the cores —, 4 on CUDA).
+    ``schedule``: the learning rate per step (:func:`scheduled_lr`), set from the step
+    number, so a resumed run continues on the same curve.
     """
     if epochs < 1:
         raise InputError("epochs must be at least 1")
+    scheduled_lr(lr, schedule, 0, 1)  # an unknown schedule fails before any work
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise TrainingError(f"{stage_name}: the training set is empty")
     dev = resolve_device(device)
@@ -202,7 +219,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     fp = fingerprint(
         model, stage=stage_name, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
-        n_items=len(dataset), config=dict(config or {}),  # type: ignore[arg-type]
+        schedule=schedule, n_items=len(dataset), config=dict(config or {}),  # type: ignore[arg-type]
     )
     ckpt = checkpoint_path(checkpoint_dir, stage_name)
     history = FitHistory()
@@ -252,7 +269,9 @@ def fit(
             wait = 0.0
             total, n_items = 0.0, 0
             t_wait = time.perf_counter()
-            for _ in range(steps_per_epoch):
+            for i in range(steps_per_epoch):
+                for group in opt.param_groups:
+                    group["lr"] = scheduled_lr(lr, schedule, (epoch - 1) * steps_per_epoch + i, epochs * steps_per_epoch)
                 images, targets = next(batches)
                 wait += time.perf_counter() - t_wait
                 x = normalise_batch(images.to(dev, non_blocking=True))

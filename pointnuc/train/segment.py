@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from pointnuc.infer.instances import instances_from_probability, nucleus_probabi
 from pointnuc.labels.cluster import labels_for_image
 from pointnuc.labels.voronoi import IGNORE as LABEL_IGNORE
 from pointnuc.models.bundle import ModelLayout, save_weights
-from pointnuc.models.net import build_network
+from pointnuc.models.net import build_network, transfer_weights
 from pointnuc.train.data import IGNORE, PatchDataset
 from pointnuc.train.fit import FitHistory, fit, resolve_device
 from pointnuc.train.samples import TrainingImage
@@ -215,6 +215,7 @@ def train_segmenter(
     selection: str = "points",
     supervised: bool = False,
     merge_user_points: bool = True,
+    detector_state: Mapping[str, torch.Tensor] | None = None,
 ) -> SegmenterResult:
     """Train the stage-2 segmenter, pick checkpoint and threshold, save its weights.
 
@@ -224,6 +225,8 @@ def train_segmenter(
     images not trained on; their held-back points join the points protocol, and with
     ``gt_labels`` they serve ``selection="masks"`` (paper protocol). ``supervised``: the
     fully supervised reference (needs ``gt_labels`` on every sample; no CRF).
+    ``detector_state``: the stage-1 detector's weights, the segmenter's start when
+    ``segmentation.init_from_detector`` is set.
     """
     if selection not in ("points", "masks"):
         raise InputError("selection must be 'points' or 'masks'")
@@ -300,11 +303,18 @@ def train_segmenter(
         return {**sc, "score": sc.get(key, float("nan"))}
 
     torch.manual_seed(config.seed)
-    model = build_network(2, config.encoder, weights, pretrained=True)
+    if seg.init_from_detector and detector_state is not None:
+        model = build_network(2, config.encoder, pretrained=False)
+        fresh = transfer_weights(model, detector_state)
+        log.info("the segmenter starts from the detector's weights (%s start at zero)", ", ".join(fresh))
+    else:
+        if seg.init_from_detector:
+            log.warning("no detector weights given: the segmenter starts without them")
+        model = build_network(2, config.encoder, weights, pretrained=True)
     nearest = (True,) if supervised else TARGET_NEAREST
     ds = PatchDataset(samples, targets, config.data, nearest=nearest, seed=config.seed + 7)
     common = dict(batch_size=seg.batch_size, device=dev, checkpoint_dir=layout.checkpoints, seed=config.seed + 7,
-                  resume=resume, progress=progress, on_epoch_end=on_epoch_end)
+                  resume=resume, progress=progress, on_epoch_end=on_epoch_end, schedule=seg.lr_schedule)
     history: dict[str, FitHistory] = {}
     refine_kept: bool | None = None
     plain_state = None
