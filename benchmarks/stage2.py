@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage2.py'] + (argv if argv is not None else sys.argv[1:]))}`",
         f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
         f"- machine: {machine_line(device)}",
-        f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px, {seg.epochs} epochs (lr {seg.lr}, {seg.lr_schedule}) + "
+        f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px, {seg.epochs} epochs (lr {seg.lr}, {seg.lr_schedule}{f', EMA {seg.ema}' if seg.ema else ''}) + "
         + (f"{seg.refine_epochs} self-training epochs (labels: p < {seg.refine_low} / > {seg.refine_high}) + " if seg.refine_epochs else "")
         + f"{seg.crf_epochs} CRF epochs (lr {seg.crf_lr}, β {seg.crf_beta}, σ_xy {seg.crf_sigma_xy_um} µm, σ_rgb {seg.crf_sigma_rgb}), "
         f"batch {seg.batch_size}, {cfg.data.patches_per_image} patches/image, crop {cfg.data.crop_size}, "

@@ -99,6 +99,7 @@ class SegmentationConfig:
     epochs: int = 100
     lr: float = 1e-4
     lr_schedule: str = "constant"  #: constant (paper) | cosine (ours: decays to 0 over each training phase)
+    ema: float = 0.0  #: ours: decay per step of a moving average of the weights, which is scored and kept (0 = off)
     batch_size: int = 16
     alpha: float = 0.5  #: L = α·L_vor + (1-α)·L_cluster
     point_dilation_um: float = 0.5  #: Voronoi label: points dilated by a disk (paper: 2 px at 0.25)
@@ -131,6 +132,7 @@ class SegmentationConfig:
         _check(0 <= self.alpha <= 1, "alpha must be in [0, 1]")
         _check(self.instance_method in ("cc", "watershed"), "instance method must be cc or watershed")
         _check(self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine")
+        _check(0 <= self.ema < 1, "ema must be in [0, 1)")
         _check(self.refine_epochs >= 0 and 0 <= self.refine_low < self.refine_high <= 1,
                "need refine_epochs >= 0 and 0 <= refine_low < refine_high <= 1")
 

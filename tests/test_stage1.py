@@ -140,15 +140,24 @@ def _toy_dataset() -> PatchDataset:
     return PatchDataset(samples, targets, DataConfig(patch_size=64, crop_size=32, patches_per_image=4), seed=0)
 
 
-def test_fit_resume_equals_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule, ema", [("constant", 0.0), ("cosine", 0.9)])
+def test_fit_resume_equals_uninterrupted(tmp_path: Path, schedule: str, ema: float) -> None:
     ds = _toy_dataset()
-    kw = dict(lr=1e-2, batch_size=4, device="cpu", stage_name="toy", seed=3, progress=False, num_workers=0)
+    kw = dict(lr=1e-2, batch_size=4, device="cpu", stage_name="toy", seed=3, progress=False, num_workers=0,
+              schedule=schedule, ema=ema)
     torch.manual_seed(0)
     m1 = build_network(1, "tiny")
     h1 = fit(m1, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "a", resume=False, **kw)
     torch.manual_seed(0)
     m2 = build_network(1, "tiny")
-    fit(m2, ds, weighted_mse, epochs=2, checkpoint_dir=tmp_path / "b", resume=False, **kw)
+
+    def interrupt(epoch: int, model: torch.nn.Module) -> None:
+        if epoch == 3:
+            raise KeyboardInterrupt  # stopped in epoch 3: the checkpoint holds epoch 2
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(m2, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "b", resume=False, on_epoch_end=interrupt,
+            checkpoint_interval_s=0.0, **kw)
     torch.manual_seed(1)
     m3 = build_network(1, "tiny")  # other init: everything must come from the checkpoint
     h3 = fit(m3, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "b", resume=True, **kw)
@@ -160,6 +169,21 @@ def test_fit_resume_equals_uninterrupted(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="another configuration"):
         fit(build_network(1, "tiny"), ds, weighted_mse, epochs=4, checkpoint_dir=tmp_path / "b", resume=True,
             **{**kw, "lr": 1e-3})
+
+
+def test_ema_update_by_hand() -> None:
+    from pointnuc.train.fit import ema_decay, ema_update
+
+    net = torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    net.num_batches_tracked.fill_(7)
+    avg = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    ema_update(avg, net, 0.9)
+    assert torch.allclose(avg["weight"], torch.full((2,), 0.1))  # 0.9 * 0 + 0.1 * 1
+    assert torch.allclose(avg["running_var"], torch.full((2,), 0.1))  # BatchNorm statistics are averaged too
+    assert int(avg["num_batches_tracked"]) == 7  # integers are copied
+    assert ema_decay(0.99, 0) == pytest.approx(0.1) and ema_decay(0.99, 10_000) == 0.99
 
 
 def test_fit_nan_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:

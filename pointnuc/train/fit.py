@@ -174,6 +174,21 @@ def scheduled_lr(lr: float, schedule: str, step: int, total: int) -> float:
     raise InputError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+def ema_decay(ema: float, step: int) -> float:
+    """The averaging weight of 0-based ``step``: ``ema``, lower in the first steps so the start fades fast."""
+    return min(ema, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(average: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
+    """``average ← decay · average + (1 − decay) · model`` for float tensors (BatchNorm statistics too); others copied."""
+    for k, v in model.state_dict().items():
+        if v.dtype.is_floating_point:
+            average[k].lerp_(v.detach(), 1.0 - decay)
+        else:
+            average[k].copy_(v)
+
+
 def fit(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -191,6 +206,7 @@ def fit(
     on_epoch_end: EpochHook | None = None,
     weight_decay: float = 0.0,
     schedule: str = "constant",
+    ema: float = 0.0,
     num_workers: int | None = None,
     config: Mapping[str, Any] | None = None,
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
@@ -205,7 +221,9 @@ def fit(
     for a resume (e.g. the stage's TrainConfig as a dict). ``num_workers``: DataLoader
     workers (default: 1 on CPU — the network already uses the cores —, 4 on CUDA).
     ``schedule``: the learning rate per step (:func:`scheduled_lr`), set from the step
-    number, so a resumed run continues on the same curve.
+    number, so a resumed run continues on the same curve. ``ema`` > 0: an exponential
+    moving average of the weights (this decay per step, :func:`ema_decay`) is what is
+    scored, kept and returned; the optimiser trains the live weights.
     """
     if epochs < 1:
         raise InputError("epochs must be at least 1")
@@ -219,12 +237,13 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     fp = fingerprint(
         model, stage=stage_name, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
-        schedule=schedule, n_items=len(dataset), config=dict(config or {}),  # type: ignore[arg-type]
+        schedule=schedule, ema=ema, n_items=len(dataset), config=dict(config or {}),  # type: ignore[arg-type]
     )
     ckpt = checkpoint_path(checkpoint_dir, stage_name)
     history = FitHistory()
     best_state: dict[str, torch.Tensor] | None = None
     start = 0
+    average: dict[str, torch.Tensor] | None = None
     if resume and ckpt.is_file():
         try:
             state = torch.load(ckpt, map_location=dev, weights_only=False)
@@ -240,11 +259,14 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         history = FitHistory.from_json(state["history"])
         best_state = state.get("best_state")
+        average = state.get("average")
         start = int(state["epoch"])
         log.info("%s: resuming after epoch %d", stage_name, start)
     elif resume:
         log.info("%s: no checkpoint to resume from; starting at epoch 1", stage_name)
 
+    if ema > 0 and average is None:
+        average = {k: v.detach().clone() for k, v in model.state_dict().items()}
     workers = num_workers if num_workers is not None else default_workers(dev)
     epoch_items = hasattr(dataset, "set_epoch")  # epoch-aware: its items are keyed (epoch, i)
     sampler = EpochBatches(len(dataset), batch_size, range(start + 1, epochs + 1), seed, epoch_items)  # type: ignore[arg-type]
@@ -270,8 +292,9 @@ def fit(
             total, n_items = 0.0, 0
             t_wait = time.perf_counter()
             for i in range(steps_per_epoch):
+                step = (epoch - 1) * steps_per_epoch + i
                 for group in opt.param_groups:
-                    group["lr"] = scheduled_lr(lr, schedule, (epoch - 1) * steps_per_epoch + i, epochs * steps_per_epoch)
+                    group["lr"] = scheduled_lr(lr, schedule, step, epochs * steps_per_epoch)
                 images, targets = next(batches)
                 wait += time.perf_counter() - t_wait
                 x = normalise_batch(images.to(dev, non_blocking=True))
@@ -288,6 +311,8 @@ def fit(
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
+                if average is not None:
+                    ema_update(average, model, ema_decay(ema, step))
                 total += float(loss.item()) * len(images)
                 n_items += len(images)
                 if bar is not None:
@@ -300,12 +325,18 @@ def fit(
                 patches_per_s=n_items / max(secs, 1e-9), data_wait_share=wait / max(secs, 1e-9),
             )
             if on_epoch_end is not None:
+                live = None
+                if average is not None:  # the average is what gets scored and kept
+                    live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    model.load_state_dict(average)
                 scores = on_epoch_end(epoch, model) or {}
                 stats.scores = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in scores.items()}
                 score = scores.get("score")
                 if score is not None and np.isfinite(score) and (history.best_score is None or score > history.best_score):
                     history.best_score, history.best_epoch = float(score), epoch
                     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                if live is not None:
+                    model.load_state_dict(live)
             history.epochs.append(stats)
             log.info(
                 "%s epoch %d/%d: loss %.5f, %.1f s, %.1f patches/s, data wait %.0f%%",
@@ -318,6 +349,7 @@ def fit(
                 {
                     "fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scaler": scaler.state_dict(), "history": history.to_json(), "best_state": best_state,
+                    "average": average,
                 },
                 ckpt,
             )
@@ -326,4 +358,6 @@ def fit(
             bar.close()
     if best_state is not None:
         model.load_state_dict(copy.deepcopy(best_state))
+    elif average is not None:
+        model.load_state_dict(average)
     return history

@@ -314,7 +314,8 @@ def train_segmenter(
     nearest = (True,) if supervised else TARGET_NEAREST
     ds = PatchDataset(samples, targets, config.data, nearest=nearest, seed=config.seed + 7)
     common = dict(batch_size=seg.batch_size, device=dev, checkpoint_dir=layout.checkpoints, seed=config.seed + 7,
-                  resume=resume, progress=progress, on_epoch_end=on_epoch_end, schedule=seg.lr_schedule)
+                  resume=resume, progress=progress, on_epoch_end=on_epoch_end, schedule=seg.lr_schedule,
+                  ema=seg.ema)
     history: dict[str, FitHistory] = {}
     refine_kept: bool | None = None
     plain_state = None
