@@ -171,6 +171,18 @@ def test_fit_resume_equals_uninterrupted(tmp_path: Path, schedule: str, ema: flo
             **{**kw, "lr": 1e-3})
 
 
+def test_scheduled_lr_by_hand():
+    from pointnuc.errors import InputError
+    from pointnuc.train.fit import scheduled_lr
+
+    assert scheduled_lr(1e-3, "constant", 7, 10) == 1e-3
+    assert scheduled_lr(1e-3, "cosine", 0, 10) == pytest.approx(1e-3)
+    assert scheduled_lr(1e-3, "cosine", 5, 10) == pytest.approx(5e-4)  # half way: (1 + cos π/2) / 2
+    assert scheduled_lr(1e-3, "cosine", 10, 10) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(InputError):
+        scheduled_lr(1e-3, "step", 0, 10)
+
+
 def test_ema_update_by_hand() -> None:
     from pointnuc.train.fit import ema_decay, ema_update
 

@@ -141,14 +141,3 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     assert ((ov == (0, 230, 0)).all(-1)).sum() > 100  # outlines
     assert ((ov == (255, 40, 40)).all(-1)).sum() > 0  # held-back points
 
-
-def test_scheduled_lr_by_hand():
-    from pointnuc.errors import InputError
-    from pointnuc.train.fit import scheduled_lr
-
-    assert scheduled_lr(1e-3, "constant", 7, 10) == 1e-3
-    assert scheduled_lr(1e-3, "cosine", 0, 10) == pytest.approx(1e-3)
-    assert scheduled_lr(1e-3, "cosine", 5, 10) == pytest.approx(5e-4)  # half way: (1 + cos π/2) / 2
-    assert scheduled_lr(1e-3, "cosine", 10, 10) == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(InputError):
-        scheduled_lr(1e-3, "step", 0, 10)
