@@ -140,4 +140,3 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     assert ov.shape == (256, 256, 3)  # 128 px tile drawn at zoom 2
     assert ((ov == (0, 230, 0)).all(-1)).sum() > 100  # outlines
     assert ((ov == (255, 40, 40)).all(-1)).sum() > 0  # held-back points
-
