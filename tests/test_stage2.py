@@ -140,3 +140,49 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     assert ov.shape == (256, 256, 3)  # 128 px tile drawn at zoom 2
     assert ((ov == (0, 230, 0)).all(-1)).sum() > 100  # outlines
     assert ((ov == (255, 40, 40)).all(-1)).sum() > 0  # held-back points
+
+
+def test_ensemble_averages_member_logits_and_loads_from_its_state():
+    from pointnuc.models.net import Ensemble, build_network, ensemble_state
+
+    torch.manual_seed(0)
+    a, b = build_network(2, "tiny", pretrained=False).eval(), build_network(2, "tiny", pretrained=False).eval()
+    ens = Ensemble([a, b]).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), (a(x) + b(x)) / 2)
+        again = build_network(2, "tiny", pretrained=False, members=2).eval()
+        again.load_state_dict(ensemble_state([a.state_dict(), b.state_dict()]))
+        torch.testing.assert_close(again(x), ens(x))
+    assert ensemble_state([a.state_dict()]).keys() == a.state_dict().keys()  # one member: a plain U-Net's state
+
+
+def test_train_segmenter_members_are_the_runs_of_their_seeds(tmp_path):
+    from pointnuc.models.net import Ensemble
+
+    torch.set_num_threads(1)
+    img, gt = render_nuclei((64, 64), 4, 7.0, seed=2)
+    pts = label_points(gt)
+    sample = TrainingImage("s", "s", img, pts[:2], pts[3:], np.ones(gt.shape, bool))
+    base = {"segmentation.epochs": 2, "segmentation.crf_epochs": 1, "data.patches_per_image": 2}
+    cfg = profile_config("tiny", **base, **{"segmentation.members": 2})
+    ens = train_segmenter([sample], {"s": pts}, cfg, ModelLayout(tmp_path / "ens"), device="cpu", progress=False)
+    assert isinstance(ens.model, Ensemble) and len(ens.model.members) == 2
+    assert set(ens.history) == {"segmentation", "crf", "segmentation-m2", "crf-m2"}
+    assert (tmp_path / "ens" / "checkpoints" / "segmenter-crf-m2.pt").is_file()
+    saved = torch.load(tmp_path / "ens" / "segmenter.pt", weights_only=True)
+    assert all(k.startswith("members.") for k in saved)
+    for m, seed in enumerate((0, 1)):  # member m is the single model trained with seed + m
+        one = train_segmenter([sample], {"s": pts}, profile_config("tiny", **base, seed=seed),
+                              ModelLayout(tmp_path / f"seed{seed}"), device="cpu", progress=False)
+        for k, v in one.model.state_dict().items():
+            torch.testing.assert_close(ens.model.members[m].state_dict()[k], v)
+    # the plain (pre-CRF) state is an ensemble's too
+    assert set(ens.plain_state) == set(saved)
+    # the model folder knows it holds two members
+    from pointnuc.models.bundle import ModelInfo, load_network, save_info
+
+    save_info(tmp_path / "ens", ModelInfo(config=cfg))
+    loaded = load_network(tmp_path / "ens")
+    assert isinstance(loaded, Ensemble) and len(loaded.members) == 2
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
