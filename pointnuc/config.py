@@ -110,7 +110,6 @@ class SegmentationConfig:
     cluster_erode_um: float = 1.75  #: per-Voronoi-cell erosion after hole filling (7 px)
     cluster_bg_select_um: float = 1.25  #: background cluster = least overlap with points dilated by this (5 px)
     cluster_bg_exclusion_um: float = 2.5  #: no background label this close to a point (10 px)
-    members: int = 1  #: ours: segmenters trained with seeds seed, seed+1, … whose logits are averaged (each costs one training and one forward pass)
     init_from_detector: bool = False  #: ours: the segmenter starts from the stage-1 detector's weights (all but its last layer)
     refine_epochs: int = 0  #: ours: epochs of one self-training round on the segmenter's own confident predictions (0 = off)
     refine_low: float = 0.2  #: self-training round: background label where the nucleus probability is below this
@@ -132,7 +131,6 @@ class SegmentationConfig:
         _check(self.lr > 0 and self.crf_lr > 0, "learning rates must be positive")
         _check(0 <= self.alpha <= 1, "alpha must be in [0, 1]")
         _check(self.instance_method in ("cc", "watershed"), "instance method must be cc or watershed")
-        _check(self.members >= 1, "segmentation.members must be at least 1")
         _check(self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine")
         _check(0 <= self.ema < 1, "ema must be in [0, 1)")
         _check(self.refine_epochs >= 0 and 0 <= self.refine_low < self.refine_high <= 1,

@@ -28,7 +28,7 @@ import torch
 import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import ModelFormatError
-from pointnuc.models.net import build_network
+from pointnuc.models.net import UNet, build_network
 
 FORMAT_NAME = "pointnuc-model"
 FORMAT_VERSION = 1
@@ -145,14 +145,13 @@ def save_weights(path: Path, model: torch.nn.Module) -> None:
     os.replace(tmp, path)
 
 
-def load_network(root: Path, which: str = "segmenter", info: ModelInfo | None = None) -> torch.nn.Module:
+def load_network(root: Path, which: str = "segmenter", info: ModelInfo | None = None) -> UNet:
     """Build the stage's network from the folder's config and load its weights (CPU)."""
     info = info or load_info(root)
     path = ModelLayout(Path(root)).segmenter if which == "segmenter" else ModelLayout(Path(root)).detector
     if not path.is_file():
         raise ModelFormatError(f"{root} has no {path.name}: was training finished?")
-    seg = which == "segmenter"
-    net = build_network(2 if seg else 1, info.config.encoder, pretrained=False, members=info.config.segmentation.members if seg else 1)
+    net = build_network(2 if which == "segmenter" else 1, info.config.encoder, pretrained=False)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)

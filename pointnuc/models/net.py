@@ -8,7 +8,7 @@ random initialisation and a one-line notice says so.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -120,35 +120,11 @@ class UNet(nn.Module):
         return self.head(torch.cat([d, x], dim=1))
 
 
-class Ensemble(nn.Module):
-    """Several networks of one architecture whose logits are averaged (an ensemble of segmenters)."""
-
-    def __init__(self, members: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.members[0](x)
-        for net in self.members[1:]:
-            out = out + net(x)
-        return out / len(self.members)
-
-
-def ensemble_state(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The state_dict of an :class:`Ensemble` of these members' state_dicts (one member: its own)."""
-    if len(states) == 1:
-        return dict(states[0])
-    return {f"members.{i}.{k}": v for i, st in enumerate(states) for k, v in st.items()}
-
-
-def build_network(out_channels: int, encoder: str = "resnet34", weights: Path | None = None, *, pretrained: bool = True,
-                  members: int = 1) -> nn.Module:
-    """The U-Net, with ImageNet encoder weights when they are found locally; an :class:`Ensemble` of ``members`` > 1.
+def build_network(out_channels: int, encoder: str = "resnet34", weights: Path | None = None, *, pretrained: bool = True) -> UNet:
+    """The U-Net, with ImageNet encoder weights when they are found locally.
 
     ``pretrained=False`` skips the lookup (used when weights will be loaded from a model folder).
     """
-    if members > 1:
-        return Ensemble([build_network(out_channels, encoder, weights, pretrained=pretrained) for _ in range(members)])
     weights_file = find_imagenet_weights(encoder, weights) if (pretrained and encoder != "tiny") else None
     if pretrained and encoder != "tiny" and weights_file is None:
         log.warning(

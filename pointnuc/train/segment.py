@@ -46,7 +46,7 @@ from pointnuc.infer.instances import instances_from_probability, nucleus_probabi
 from pointnuc.labels.cluster import labels_for_image
 from pointnuc.labels.voronoi import IGNORE as LABEL_IGNORE
 from pointnuc.models.bundle import ModelLayout, save_weights
-from pointnuc.models.net import Ensemble, build_network, ensemble_state, transfer_weights
+from pointnuc.models.net import build_network, transfer_weights
 from pointnuc.train.data import IGNORE, PatchDataset
 from pointnuc.train.fit import FitHistory, fit, resolve_device
 from pointnuc.train.samples import TrainingImage
@@ -302,78 +302,61 @@ def train_segmenter(
             alt.update(score=o, state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         return {**sc, "score": sc.get(key, float("nan"))}
 
+    torch.manual_seed(config.seed)
+    if seg.init_from_detector and detector_state is not None:
+        model = build_network(2, config.encoder, pretrained=False)
+        fresh = transfer_weights(model, detector_state)
+        log.info("the segmenter starts from the detector's weights (%s start at zero)", ", ".join(fresh))
+    else:
+        if seg.init_from_detector:
+            log.warning("no detector weights given: the segmenter starts without them")
+        model = build_network(2, config.encoder, weights, pretrained=True)
     nearest = (True,) if supervised else TARGET_NEAREST
+    ds = PatchDataset(samples, targets, config.data, nearest=nearest, seed=config.seed + 7)
+    common = dict(batch_size=seg.batch_size, device=dev, checkpoint_dir=layout.checkpoints, seed=config.seed + 7,
+                  resume=resume, progress=progress, on_epoch_end=on_epoch_end, schedule=seg.lr_schedule,
+                  ema=seg.ema)
     history: dict[str, FitHistory] = {}
-    refine_kept: list[bool | None] = []
-    plain_states: list[dict[str, torch.Tensor]] = []
-    alt_members: dict[str, list[dict[str, torch.Tensor] | None]] = {}
-
-    def train_member(m: int) -> nn.Module:
-        """Train ensemble member ``m`` (seed ``config.seed + m``); record its history and states."""
-        seed = config.seed + m
-        tag = f"-m{m + 1}" if m else ""  # member 0 keeps the single model's names (checkpoints, history)
-        torch.manual_seed(seed)
-        if seg.init_from_detector and detector_state is not None:
-            model = build_network(2, config.encoder, pretrained=False)
-            fresh = transfer_weights(model, detector_state)
-            log.info("the segmenter starts from the detector's weights (%s start at zero)", ", ".join(fresh))
-        else:
-            if seg.init_from_detector:
-                log.warning("no detector weights given: the segmenter starts without them")
-            model = build_network(2, config.encoder, weights, pretrained=True)
-        ds = PatchDataset(samples, targets, config.data, nearest=nearest, seed=seed + 7)
-        common = dict(batch_size=seg.batch_size, device=dev, checkpoint_dir=layout.checkpoints, seed=seed + 7,
-                      resume=resume, progress=progress, on_epoch_end=on_epoch_end, schedule=seg.lr_schedule,
-                      ema=seg.ema)
-
-        def run(name: str, stage: str, data: PatchDataset, loss: nn.Module, epochs: int, lr: float) -> FitHistory:
-            last_epoch["n"] = epochs
-            fingerprint = {"train": config.to_dict(), "stage": "plain" if stage == "segmentation" else stage}
-            h = fit(model, data, loss, epochs=epochs, lr=lr, stage_name=f"segmenter{name}{tag}",
-                    config={**fingerprint, "member": m} if m else fingerprint, **common)
-            history[f"{stage}{tag}"] = h
-            return h
-
-        if supervised:
-            run("-supervised", "supervised", ds, supervised_ce, seg.epochs, seg.lr)
-            return model
+    refine_kept: bool | None = None
+    plain_state = None
+    alt_states: dict[str, dict[str, torch.Tensor] | None] = {}
+    if supervised:
+        history["supervised"] = fit(model, ds, supervised_ce, epochs=seg.epochs, lr=seg.lr, stage_name="segmenter-supervised",
+                                    config={"train": config.to_dict(), "stage": "supervised"}, **common)
+    else:
+        sigma_xy = px(seg.crf_sigma_xy_um)
         loss = Stage2Loss(alpha=seg.alpha)
-        h0 = run("", "segmentation", ds, loss, seg.epochs, seg.lr)
+        history["segmentation"] = fit(model, ds, loss, epochs=seg.epochs, lr=seg.lr, stage_name="segmenter",
+                                      config={"train": config.to_dict(), "stage": "plain"}, **common)
         if seg.refine_epochs > 0:
             before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            last_epoch["n"] = seg.refine_epochs
             refined = [refined_targets(t, nucleus_probability(model, s.image, device=dev, tta=True), seg.refine_low, seg.refine_high)
                        for s, t in zip(samples, targets)]
-            ds_refined = PatchDataset(samples, refined, config.data, nearest=nearest, seed=seed + 11)
-            h1 = run("-refine", "refine", ds_refined, loss, seg.refine_epochs, seg.lr)
-            b0, b1 = h0.best_score, h1.best_score
-            kept = b0 is None or (b1 is not None and b1 >= b0)  # kept only when the held-back score does not fall
-            refine_kept.append(kept)
-            if not kept:
+            ds_refined = PatchDataset(samples, refined, config.data, nearest=nearest, seed=config.seed + 11)
+            history["refine"] = fit(model, ds_refined, loss, epochs=seg.refine_epochs, lr=seg.lr, stage_name="segmenter-refine",
+                                    config={"train": config.to_dict(), "stage": "refine"}, **common)
+            b0, b1 = history["segmentation"].best_score, history["refine"].best_score
+            refine_kept = b0 is None or (b1 is not None and b1 >= b0)  # kept only when the held-back score does not fall
+            if not refine_kept:
                 log.info("self-training round scored %.3f < %.3f before it: the segmenter before the round is kept", b1 or np.nan, b0)
                 model.load_state_dict(before)
             else:  # CRF fine-tuning goes on from the refined labels
                 ds = ds_refined
-        plain_states.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        alt_members.setdefault(f"plain-{other}", []).append(alt["state"])
+        plain_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        alt_states[f"plain-{other}"] = alt["state"]
         alt.update(score=-np.inf, state=None)
         if seg.crf_epochs > 0 and seg.crf_beta > 0:
-            sigma_xy = px(seg.crf_sigma_xy_um)
+            last_epoch["n"] = seg.crf_epochs
             crf = Stage2Loss(alpha=seg.alpha, beta=seg.crf_beta, sigma_xy_px=sigma_xy, sigma_rgb=seg.crf_sigma_rgb,
                              crf_downsample=crf_downsample(sigma_xy))
-            run("-crf", "crf", ds, crf, seg.crf_epochs, seg.crf_lr)
-            alt_members.setdefault(f"crf-{other}", []).append(alt["state"])
-            alt.update(score=-np.inf, state=None)
-        return model
-
-    trained = [train_member(m) for m in range(seg.members)]
-    model = trained[0] if len(trained) == 1 else Ensemble(trained)
-    plain_state = None if supervised else ensemble_state(plain_states)
-    alt_states = {k: None if any(v is None for v in states) else ensemble_state(states) for k, states in alt_members.items()}
+            history["crf"] = fit(model, ds, crf, epochs=seg.crf_epochs, lr=seg.crf_lr, stage_name="segmenter-crf",
+                                 config={"train": config.to_dict(), "stage": "crf"}, **common)
+            alt_states[f"crf-{other}"] = alt["state"]
 
     # ---- threshold
     metrics: dict[str, Any] = {"selection": key, "label_seconds": t_labels, "r1_px": r1, "min_area_px": min_area_px,
-                               "h_px": h_px, "method": seg.instance_method, "members": seg.members,
-                               "refine_kept": refine_kept[0] if len(refine_kept) == 1 else (refine_kept or None),
+                               "h_px": h_px, "method": seg.instance_method, "refine_kept": refine_kept,
                                "n_points": int(sum(len(v) for v in known.values())),
                                "n_holdout": int(sum(len(s.holdout) for s in hold_samples))}
     prob_t = 0.5
