@@ -35,18 +35,6 @@ def test_holdout_counts_by_hand():
     assert c["good"] == 0 and c["n"] == 2
 
 
-def test_calibrated_threshold_by_hand():
-    from pointnuc.train.segment import calibrated_threshold
-
-    # Σp = 0.9 + 0.8 + 0.45 + 0.35 + 0.1 + 0.1 = 2.7 expected nucleus pixels; p > t keeps 4 pixels at t = 0.3,
-    # 3 at 0.35 and 0.4 (|3 - 2.7| = 0.3, the smallest gap), 2 from 0.45: of the tied two, the one nearer 0.5
-    p = [np.array([0.9, 0.8, 0.45]), np.array([0.35, 0.1]), np.array([0.1])]
-    assert calibrated_threshold(p) == 0.4
-    # a confident map (p near 0 or 1) is cut at 0.5, the tie-break
-    assert calibrated_threshold([np.array([0.99, 0.98, 0.01, 0.02])]) == 0.5
-    assert calibrated_threshold([]) == 0.5
-
-
 def test_merge_points_keeps_user_points_and_far_detections():
     user = np.array([[10.0, 10.0]])
     det = np.array([[12.0, 10.0], [40.0, 10.0]])
@@ -133,7 +121,8 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     assert time.perf_counter() - t0 < 60
     assert (tmp_path / "m" / "segmenter.pt").is_file()
     assert set(res.history) == {"segmentation", "crf"}
-    assert 0.3 <= res.thresholds["prob"] <= 0.7
+    assert res.thresholds["prob"] == 0.5 and res.metrics["threshold_rule"] == "fixed 0.5"  # points-only: the softmax cut
+    assert set(res.metrics["threshold_table"]) == {"0.3", "0.4", "0.5", "0.6", "0.7"}
     lab = segment_image(res.model, img, res.thresholds)
     f1 = pixel_scores(gt, lab)["F1"]
     print(f"synthetic stage 2: pixel F1 {f1:.3f}, threshold {res.thresholds['prob']}")

@@ -23,10 +23,12 @@ of an over-split nucleus):
 The checkpoint (per epoch, at threshold 0.5) is chosen by this score. The probability
 threshold is not: the score cannot see how far an outline reaches and favoured high
 thresholds that shrink every nucleus (on MoNuSeg it chose 0.4-0.7 where the validation
-masks chose 0.3). Instead the threshold is the one whose predicted nucleus area on the
-held-back images matches the expected area Σp (``calibrated_threshold``).
+masks chose 0.3), so the points-only protocol keeps the softmax cut, 0.5. Matching the
+predicted area to the expected one (Σp) was tried and failed on weak models, whose
+diffuse background probabilities inflate Σp (README example: 0.3, AJI .25 vs .42 at 0.5).
 
-With ``selection="masks"`` (the paper's protocol; benchmarks only) the mean Kumar AJI on tuning images with ground-truth labels is used instead;
+With ``selection="masks"`` (the paper's protocol; benchmarks only) the mean Kumar AJI
+on tuning images with ground-truth labels chooses the checkpoint and the threshold;
 when those exist both scores are recorded. The fully supervised reference (same net,
 binary masks) is ``supervised=True``.
 """
@@ -60,8 +62,6 @@ log = logging.getLogger(__name__)
 
 THRESHOLDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
 EMPTY_PENALTY = 0.5
-#: thresholds the points-only protocol chooses from (calibrated_threshold)
-CALIBRATION_GRID: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
 @dataclass
@@ -187,14 +187,12 @@ class _Tuner:
         lab = instances_from_probability(p, threshold=t, min_area_px=self.min_area_px, method=self.method, h_px=self.h_px)
         return np.where(valid, lab, 0)
 
-    def score(self, model: nn.Module, thresholds: Sequence[float],
-              probs: list[np.ndarray] | None = None) -> dict[float, dict[str, float]]:
-        """Scores per threshold; ``probs``: the held-back samples' maps when already computed."""
+    def score(self, model: nn.Module, thresholds: Sequence[float]) -> dict[float, dict[str, float]]:
         from pointnuc.metrics import aji
 
         out: dict[float, dict[str, float]] = {t: {} for t in thresholds}
         if self.samples:
-            probs = probs if probs is not None else self.probs(model, self.samples)
+            probs = self.probs(model, self.samples)
             for t in thresholds:
                 counts = [holdout_counts(self._inst(p, t, s.valid), s.holdout, k, self.same_radius)
                           for p, s, k in zip(probs, self.samples, self.known)]
@@ -204,21 +202,6 @@ class _Tuner:
             for t in thresholds:
                 out[t]["aji"] = float(np.mean([aji(s.gt_labels, self._inst(p, t, s.valid)) for p, s in zip(probs, self.mask_samples)]))
         return out
-
-
-def calibrated_threshold(probs: Sequence[np.ndarray], grid: Sequence[float] = CALIBRATION_GRID) -> float:
-    """The threshold of ``grid`` whose nucleus area, pixels with p > t, comes closest to the expected area Σp.
-
-    Used instead of the held-back points score to choose the threshold: that score sees
-    whether each held-back point gets its own instance, not how far the outline reaches,
-    and it favoured thresholds (0.4-0.7) that shrink every nucleus. ``probs``: the
-    nucleus probabilities of the held-back images' valid pixels.
-    """
-    p = np.concatenate([np.asarray(q, np.float64).ravel() for q in probs]) if len(probs) else np.zeros(0)
-    if p.size == 0:
-        return 0.5
-    expected = p.sum()
-    return float(min(grid, key=lambda t: (abs(np.count_nonzero(p > t) - expected), abs(t - 0.5))))
 
 
 # ------------------------------------------------------------------------ training
@@ -383,23 +366,16 @@ def train_segmenter(
                                "n_points": int(sum(len(v) for v in known.values())),
                                "n_holdout": int(sum(len(s.holdout) for s in hold_samples))}
     prob_t = 0.5
-    if key == "points" and hold_samples:
-        # points-only: the threshold at which the predicted nucleus area matches the expected one (see calibrated_threshold)
-        probs = tuner.probs(model, hold_samples)
-        prob_t = calibrated_threshold([p[s.valid] for p, s in zip(probs, hold_samples)])
-        table = tuner.score(model, sorted({*THRESHOLDS, prob_t}), probs)
-        metrics["threshold_table"] = {str(t): v for t, v in table.items()}
-        metrics["selection_score"] = table[prob_t][key]
-        metrics["threshold_rule"] = "calibrated area"
-    elif key == "masks":
+    if key == "masks" or hold_samples:
         table = tuner.score(model, THRESHOLDS)
         metrics["threshold_table"] = {str(t): v for t, v in table.items()}
         finite = [t for t in THRESHOLDS if np.isfinite(table[t].get(key, np.nan))]
-        if finite:
+        if key == "masks" and finite:  # points-only keeps 0.5: the points score is recorded, not used (module docstring)
             best = max(table[t][key] for t in finite)
             # prefer 0.5 (the natural softmax cut) unless another threshold is clearly better
             prob_t = 0.5 if table[0.5].get(key, -np.inf) >= best - 0.005 else max(finite, key=lambda t: table[t][key])
-            metrics["selection_score"] = table[prob_t][key]
+        metrics["selection_score"] = table[prob_t].get(key, float("nan"))
+    metrics["threshold_rule"] = "best val AJI" if key == "masks" else "fixed 0.5"
     thresholds = {"prob": float(prob_t), "min_area_px": float(min_area_px), "h_px": float(h_px)}
     metrics["seconds"] = time.perf_counter() - t_start
     save_weights(layout.segmenter, model)
