@@ -33,7 +33,7 @@ from PIL import Image
 from pointnuc.config import TrainConfig, profile_config
 from pointnuc.metrics import detection_counts, detection_scores, gt_points_from_labels
 from pointnuc.models.bundle import ModelLayout
-from pointnuc.stain import reinhard_normalize, reinhard_reference
+from pointnuc.stain import colour_normalize, colour_reference
 from pointnuc.train.detect import Tuning, detect, predict_probabilities, train_detector
 from pointnuc.train.fit import resolve_device
 from pointnuc.train.samples import TrainingImage
@@ -88,7 +88,7 @@ def sample_points(gt_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def make_sample(name: str, img: np.ndarray, lab: np.ndarray, ref: dict, scale: float, pts_full: np.ndarray,
                 holdout_full: np.ndarray) -> TrainingImage:
-    work = to_working(reinhard_normalize(img, ref), scale)
+    work = to_working(colour_normalize(img, ref), scale)
     h, w = work.shape[:2]
     return TrainingImage(
         name=name, image_name=name, image=work, points=pts_full / scale, holdout=holdout_full / scale,
@@ -120,7 +120,7 @@ def mo_samples(cfg: TrainConfig, seed: int, images: int | None = None):
     scale = cfg.data.pixel_size_um / FULL_RES_UM
     rng = np.random.default_rng(seed)
     raw = {n: load_image(data_dir, n) for n in names_train + names_val + names_test}
-    ref = reinhard_reference([raw[n][0] for n in names_train])
+    ref = colour_reference([raw[n][0] for n in names_train], stain=cfg.data.stain_normalise)
     gts = {n: gt_points_from_labels(raw[n][1]) for n in raw}
     none = np.zeros((0, 2))
     train = [make_sample(n, *raw[n], ref, scale, sample_points(gts[n], rng), none) for n in names_train]
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.detection.epochs} epochs initial + {cfg.detection.rounds} round(s) x "
         f"{cfg.detection.round_epochs or cfg.detection.epochs} epochs, "
         f"batch {cfg.detection.batch_size}, lr {cfg.detection.lr}, {cfg.data.patches_per_image} patches/image, "
-        f"crop {cfg.data.crop_size}, stain jitter {cfg.data.stain_jitter}, flip TTA on probability maps; ImageNet weights: {'yes' if _has_imagenet(cfg) else 'no (random init)'}",
+        f"crop {cfg.data.crop_size}, colour: Reinhard{' + stain step' if cfg.data.stain_normalise else ''}, stain jitter {cfg.data.stain_jitter}, flip TTA on probability maps; ImageNet weights: {'yes' if _has_imagenet(cfg) else 'no (random init)'}",
         f"- data: {len(train)} train images ({res.metrics['n_points']} points = 10%), {len(val)} val images "
         f"({sum(len(s.holdout) for s in val)} held-back points = 10%), {len(test)} test images "
         f"({sum(len(g) for _, g in test)} nuclei); match radius {MATCH_RADIUS_FULL:g} px full-res, pooled",

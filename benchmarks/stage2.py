@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"{seg.refine_epochs} self-training epochs (labels: p < {seg.refine_low} / > {seg.refine_high}) + " if seg.refine_epochs else "")
         + f"{seg.crf_epochs} CRF epochs (lr {seg.crf_lr}, β {seg.crf_beta}, σ_xy {seg.crf_sigma_xy_um} µm, σ_rgb {seg.crf_sigma_rgb}), "
         f"batch {seg.batch_size}, {cfg.data.patches_per_image} patches/image, crop {cfg.data.crop_size}, "
-        f"stain jitter {cfg.data.stain_jitter}, start: " + ("stage-1 detector" if seg.init_from_detector and detector_state is not None else "ImageNet/random"),
+        f"colour: Reinhard{' + stain step' if cfg.data.stain_normalise else ''}, stain jitter {cfg.data.stain_jitter}, start: " + ("stage-1 detector" if seg.init_from_detector and detector_state is not None else "ImageNet/random"),
         f"- points: {stage1_note}",
         f"- data: {len(train)} train, {len(val)} val ({sum(len(s.holdout) for s in val)} held-back points), {len(test)} test images",
         f"- wall time: {wall / 60:.1f} min (stage 1 {t1 / 60:.1f} min, stage 2 training + selection {t2 / 60:.1f} min)",

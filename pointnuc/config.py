@@ -48,6 +48,7 @@ class DataConfig:
     region_margin_um: float = 25.0  #: without regions: neighbourhood kept around the points
     holdout_fraction: float = 0.2  #: share of each image's points held back for tuning and selection
     max_whole_image_px: int = 4096  #: without regions, images up to this size (working px) are used whole
+    stain_normalise: bool = True  #: ours: after Reinhard, each image's haematoxylin and eosin amounts are moved to the training images' (pointnuc.stain)
     stain_jitter: float = 0.2  #: augmentation: each stain's amount varies by up to ± this share per crop (0 = off; ours; 0.2 > 0.1 in stage 2 on MoNuSeg)
 
     def __post_init__(self) -> None:

@@ -96,11 +96,11 @@ def load_training_images(
 ) -> tuple[list[TrainingImage], dict[str, list[float]], dict[str, int]]:
     """Read every image's points and regions at the working resolution, colour-normalised.
 
-    Returns the samples, the Reinhard reference computed over them, and points per image.
+    Returns the samples, the colour reference computed over them (:func:`pointnuc.stain.colour_reference`), and points per image.
     """
     from pointnuc.geometry import polygon_pixels
     from pointnuc.io.slide import open_slide, pixel_size_or_error
-    from pointnuc.stain import reinhard_normalize, reinhard_reference
+    from pointnuc.stain import colour_normalize, colour_reference
 
     rng = np.random.default_rng(config.seed)
     raw: list[TrainingImage] = []
@@ -162,9 +162,9 @@ def load_training_images(
         raise TrainingError(f"no {point_class!r} points found in any image of the project{hint}")
     if total < MIN_POINTS:
         raise TrainingError(f"only {total} {point_class!r} points in the project; pointnuc needs at least {MIN_POINTS}")
-    ref = reinhard_reference([s.image for s in raw])
+    ref = colour_reference([s.image for s in raw], stain=config.data.stain_normalise)
     for s in raw:
-        s.image = reinhard_normalize(s.image, ref)
+        s.image = colour_normalize(s.image, ref)
     return raw, ref, counts
 
 

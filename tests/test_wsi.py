@@ -348,6 +348,14 @@ def test_colour_normalisation_on_device_matches_reader_threads(slide_file: tuple
     a = np.stack([normalise_tile(i, src, ref) for i in imgs])
     b = normalise_tiles_torch(torch.from_numpy(imgs), src, ref).numpy()
     assert np.abs(a.astype(int) - b).max() <= 1
+    # with the stain step (a pale source stretched to a darker reference): the torch path starts from
+    # Reinhard pixels that may differ by one grey level, which the stretch can widen in dark pixels
+    ref_s = {**ref, "stain": [0.28, 1.8, 0.30, 0.9]}
+    src_s = (*src, [0.4, 0.95, 0.32, 0.5])
+    a = np.stack([normalise_tile(i, src_s, ref_s) for i in imgs]).astype(int)
+    b = normalise_tiles_torch(torch.from_numpy(imgs), src_s, ref_s).numpy()
+    assert not np.array_equal(a, np.stack([normalise_tile(i, src, ref) for i in imgs]))  # the step did something
+    assert np.mean(np.abs(a - b) <= 1) > 0.99 and np.abs(a - b).max() <= 8
 
     path, _ = slide_file
     region = shapely.box(0, 0, 700, 600)
@@ -397,7 +405,7 @@ def test_inference_colour_stats_are_the_training_stats_on_a_small_image(tmp_path
 
     from pointnuc.infer.wsi import sampled_colour_stats
     from pointnuc.io.slide import open_slide
-    from pointnuc.stain import lab_stats
+    from pointnuc.stain import colour_stats, lab_stats
 
     rng = np.random.default_rng(3)
     img = rng.integers(40, 250, (300, 600, 3), dtype=np.uint8)
@@ -407,10 +415,14 @@ def test_inference_colour_stats_are_the_training_stats_on_a_small_image(tmp_path
     with open_slide(tmp_path / "im.png", pixel_size_um=0.5) as slide:
         plan = plan_slide(slide, info, tile_size=512, pixel_size_um=0.5, tissue=False)
         assert len(plan.tiles) <= 8
-        m, s = sampled_colour_stats(slide, plan)
+        m, s, stain = sampled_colour_stats(slide, plan)
+        ref = {"mean": [60.0, 20.0, -10.0], "std": [15.0, 8.0, 6.0], "stain": [0.28, 1.8, 0.3, 0.9]}
+        with_stain = sampled_colour_stats(slide, plan, ref=ref)
     em, es = lab_stats(img)
     np.testing.assert_allclose(m, em, atol=0.05)  # float32 sums over 180k pixels
     np.testing.assert_allclose(s, es, atol=0.05)
+    assert stain is None  # a model without the stain step needs none
+    np.testing.assert_allclose(with_stain[2], colour_stats(img, ref)[2], atol=0.02)
 
 
 def test_fast_normalise_tile_within_one_grey_level_of_scikit_image() -> None:

@@ -45,8 +45,8 @@ from pointnuc.infer.polygons import (
 from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, round_halo, tiles_intersecting
 from pointnuc.io.base import NucleusObject
 from pointnuc.models.bundle import ModelInfo
-from pointnuc.stain import D65, XYZ_FROM_RGB, lab_stats
-from pointnuc.stain import reinhard_apply as normalise_tile  # the name the CPU path and tests use
+from pointnuc.stain import D65, XYZ_FROM_RGB, ColourStats, colour_stats, stain_affine
+from pointnuc.stain import colour_apply as normalise_tile  # the name the CPU path and tests use
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,12 @@ COLOUR_SAMPLE_TILES = 8
 
 def sampled_colour_stats(
     slide: Any, plan: SlidePlan, n_tiles: int = COLOUR_SAMPLE_TILES, *, read: Callable[[Tile], np.ndarray] | None = None,
-    pool: Executor | None = None,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """LAB mean/std of the slide at the working resolution, from the cores of up to ``n_tiles`` tiles.
+    pool: Executor | None = None, ref: dict[str, Sequence[float]] | None = None,
+) -> ColourStats | None:
+    """Colour statistics of the slide at the working resolution, from the cores of up to ``n_tiles`` tiles.
+
+    LAB mean/std, and the stain statistics after Reinhard when ``ref`` (the model's colour
+    reference) has a stain step (:func:`pointnuc.stain.colour_stats`).
 
     Training computes its statistics from full working-resolution pixels
     (:func:`pointnuc.stain.reinhard_normalize`); a thumbnail would blur away contrast and
@@ -199,16 +202,15 @@ def sampled_colour_stats(
         y0, x0 = t.core.y0 - t.window.y0, t.core.x0 - t.window.x0
         pixels.append(img[y0 : y0 + t.core.height, x0 : x0 + t.core.width].reshape(-1, 3))
     flat = np.concatenate(pixels)
-    return lab_stats(flat[:, None, :]) if len(flat) >= 16 else None
+    return colour_stats(flat[:, None, :], ref or {}) if len(flat) >= 16 else None
 
 
-def normalise_tiles_torch(
-    images: torch.Tensor, source: tuple[np.ndarray, np.ndarray], ref: dict[str, Sequence[float]]
-) -> torch.Tensor:
+def normalise_tiles_torch(images: torch.Tensor, source: Sequence, ref: dict[str, Sequence[float]]) -> torch.Tensor:
     """:func:`normalise_tile` for a uint8 batch (B, H, W, 3) on any device (the GPU path).
 
-    The same sRGB -> CIE LAB (D65) -> Reinhard -> sRGB formulas as scikit-image, so both
-    paths give the same pixels to within rounding.
+    The same sRGB -> CIE LAB (D65) -> Reinhard -> sRGB formulas as scikit-image, then the
+    same stain step as :func:`pointnuc.stain.stain_apply`, so both paths give the same pixels
+    to within rounding.
     """
     dev = images.device
     m = torch.as_tensor(XYZ_FROM_RGB, dtype=torch.float32, device=dev)
@@ -228,7 +230,14 @@ def normalise_tiles_torch(
     xyz = torch.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787) * white
     lin = xyz @ torch.linalg.inv(m).T
     rgb = torch.where(lin > 0.0031308, 1.055 * torch.pow(lin.clamp(min=0.0031308), 1 / 2.4) - 0.055, lin * 12.92)
-    return torch.round(rgb.clamp(0, 1) * 255.0).to(torch.uint8)
+    out = torch.round(rgb.clamp(0, 1) * 255.0)
+    stain = source[2] if len(source) > 2 else None
+    if ref.get("stain") and stain is not None:
+        ms, ts_ = stain_affine(stain, ref["stain"])
+        od = -torch.log(out.clamp(min=1.0) / 255.0)
+        od = od @ torch.as_tensor(ms, device=dev) + torch.as_tensor(ts_, device=dev)
+        out = torch.round(255.0 * torch.exp(-od.clamp(min=0.0)))
+    return out.to(torch.uint8)
 
 
 def read_tile(slide: Any, plan: SlidePlan, tile: Tile) -> np.ndarray:
@@ -425,7 +434,8 @@ def segment_slide(
             network = network.to(memory_format=torch.channels_last)
         if region is not None:
             shapely.prepare(region)  # once, before the post-processing threads use it
-        source = (sampled_colour_stats(slide, plan, read=lambda t: read_tile(slides.get(), plan, t), pool=readers)
+        source = (sampled_colour_stats(slide, plan, read=lambda t: read_tile(slides.get(), plan, t), pool=readers,
+                                       ref=info.norm_reference)
                   if info.norm_reference else None)
     except BaseException:
         readers.shutdown(wait=True, cancel_futures=True)

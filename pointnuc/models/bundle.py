@@ -75,7 +75,7 @@ class ModelInfo:
     """What ``pointnuc-model.json`` holds."""
 
     config: TrainConfig
-    norm_reference: dict[str, list[float]] | None = None  #: Reinhard mean/std in LAB
+    norm_reference: dict[str, list[float]] | None = None  #: Reinhard mean/std in LAB, and stain statistics (pointnuc.stain)
     thresholds: dict[str, float] = field(default_factory=dict)  #: tuned on held-back data
     provenance: dict[str, Any] = field(default_factory=dict)  #: data, seed, device, times, versions
     metrics: dict[str, Any] = field(default_factory=dict)  #: validation scores used for selection
