@@ -172,6 +172,8 @@ def read_thumbnail(
 
 #: Tiles read to estimate a slide's colour statistics (spread evenly over the tissue tiles).
 COLOUR_SAMPLE_TILES = 8
+#: Of those pixels, every this many give the stain statistics (two percentiles; ~400k pixels of 8 tiles of 448² cores)
+STAIN_STRIDE = 4
 
 
 def sampled_colour_stats(
@@ -202,7 +204,7 @@ def sampled_colour_stats(
         y0, x0 = t.core.y0 - t.window.y0, t.core.x0 - t.window.x0
         pixels.append(img[y0 : y0 + t.core.height, x0 : x0 + t.core.width].reshape(-1, 3))
     flat = np.concatenate(pixels)
-    return colour_stats(flat[:, None, :], ref or {}) if len(flat) >= 16 else None
+    return colour_stats(flat[:, None, :], ref or {}, stain_stride=STAIN_STRIDE) if len(flat) >= 16 else None
 
 
 def normalise_tiles_torch(images: torch.Tensor, source: Sequence, ref: dict[str, Sequence[float]]) -> torch.Tensor:
