@@ -163,8 +163,6 @@ def stain_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -
 
 #: pixels whose optical density (summed over R, G, B) exceeds this are tissue for the stain statistics
 TISSUE_OD = 0.3
-
-
 #: a stain whose 99th percentile exceeds its median by less than this has no contrast to match
 MIN_STAIN_SPREAD = 0.02
 

@@ -186,7 +186,7 @@ def sampled_colour_stats(
     reference) has a stain step (:func:`pointnuc.stain.colour_stats`).
 
     Training computes its statistics from full working-resolution pixels
-    (:func:`pointnuc.stain.reinhard_normalize`); a thumbnail would blur away contrast and
+    (:func:`pointnuc.stain.colour_normalize`); a thumbnail would blur away contrast and
     make inference stretch it (x1.5 on the example tile). One set for the whole slide, so
     neighbouring tiles agree at the seams; for an image of up to ``n_tiles`` tiles it is
     exactly the statistics training used. ``read`` (a tile -> pixels) and ``pool`` (to read
