@@ -54,6 +54,9 @@ def test_train_leaves_a_complete_model_folder(trained: tuple[Path, Path, Path]) 
     assert meta["format_version"] == 1 and meta["pixel_size_um"] == 0.5
     assert meta["config"]["encoder"] == "tiny"
     assert {"detection_prob"} <= set(meta["thresholds"])
+    ref = meta["norm_reference"]  # the colour target segment normalises every slide to
+    assert len(ref["mean"]) == 3 and len(ref["std"]) == 3 and len(ref["stain"]) == 4
+    assert meta["config"]["data"]["stain_normalise"] is True
     assert (model / "detector.pt").is_file() and (model / "segmenter.pt").is_file()
     assert sorted(p.name for p in (model / "points").glob("*.json"))
     assert "detector" in (model / "train.log").read_text()
