@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="results markdown (default: benchmarks/results/stage1-PROFILE.md)")
     ap.add_argument("--points-out", type=Path, default=None,
-                    help="npz of the final detector's points on the train and val images (stage2.py --stage1-cache)")
+                    help="npz of the final detector's points on the train and val images, (y, x) in full-resolution "
+                         "pixels, so that any profile can read them (stage2.py --stage1-cache)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         points = dict(res.points)
         points.update({s.name: detect(p, s.valid, res.threshold, res.min_area_px) for s, p in zip(val, vprobs)})
         args.points_out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.points_out, **points)
+        np.savez(args.points_out, **{k: v * scale for k, v in points.items()})  # full-resolution px
     hist = [e for h in res.history.values() for e in h.epochs]
     pps = float(np.mean([e.patches_per_s for e in hist]))
     wait = float(np.mean([e.data_wait_share for e in hist]))

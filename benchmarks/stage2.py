@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="quick", choices=["paper", "quick", "tiny"])
     ap.add_argument("--points", default="detected", choices=["detected", "gt"], help="stage-2 input: stage-1 detections or all GT points")
-    ap.add_argument("--stage1-cache", type=Path, default=None, help="npz of stage-1 detections (written if missing)")
+    ap.add_argument("--stage1-cache", type=Path, default=None, help="npz of stage-1 detections in full-resolution pixels (written if missing)")
     ap.add_argument("--stage1-dir", type=Path, default=None,
                     help="reuse the detector.pt of an earlier stage-1 run (with --stage1-threshold/--stage1-min-area)")
     ap.add_argument("--stage1-threshold", type=float, default=0.5)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             detector_state = torch.load(ModelLayout(args.stage1_dir).detector, map_location="cpu", weights_only=True)
         if cache is not None and cache.is_file():
             z = np.load(cache)
-            points = {k: z[k] for k in z.files}
+            points = {k: z[k] / scale for k in z.files}
             stage1_note = f"stage-1 detections loaded from {cache}"
         elif args.stage1_dir is not None:
             from pointnuc.models.net import build_network
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             stage1_note = (f"stage-1 detector from {args.stage1_dir} (threshold {args.stage1_threshold}, "
                            f"min area {args.stage1_min_area} px)")
             if cache is not None:
-                np.savez(cache, **points)
+                np.savez(cache, **{k: v * scale for k, v in points.items()})
         else:
             from pointnuc.train.detect import detect, predict_probabilities, train_detector
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.time() - t0
             stage1_note = f"stage 1 run here ({t1 / 60:.1f} min, threshold {det.threshold:.2f})"
             if cache is not None:
-                np.savez(cache, **points)
+                np.savez(cache, **{k: v * scale for k, v in points.items()})
         # stage-1 detection quality on the train images, for reference
         from pointnuc.metrics import detection_counts, detection_scores
 
