@@ -170,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cfg.replace(**{"detection.variant": "ST-bg"})
     device = resolve_device(args.device)
     train, val, test_l, gts, ref, scale = mo_samples(cfg, args.seed, args.images)
+    if cfg.for_detection() is not cfg:  # as `pointnuc train`: the segmenter's samples, resampled for stage 1
+        ratio = cfg.detection.pixel_size_um / cfg.data.pixel_size_um
+        train, val = [s.rescaled(ratio) for s in train], [s.rescaled(ratio) for s in val]
+        test_l = [(s.rescaled(ratio), lab) for s, lab in test_l]
+        cfg, scale = cfg.for_detection(), scale * ratio
     test = [(s, gts[s.name]) for s, _ in test_l]
     t_data = time.time() - t_start
     logging.info("data ready in %.0f s: %d train (%d points), %d val (%d held-back points), %d test (%d nuclei)",

@@ -24,7 +24,7 @@ from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, OutputExistsError, PointnucError, TrainingError
 from pointnuc.io.base import ImageRef, Project
 from pointnuc.io.paths import check_output_dir
-from pointnuc.train.samples import MIN_POINTS, TrainingImage
+from pointnuc.train.samples import MIN_POINTS, TrainingImage, points_between
 
 if TYPE_CHECKING:
     import torch
@@ -294,13 +294,14 @@ def _train(
     n_points = sum(len(s.points) + len(s.holdout) for s in samples)
     log.info(
         "profile %r, model folder %s: %d training image(s)/region(s), %d points (%d held back for tuning), "
-        "working at %.3g µm/px, device %s",
+        "working at %.3g µm/px (detector %.3g), device %s",
         config.profile,
         out,
         len(samples),
         n_points,
         sum(len(s.holdout) for s in samples),
         config.data.pixel_size_um,
+        config.for_detection().data.pixel_size_um,
         dev,
     )
     provenance = {
@@ -320,7 +321,13 @@ def _train(
     info = ModelInfo(config=config, norm_reference=ref, provenance=provenance)
     save_info(out, info)  # describes the run from the start, so --resume can check it
 
-    det = train_detector(samples, config, layout, device=dev, resume=resume, progress=progress, weights=weights)
+    # stage 1 may work at a coarser pixel size (detection.pixel_size_um): the same regions, resampled
+    cfg1 = config.for_detection()
+    ratio = cfg1.data.pixel_size_um / config.data.pixel_size_um
+    samples1 = samples if cfg1 is config else [s.rescaled(ratio) for s in samples]
+    det = train_detector(samples1, cfg1, layout, device=dev, resume=resume, progress=progress, weights=weights)
+    if samples1 is not samples:
+        det.points = points_between(det.points, samples1, samples)  # now at the segmenter's pixel size
     info.thresholds.update({"detection_prob": float(det.threshold), "detection_min_area_px": float(det.min_area_px)})
     info.metrics["detection"] = det.metrics
     info.provenance["stage1_seconds"] = round(time.time() - t0, 1)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from pointnuc.config import DataConfig, profile_config
-from pointnuc.errors import TrainingError
+from pointnuc.errors import InputError, TrainingError
 from pointnuc.models.net import build_network
 from pointnuc.train.data import IGNORE, Augment, PatchDataset, warp_crop
 from pointnuc.train.fit import fit, resolve_device
 from pointnuc.train.losses import weighted_mse
-from pointnuc.train.samples import TrainingImage
+from pointnuc.train.samples import TrainingImage, points_between
 
 torch.set_num_threads(1)
 
@@ -104,6 +104,35 @@ def test_patch_dataset_stain_jitter_leaves_targets_alone() -> None:
     (a, ta), (b, tb) = plain[1], jit[1]
     assert torch.equal(ta, tb)  # same geometry, same targets (the CRF loss reads the original colours there)
     assert not torch.equal(a, b) and (a.int() - b.int()).abs().float().mean() < 40
+
+
+def test_rescaled_sample_keeps_full_resolution_places() -> None:
+    """Stage 1 at twice the pixel size: 2x2 means, nearest masks and labels, points where they were."""
+    img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    valid = np.zeros((4, 6), bool)
+    valid[:2, :4] = True
+    lab = np.kron(np.array([[1, 2, 3], [4, 5, 6]], np.int32), np.ones((2, 2), np.int32))
+    s = TrainingImage(name="a", image_name="a", image=img, points=np.array([[1.0, 1.0], [5.5, 3.5]]),
+                      holdout=np.array([[3.0, 2.0]]), valid=valid, origin_xy=(10.0, 20.0), scale=0.5, gt_labels=lab)
+    t = s.rescaled(2.0)
+    assert t.image.shape == (2, 3, 3) and t.scale == 1.0 and t.origin_xy == (10.0, 20.0)
+    assert np.abs(t.image - img.reshape(2, 2, 3, 2, 3).mean((1, 3))).max() <= 0.5
+    assert np.array_equal(t.valid, [[True, True, False], [False, False, False]])
+    assert np.array_equal(t.gt_labels, [[1, 2, 3], [4, 5, 6]])
+    assert np.allclose(t.to_full_res(t.points), s.to_full_res(s.points))
+    assert np.allclose(t.to_full_res(t.holdout), s.to_full_res(s.holdout))
+    assert np.allclose(points_between({"a": t.points}, [t], [s])["a"], s.points)  # stage 1's points back for stage 2
+    assert s.rescaled(1.0) is s
+
+
+def test_detection_pixel_size_gives_stage_1_its_own_config() -> None:
+    quick = profile_config("quick")
+    assert quick.data.pixel_size_um == 0.25 and quick.for_detection().data.pixel_size_um == 0.5
+    assert quick.for_detection().segmentation == quick.segmentation
+    paper = profile_config("paper")
+    assert paper.for_detection() is paper
+    with pytest.raises(InputError, match="detection.pixel_size_um"):
+        profile_config("paper", **{"detection.pixel_size_um": -1.0})
 
 
 def test_small_image_is_padded() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -30,6 +31,43 @@ class TrainingImage:
     scale: float = 1.0  #: full-res pixels per working pixel
     gt_labels: np.ndarray | None = None  #: int instance labels (H, W); benchmarks / paper protocol only
 
+    def rescaled(self, pixel_size_ratio: float) -> "TrainingImage":
+        """This sample with ``pixel_size_ratio`` times the pixel size (2: half the pixels a side).
+
+        Pixels are averaged (box filter) when shrinking, masks and labels taken by nearest
+        neighbour; points keep their full-resolution place.
+        """
+        from PIL import Image
+
+        h, w = self.valid.shape
+        hh, ww = max(1, round(h / pixel_size_ratio)), max(1, round(w / pixel_size_ratio))
+        if (hh, ww) == (h, w):
+            return self
+        f = w / ww  # old pixels per new pixel, as the slide reader counts scale
+        box = Image.BOX if pixel_size_ratio > 1 else Image.BILINEAR
+
+        def nearest(a: np.ndarray) -> np.ndarray:
+            return np.asarray(Image.fromarray(a).resize((ww, hh), Image.NEAREST))
+
+        return replace(
+            self,
+            image=np.asarray(Image.fromarray(self.image).resize((ww, hh), box)),
+            points=self.points / f,
+            holdout=self.holdout / f,
+            valid=nearest(self.valid),
+            scale=self.scale * f,
+            gt_labels=None if self.gt_labels is None else nearest(self.gt_labels.astype(np.int32)),
+        )
+
     def to_full_res(self, xy: np.ndarray) -> np.ndarray:
         """Working-resolution x/y -> full-resolution QuPath x/y."""
         return np.asarray(xy, float) * self.scale + np.asarray(self.origin_xy, float)
+
+
+def points_between(points: Mapping[str, np.ndarray], src: Sequence[TrainingImage],
+                   dst: Sequence[TrainingImage]) -> dict[str, np.ndarray]:
+    """Working-resolution points found on ``src`` samples, moved onto the same-named ``dst`` samples
+    (the same regions at another pixel size)."""
+    scale = {s.name: s.scale for s in src}
+    return {d.name: np.asarray(points[d.name], float) * (scale[d.name] / d.scale) for d in dst if d.name in points}
+
