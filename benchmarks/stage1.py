@@ -36,7 +36,7 @@ from pointnuc.models.bundle import ModelLayout
 from pointnuc.stain import colour_normalize, colour_reference
 from pointnuc.train.detect import Tuning, detect, predict_probabilities, train_detector
 from pointnuc.train.fit import resolve_device
-from pointnuc.train.samples import TrainingImage
+from pointnuc.train.samples import TrainingImage, detection_samples
 
 PAPER = {"ext-GM": (0.7932, 0.8471, 0.8193, 2.87, 2.18), "ST-bg": (0.8238, 0.8328, 0.8282, 2.90, 2.07)}  # Table I, MO
 FULL_RES_UM = 0.25  #: MoNuSeg is 40x
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="results markdown (default: benchmarks/results/stage1-PROFILE.md)")
     ap.add_argument("--points-out", type=Path, default=None,
-                    help="npz of the final detector's points on the train and val images, (y, x) in full-resolution "
+                    help="npz of the final detector's points on the train and val images, x/y in full-resolution "
                          "pixels, so that any profile can read them (stage2.py --stage1-cache)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -171,10 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     train, val, test_l, gts, ref, scale = mo_samples(cfg, args.seed, args.images)
     if cfg.for_detection() is not cfg:  # as `pointnuc train`: the segmenter's samples, resampled for stage 1
-        ratio = cfg.detection.pixel_size_um / cfg.data.pixel_size_um
-        train, val = [s.rescaled(ratio) for s in train], [s.rescaled(ratio) for s in val]
-        test_l = [(s.rescaled(ratio), lab) for s, lab in test_l]
-        cfg, scale = cfg.for_detection(), scale * ratio
+        train, val = detection_samples(train, cfg), detection_samples(val, cfg)
+        test_l = list(zip(detection_samples([s for s, _ in test_l], cfg), [lab for _, lab in test_l]))
+        cfg, scale = cfg.for_detection(), train[0].scale
     test = [(s, gts[s.name]) for s, _ in test_l]
     t_data = time.time() - t_start
     logging.info("data ready in %.0f s: %d train (%d points), %d val (%d held-back points), %d test (%d nuclei)",

@@ -34,7 +34,7 @@ from pointnuc.labels.voronoi import BACKGROUND, NUCLEUS  # noqa: E402
 from pointnuc.metrics import aji, mean_scores, segmentation_scores  # noqa: E402
 from pointnuc.models.bundle import ModelLayout  # noqa: E402
 from pointnuc.train.fit import resolve_device  # noqa: E402
-from pointnuc.train.samples import TrainingImage, points_between  # noqa: E402
+from pointnuc.train.samples import TrainingImage, detection_samples, points_between  # noqa: E402
 from pointnuc.train.segment import train_segmenter  # noqa: E402
 
 PAPER_10 = {"acc": 0.8997, "F1": 0.7490, "dice_obj": 0.7033, "aji_authors": 0.5031}  # Table III, 10% points (authors' AJI)
@@ -165,11 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(f"/tmp/pointnuc-bench-stage2-{args.profile}-{args.points}")
     layout = ModelLayout(work)
 
-    def stage1_samples(samples: list[TrainingImage]) -> list[TrainingImage]:
-        """``samples`` at stage 1's pixel size (``detection.pixel_size_um``), as `pointnuc train` does."""
-        ratio = cfg.for_detection().data.pixel_size_um / cfg.data.pixel_size_um
-        return samples if ratio == 1 else [s.rescaled(ratio) for s in samples]
-
     t1 = 0.0
     stage1_note = ""
     detector_state = None  # the segmenter's start with segmentation.init_from_detector
@@ -191,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
             net = build_network(1, cfg.encoder, pretrained=False)
             net.load_state_dict(detector_state)
-            s1 = stage1_samples(train + val)
+            s1 = detection_samples(train + val, cfg)
             probs = predict_probabilities(net, s1, device)
             points = points_between({s.name: detect(p, s.valid, args.stage1_threshold, args.stage1_min_area)
                                      for s, p in zip(s1, probs)}, s1, train + val)
@@ -203,13 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             from pointnuc.train.detect import detect, predict_probabilities, train_detector
 
             t0 = time.time()
-            train1, val1 = stage1_samples(train), stage1_samples(val)
+            train1, val1 = detection_samples(train, cfg), detection_samples(val, cfg)
             det = train_detector(train1, cfg.for_detection(), layout, device=device, progress=False, tune_samples=val1)
             detector_state = det.model.state_dict()
             probs = predict_probabilities(det.model, val1, device)
             points = dict(det.points)
             points.update({s.name: detect(p, s.valid, det.threshold, det.min_area_px) for s, p in zip(val1, probs)})
-            points = points_between(points, train1 + val1, train + val)
+            points = points_between(points, [*train1, *val1], train + val)
             t1 = time.time() - t0
             stage1_note = f"stage 1 run here ({t1 / 60:.1f} min, threshold {det.threshold:.2f})"
             if cache is not None:

@@ -204,10 +204,11 @@ class TrainConfig:
 #: well under an hour. ``example``: the README's one-image example. ``tiny``: seconds, for tests.
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
-    # a 2-core CPU: stage 1 in 18 min, stage 2 in about 18 min on the 12 MoNuSeg "MO" training images
+    # a 2-core CPU: stage 1 in 12-19 min, stage 2 in 16-22 min on the 12 MoNuSeg "MO" training images
     # (benchmarks/results/stage1-quick.md, stage2-quick.md)
     "quick": {
-        # the segmenter at the paper's 0.25 µm/px (+.030 AJI over 0.5, stage2-quick.md), the detector at 0.5
+        # the segmenter at the paper's 0.25 µm/px (+.017 to +.030 AJI over 0.5 from the same detections,
+        # stage2-quick-variants.md), the detector at 0.5 (at 0.25 it did worse on a CPU, stage1-quick.md)
         "data.pixel_size_um": 0.25,
         "detection.pixel_size_um": 0.5,
         "data.crop_size": 160,

@@ -24,7 +24,7 @@ from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, OutputExistsError, PointnucError, TrainingError
 from pointnuc.io.base import ImageRef, Project
 from pointnuc.io.paths import check_output_dir
-from pointnuc.train.samples import MIN_POINTS, TrainingImage, points_between
+from pointnuc.train.samples import MIN_POINTS, TrainingImage, detection_samples, points_between
 
 if TYPE_CHECKING:
     import torch
@@ -322,10 +322,8 @@ def _train(
     save_info(out, info)  # describes the run from the start, so --resume can check it
 
     # stage 1 may work at a coarser pixel size (detection.pixel_size_um): the same regions, resampled
-    cfg1 = config.for_detection()
-    ratio = cfg1.data.pixel_size_um / config.data.pixel_size_um
-    samples1 = samples if cfg1 is config else [s.rescaled(ratio) for s in samples]
-    det = train_detector(samples1, cfg1, layout, device=dev, resume=resume, progress=progress, weights=weights)
+    samples1 = detection_samples(samples, config)
+    det = train_detector(samples1, config.for_detection(), layout, device=dev, resume=resume, progress=progress, weights=weights)
     if samples1 is not samples:
         det.points = points_between(det.points, samples1, samples)  # now at the segmenter's pixel size
     info.thresholds.update({"detection_prob": float(det.threshold), "detection_min_area_px": float(det.min_area_px)})

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pointnuc.config import TrainConfig
 
 #: Fewest points (training + held back) we train from. Below ~10 clicked nuclei a
 #: 16-crop batch holds on average less than one labeled nucleus, the network learns
@@ -70,4 +74,11 @@ def points_between(points: Mapping[str, np.ndarray], src: Sequence[TrainingImage
     (the same regions at another pixel size)."""
     scale = {s.name: s.scale for s in src}
     return {d.name: np.asarray(points[d.name], float) * (scale[d.name] / d.scale) for d in dst if d.name in points}
+
+
+def detection_samples(samples: Sequence[TrainingImage], config: "TrainConfig") -> Sequence[TrainingImage]:
+    """``samples`` (at ``config.data.pixel_size_um``) as stage 1 sees them, at ``detection.pixel_size_um``;
+    ``samples`` itself when the two pixel sizes are the same."""
+    ratio = config.for_detection().data.pixel_size_um / config.data.pixel_size_um
+    return samples if ratio == 1 else [s.rescaled(ratio) for s in samples]
 
