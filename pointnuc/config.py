@@ -16,6 +16,7 @@ from pointnuc.errors import InputError
 DetectionVariant = Literal["GM", "ext-GM", "ST-nu", "ST-bg"]
 VARIANTS: tuple[str, ...] = ("GM", "ext-GM", "ST-nu", "ST-bg")
 ENCODERS: tuple[str, ...] = ("resnet34", "resnet18", "tiny")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -78,6 +79,8 @@ class DetectionConfig:
     epochs: int = 80  #: epochs of the initial training and of each round
     round_epochs: int = 0  #: epochs of each self-training round; 0 = same as ``epochs`` (paper)
     lr: float = 1e-3
+    lr_schedule: str = "constant"  #: constant (paper) | cosine (ours: decays to 0 over the initial training and over each round)
+    ema: float = 0.0  #: ours: decay per step of a moving average of the weights, which is what each round keeps (0 = off)
     batch_size: int = 16
     fg_weight: float = 10.0  #: w in Eq. 2 for pixels with mask > 0
     r2_factor: float = 2.0  #: r2 = r2_factor · r1
@@ -93,6 +96,8 @@ class DetectionConfig:
                "need round_epochs >= 0, batch_size >= 1 and lr > 0")
         _check(0 <= self.bg_low < self.bg_high <= 1, "need 0 <= bg_low < bg_high <= 1")
         _check(self.pixel_size_um >= 0, "detection.pixel_size_um must be >= 0 (0 = data.pixel_size_um)")
+        _check(self.lr_schedule in LR_SCHEDULES, f"detection.lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+        _check(0 <= self.ema < 1, "detection.ema must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ class SegmentationConfig:
         _check(self.lr > 0 and self.crf_lr > 0, "learning rates must be positive")
         _check(0 <= self.alpha <= 1, "alpha must be in [0, 1]")
         _check(self.instance_method in ("cc", "watershed"), "instance method must be cc or watershed")
-        _check(self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine")
+        _check(self.lr_schedule in LR_SCHEDULES, f"segmentation.lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         _check(0 <= self.ema < 1, "ema must be in [0, 1)")
         _check(self.refine_epochs >= 0 and 0 <= self.refine_low < self.refine_high <= 1,
                "need refine_epochs >= 0 and 0 <= refine_low < refine_high <= 1")

@@ -43,6 +43,7 @@ def _one_error_line(res, message: str) -> None:
         ("unknown setting", 12, 0.5, ["--set", "detection.nonsense=3"], "unknown setting detection.nonsense"),
         ("setting of the wrong type", 12, 0.5, ["--set", "detection.epochs=2.5"], "detection.epochs must be a whole number"),
         ("setting out of range", 12, 0.5, ["--set", "segmentation.batch_size=0"], "batch_size >= 1"),
+        ("unknown schedule", 12, 0.5, ["--set", "detection.lr_schedule=step"], "detection.lr_schedule must be one of constant, cosine"),
         ("resume without out", 12, 0.5, ["--resume"], "--resume needs --out"),
     ],
 )

@@ -344,6 +344,7 @@ def train_detector(
             model, ds, loss_fn, epochs=epochs, lr=det_cfg.lr, batch_size=det_cfg.batch_size, device=dev,
             checkpoint_dir=layout.checkpoints, stage_name=f"detector-round{k}", seed=config.seed + 1000 * k,
             resume=resume, progress=progress, config={"train": config.to_dict(), "round": k},
+            schedule=det_cfg.lr_schedule, ema=det_cfg.ema,
         )
         histories[f"round{k}"] = hist
         probs = predict_probabilities(model, samples, dev)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pointnuc.config import LR_SCHEDULES
 from pointnuc.errors import InputError, TrainingError
 from pointnuc.models.net import IMAGENET_MEAN, IMAGENET_STD
 
@@ -162,16 +163,13 @@ def checkpoint_path(checkpoint_dir: Path, stage_name: str) -> Path:
     return Path(checkpoint_dir) / f"{stage_name}.pt"
 
 
-SCHEDULES = ("constant", "cosine")
-
-
 def scheduled_lr(lr: float, schedule: str, step: int, total: int) -> float:
     """The learning rate of 0-based ``step`` of ``total``: ``constant``, or ``cosine`` decay from ``lr`` towards 0."""
     if schedule == "constant":
         return lr
     if schedule == "cosine":
         return 0.5 * lr * (1.0 + math.cos(math.pi * step / max(total, 1)))
-    raise InputError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    raise InputError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
 
 
 def ema_decay(ema: float, step: int) -> float:
