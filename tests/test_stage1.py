@@ -425,6 +425,35 @@ def test_points_only_tuning_rejects_weak_false_blobs() -> None:
     assert t.table[0]["n_true_est"] == pytest.approx(10.0)
 
 
+def test_points_only_tuning_counts_only_images_with_held_back_points() -> None:
+    """Image A holds back all of its 10 nuclei: 8 peak at 0.9, 2 at 0.32, and 2 spurious blobs peak
+    at 0.32. Image B (trained on, nothing held back) has 10 blobs at 0.9 and 20 at 0.32.
+
+    A alone: up to 0.30, 12 detections and recall 1; above, 8 and recall 0.8 -> N_true = min(12, 10) = 10,
+    estimated F1 2*10/(12+10) = 0.909 against 2*8/(8+10) = 0.889: the low thresholds win, as they
+    truly do on A (F1 0.909 against 0.889). Counting B's detections (42 and 18) would give
+    N_true = 22.5 and pick the high thresholds (0.70 against 0.89).
+    """
+    from pointnuc.train.detect import tune_on_points
+
+    def blobs(values: list[float]) -> np.ndarray:
+        prob = np.zeros((20, 20 * len(values)), np.float32)
+        for i, v in enumerate(values):
+            prob[5:8, 5 + 20 * i : 8 + 20 * i] = v
+        return prob
+
+    a_values = [0.9] * 8 + [0.32] * 4  # the last two are the spurious blobs
+    nuclei = np.array([(6.5 + 20 * i, 6.5) for i in range(10)])
+    img = lambda p: np.zeros((*p.shape, 3), np.uint8)  # noqa: E731
+    pa, pb = blobs(a_values), blobs([0.9] * 10 + [0.32] * 20)
+    a = TrainingImage("a", "a", img(pa), np.zeros((0, 2)), nuclei, np.ones(pa.shape, bool))
+    b = TrainingImage("b", "b", img(pb), nuclei[:1], np.zeros((0, 2)), np.ones(pb.shape, bool))
+    t = tune_on_points([pa, pb], [a, b], r1=3.0)
+    assert t.threshold <= 0.3 and t.n_detections == 12
+    assert t.score == pytest.approx(2 * 10 / 22)
+    assert t.table[0]["n_true_est"] == pytest.approx(10.0)
+
+
 def test_points_only_tuning_with_few_held_back_points() -> None:
     """A small project holds back 3 points. Found all three: tuned as usual (need = 3, not 5).
     Found none: the most sensitive setting, not a threshold that detects nothing."""
