@@ -182,8 +182,7 @@ def tune_on_points(probs: Sequence[np.ndarray], samples: Sequence[TrainingImage]
         log.warning("no held-back points: tuning the detection threshold on the training points (optimistic)")
         refs = [s.points for s in samples]
     keep = [i for i, ref in enumerate(refs) if len(ref)]
-    if keep:
-        probs, samples, refs = [probs[i] for i in keep], [samples[i] for i in keep], [refs[i] for i in keep]
+    probs, samples, refs = [probs[i] for i in keep], [samples[i] for i in keep], [refs[i] for i in keep]
     n_ref = sum(len(h) for h in refs)
     if n_ref == 0:
         raise TrainingError("no points to tune the detection threshold on")
