@@ -473,6 +473,7 @@ def segment_project(
     redo: bool = False,
     batch_size: int | None = None,
     progress: bool = True,
+    tta: bool = False,
 ) -> SegmentSummary:
     """Segment the planned images; per-image results are kept so a re-run continues.
 
@@ -507,7 +508,7 @@ def segment_project(
             try:
                 with open_slide(plan.image.path, pixel_size_um=px) as slide:
                     res = segment_slide(slide, net, info, region=plan.region, device=dev, batch_size=batch_size,
-                                        progress=progress, name=name)
+                                        progress=progress, name=name, tta=tta)
             except Exception as err:  # one bad slide must not stop the others
                 if not isinstance(err, PointnucError):
                     log.debug("failure on %s", name, exc_info=True)

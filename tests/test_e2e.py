@@ -86,6 +86,12 @@ def test_segment_finds_the_nuclei_and_rerun_replaces(trained: tuple[Path, Path, 
     assert res.exit_code == 0, res.output
     n_second = {f.name: len(json.loads(f.read_text())["features"]) for f in files}
     assert n_second == n_first
+    # flip test-time augmentation: the same model, still the nuclei of the synthetic truth
+    res = runner.invoke(main, ["segment", str(proj), "--model", str(model), "--redo", "--tta", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    ev_tta = evaluate(out, truth, radius_px=5.5)
+    assert ev_tta.detection["F1"] > 0.8, ev_tta.detection
+    assert ev_tta.segmentation["F1"] > 0.75, ev_tta.segmentation
     # the user's own exports are untouched
     for name in NAMES:
         feats = json.loads((proj / f"{name}.geojson").read_text())["features"]

@@ -457,3 +457,22 @@ def test_colour_normalisation_on_cuda_matches_numpy() -> None:
         on_gpu = normalise_tiles_torch(torch.from_numpy(imgs).cuda(), src, ref).cpu().numpy()
         assert np.mean(np.abs(a - on_gpu) <= 1) > 0.99 and np.abs(a - on_gpu).max() <= 8
         assert np.abs(on_cpu.astype(int) - on_gpu).max() <= 8
+
+
+def test_tile_batch_flip_tta() -> None:
+    """``tta``: the mean of the four flipped predictions, each flipped back; so a flipped batch gives the flipped result."""
+    from pointnuc.infer.wsi import _predict_batch
+    from pointnuc.models.net import build_network
+
+    torch.manual_seed(0)
+    net = build_network(2, "tiny", pretrained=False).eval()
+    batch = np.random.default_rng(1).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    tta = _predict_batch(net, batch, cpu, False, tta=True)
+    plain = [_predict_batch(net, np.ascontiguousarray(batch[:, ::fy, ::fx]), cpu, False)[:, ::fy, ::fx]
+             for fy in (1, -1) for fx in (1, -1)]
+    assert tta.shape == (2, 32, 48)
+    np.testing.assert_allclose(tta, np.mean(plain, axis=0), atol=1e-6)
+    assert not np.allclose(tta, plain[0], atol=1e-4)  # this network is not flip-invariant: the flips matter
+    flipped = _predict_batch(net, np.ascontiguousarray(batch[:, :, ::-1]), cpu, False, tta=True)
+    np.testing.assert_allclose(flipped[:, :, ::-1], tta, atol=1e-6)

@@ -32,6 +32,9 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @pixel_size_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per network batch [default: by device].")
+@click.option("--tta", is_flag=True,
+              help="Average the network over the four flips of each tile: slightly better outlines (MoNuSeg test "
+                   "images: AJI +.005) for 4x the network time. Images already done are kept unless --redo.")
 @click.option("--shard", default=None, metavar="K/N",
               help="Process only the K-th of N equal shares of the images (cluster job arrays); results are kept "
               "per image and written into the project by a final `pointnuc segment PROJECT --merge`.")
@@ -41,7 +44,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], within: str | None, object_type: str,
                 class_name: str, pixel_size: float | None, device: str, batch_size: int | None, shard: str | None,
-                merge: bool, redo: bool, dry_run: bool, no_progress: bool) -> None:
+                tta: bool, merge: bool, redo: bool, dry_run: bool, no_progress: bool) -> None:
     """Segment every nucleus in PROJECT's images and write them back for QuPath.
 
     Objects pointnuc wrote before (in the same area) are replaced; your own annotations
@@ -82,7 +85,7 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
         return
     s = segment_project(proj, model_dir, image_names=images, within_class=within, device=device,
                         pixel_size_um=pixel_size, object_type=object_type, class_name=class_name, shard=shard_kn,
-                        redo=redo, batch_size=batch_size, progress=not no_progress)
+                        redo=redo, batch_size=batch_size, progress=not no_progress, tta=tta)
     click.echo(f"Model: {model_dir}")
     for name, n in s.nuclei.items():
         t = s.seconds.get(name)

@@ -383,6 +383,7 @@ def segment_slide(
     amp: bool | None = None,
     post_processes: int | None = None,
     normalise_on_device: bool | None = None,
+    tta: bool = False,
 ) -> SlideResult:
     """Every nucleus of ``slide`` (a :class:`pointnuc.io.slide.Slide`) with the stage-2 ``network``.
 
@@ -395,7 +396,8 @@ def segment_slide(
     (default: on CUDA, where the GPU outruns one Python thread, all but two CPU cores; on
     the CPU none, as the network already uses every core). ``normalise_on_device``: colour
     normalisation as part of the network batch rather than in the reader threads (default:
-    on CUDA).
+    on CUDA). ``tta``: average the network's output over the four flips of each tile (4x the
+    network time).
     """
     t_start = time.perf_counter()
     device = torch.device(device)
@@ -481,7 +483,7 @@ def segment_slide(
                 t0 = time.perf_counter()
                 # float16 for the worker processes (half the copy), converted on the device
                 probs = _predict_batch(network, np.stack([img for _, img in batch]), device, use_amp,
-                                       norm if on_device else None, half=post_fn is worker_job)
+                                       norm if on_device else None, half=post_fn is worker_job, tta=tta)
                 timings["network"] += time.perf_counter() - t0
                 yield from zip([t for t, _ in batch], probs)
 
@@ -524,12 +526,13 @@ def segment_slide(
 @torch.no_grad()
 def _predict_batch(
     network: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool, norm: tuple[Any, Any] | None = None,
-    half: bool = False,
+    half: bool = False, tta: bool = False,
 ) -> np.ndarray:
     """Foreground probability (B, T, T) float32 of a batch of uint8 RGB windows (B, T, T, 3).
 
     ``norm`` = (source stats, reference): Reinhard-normalise the batch on the device first.
     ``half``: float16 instead, rounded on the device (half the copy back).
+    ``tta``: the mean over the four flips (none, left-right, up-down, both).
     """
     from pointnuc.models.net import preprocess
 
@@ -539,15 +542,21 @@ def _predict_batch(
     if norm is not None:
         x = normalise_tiles_torch(x, *norm)
     t = preprocess(x)
-    if device.type == "cuda":
-        t = t.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=amp):
-        logits = network(t)
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        fg = torch.sigmoid(logits[:, 0])
-    else:
-        fg = torch.softmax(logits, dim=1)[:, 1]
+
+    def foreground(inp: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                            enabled=amp):
+            logits = network(inp)
+        logits = logits.float()
+        return torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)[:, 1]
+
+    fg = foreground(t)
+    if tta:  # image dims 2, 3 of (B, C, H, W) are dims 1, 2 of the (B, H, W) output
+        for dims in ((3,), (2,), (2, 3)):
+            fg += foreground(t.flip(dims)).flip([d - 1 for d in dims])
+        fg /= 4
     if half:
         fg = fg.half()
     return fg.cpu().numpy()
