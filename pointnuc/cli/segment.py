@@ -34,7 +34,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per network batch [default: by device].")
 @click.option("--tta", is_flag=True,
               help="Average the network over the four flips of each tile: slightly better outlines (MoNuSeg test "
-                   "images: AJI +.005) for 4x the network time. Images already done are kept unless --redo.")
+                   "images: AJI +.002 to +.005) for 4x the network time. Images already done are kept unless --redo.")
 @click.option("--shard", default=None, metavar="K/N",
               help="Process only the K-th of N equal shares of the images (cluster job arrays); results are kept "
               "per image and written into the project by a final `pointnuc segment PROJECT --merge`.")
