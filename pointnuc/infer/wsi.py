@@ -534,6 +534,7 @@ def _predict_batch(
     ``half``: float16 instead, rounded on the device (half the copy back).
     ``tta``: the mean over the four flips (none, left-right, up-down, both).
     """
+    from pointnuc.infer.predict import FLIPS
     from pointnuc.models.net import preprocess
 
     x = torch.from_numpy(batch)
@@ -553,10 +554,11 @@ def _predict_batch(
         return torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)[:, 1]
 
     fg = foreground(t)
-    if tta:  # image dims 2, 3 of (B, C, H, W) are dims 1, 2 of the (B, H, W) output
-        for dims in ((3,), (2,), (2, 3)):
+    if tta:  # the flips of predict_channel; image dims 2, 3 of (B, C, H, W) are dims 1, 2 of the (B, H, W) output
+        for fy, fx in FLIPS[1:]:
+            dims = [d for d, flip in ((2, fy), (3, fx)) if flip]
             fg += foreground(t.flip(dims)).flip([d - 1 for d in dims])
-        fg /= 4
+        fg /= len(FLIPS)
     if half:
         fg = fg.half()
     return fg.cpu().numpy()
