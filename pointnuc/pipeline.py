@@ -381,11 +381,12 @@ class SegmentSummary:
     written: list[Path] = field(default_factory=list)
 
 
-def results_dir(project: Project, model_dir: Path) -> Path:
+def results_dir(project: Project, model_dir: Path, tta: bool = False) -> Path:
     """Per-image results of one model on one project (resume state and shard output).
 
     Keyed by the model folder's name and a digest of its description, so a model
-    retrained into the same folder never reuses the old model's results.
+    retrained into the same folder never reuses the old model's results, and by the
+    test-time augmentation, so ``--tta`` never reuses (or is mistaken for) a plain run.
     """
     import hashlib
 
@@ -393,7 +394,7 @@ def results_dir(project: Project, model_dir: Path) -> Path:
 
     meta = ModelLayout(Path(model_dir)).meta
     digest = hashlib.sha1(meta.read_bytes()).hexdigest()[:8] if meta.is_file() else "unknown"
-    return project.root / RESULTS_FOLDER / f"{Path(model_dir).resolve().name}-{digest}"
+    return project.root / RESULTS_FOLDER / f"{Path(model_dir).resolve().name}-{digest}{'-tta' if tta else ''}"
 
 
 def shard_filter(names: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
@@ -414,6 +415,7 @@ def plan_segmentation(
     within_class: str | None = None,
     shard: tuple[int, int] | None = None,
     redo: bool = False,
+    tta: bool = False,
 ) -> list[ImagePlan]:
     """Which images (and areas) to segment; unknown names or an empty --within class are errors."""
     from shapely.ops import unary_union
@@ -425,7 +427,7 @@ def plan_segmentation(
         raise InputError(f"no image named {missing[0]!r} in the project (see `pointnuc inspect`)")
     names = list(image_names) if image_names else [im.name for im in images]
     names = shard_filter(names, shard)
-    out_dir = results_dir(project, model_dir)
+    out_dir = results_dir(project, model_dir, tta)
     plans = []
     any_region = False
     for name in names:
@@ -486,14 +488,15 @@ def segment_project(
     from pointnuc.models.bundle import load_info, load_network
     from pointnuc.train.fit import resolve_device
 
-    plans = plan_segmentation(project, model_dir, image_names=image_names, within_class=within_class, shard=shard, redo=redo)
+    plans = plan_segmentation(project, model_dir, image_names=image_names, within_class=within_class, shard=shard,
+                              redo=redo, tta=tta)
     # every image's pixel size before any work, so a missing one stops the run with nothing half-done
     pixel_sizes = {p.image.name: pixel_size_or_error(p.image, pixel_size_um) for p in plans if not p.done}
     info = load_info(model_dir)
     net = load_network(model_dir, "segmenter", info)
     dev = resolve_device(device)
     net.to(dev)
-    out_dir = results_dir(project, model_dir)
+    out_dir = results_dir(project, model_dir, tta)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
     for plan in plans:
@@ -529,13 +532,13 @@ def segment_project(
 
 def merge_results(
     project: Project, model_dir: Path, *, object_type: str = "detection", class_name: str = "Nucleus",
-    within_class: str | None = None,
+    within_class: str | None = None, tta: bool = False,
 ) -> SegmentSummary:
-    """Write every per-image result of ``model_dir`` (e.g. from --shard runs) into the project."""
+    """Write every per-image result of ``model_dir`` (e.g. from --shard runs, with ``tta`` as they ran) into the project."""
     from pointnuc.io.geojson import read_nuclei
 
-    plans = plan_segmentation(project, model_dir, within_class=within_class)
-    out_dir = results_dir(project, model_dir)
+    plans = plan_segmentation(project, model_dir, within_class=within_class, tta=tta)
+    out_dir = results_dir(project, model_dir, tta)
     summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
     batch = {}
     within = {}
@@ -548,6 +551,6 @@ def merge_results(
         within[plan.image.name] = plan.region
         summary.nuclei[plan.image.name] = len(batch[plan.image.name])
     if not batch:
-        raise InputError(f"no results to merge in {out_dir}; run `pointnuc segment --shard K/N` first")
+        raise InputError(f"no results to merge in {out_dir}; run `pointnuc segment --shard K/N{' --tta' if tta else ''}` first")
     summary.written = project.write_nuclei(batch, object_type=object_type, class_name=class_name, replace_within=within)
     return summary

@@ -86,9 +86,11 @@ def test_segment_finds_the_nuclei_and_rerun_replaces(trained: tuple[Path, Path, 
     assert res.exit_code == 0, res.output
     n_second = {f.name: len(json.loads(f.read_text())["features"]) for f in files}
     assert n_second == n_first
-    # flip test-time augmentation: the same model, still the nuclei of the synthetic truth
-    res = runner.invoke(main, ["segment", str(proj), "--model", str(model), "--redo", "--tta", "--no-progress"])
+    # flip test-time augmentation: the same model, still the nuclei of the synthetic truth; its results are
+    # kept apart from the plain run's, so no --redo is needed and none is reused
+    res = runner.invoke(main, ["segment", str(proj), "--model", str(model), "--tta", "--no-progress"])
     assert res.exit_code == 0, res.output
+    assert "done earlier" not in res.output and "-tta" in res.output, res.output
     ev_tta = evaluate(out, truth, radius_px=5.5)
     assert ev_tta.detection["F1"] > 0.8, ev_tta.detection
     assert ev_tta.segmentation["F1"] > 0.75, ev_tta.segmentation
@@ -133,6 +135,9 @@ def test_shards_then_merge(trained: tuple[Path, Path, Path], tmp_path: Path) -> 
     # a re-run continues: both images are done already
     res = _segment(str(copy), "--model", str(model))
     assert res.exit_code == 0 and res.output.count("(done earlier)") == 2, res.output
+    # results with --tta are kept apart: none of these plain ones is merged as if it were one
+    res = _segment(str(copy), "--model", str(model), "--merge", "--tta")
+    assert res.exit_code != 0 and "--shard K/N --tta" in res.stderr, res.output
 
 
 def test_within_a_region_keeps_objects_elsewhere(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:

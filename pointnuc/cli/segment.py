@@ -34,11 +34,12 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per network batch [default: by device].")
 @click.option("--tta", is_flag=True,
               help="Average the network over the four flips of each tile: slightly better outlines (MoNuSeg test "
-                   "images: AJI +.002 to +.005) for 4x the network time. Images already done are kept unless --redo.")
+                   "images: AJI +.002 to +.005) for 4x the network time. Its results are kept apart from those without it.")
 @click.option("--shard", default=None, metavar="K/N",
               help="Process only the K-th of N equal shares of the images (cluster job arrays); results are kept "
               "per image and written into the project by a final `pointnuc segment PROJECT --merge`.")
-@click.option("--merge", is_flag=True, help="Write all kept per-image results (e.g. from --shard runs) into the project.")
+@click.option("--merge", is_flag=True,
+              help="Write all kept per-image results (e.g. from --shard runs; add --tta if they ran with it) into the project.")
 @click.option("--redo", is_flag=True, help="Segment again images that already have a result from this model.")
 @click.option("--dry-run", is_flag=True, help="Only report what would be done.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
@@ -66,12 +67,13 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     info = load_info(model_dir)
     shard_kn = _parse_shard(shard)
     if merge:
-        s = merge_results(proj, model_dir, object_type=object_type, class_name=class_name, within_class=within)
+        s = merge_results(proj, model_dir, object_type=object_type, class_name=class_name, within_class=within, tta=tta)
         click.echo(f"Merged {sum(s.nuclei.values())} nuclei from {len(s.nuclei)} image(s) into {proj.root}")
         for p in s.written:
             click.echo(f"  wrote {p}")
         return
-    plans = plan_segmentation(proj, model_dir, image_names=images, within_class=within, shard=shard_kn, redo=redo)
+    plans = plan_segmentation(proj, model_dir, image_names=images, within_class=within, shard=shard_kn, redo=redo,
+                              tta=tta)
     if dry_run:
         click.echo(f"Model {model_dir} (works at {info.pixel_size_um:g} µm/px)")
         for p in plans:
@@ -94,7 +96,8 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     for p in s.written:
         click.echo(f"Wrote {p}")
     if shard_kn:
-        click.echo(f"Shard {shard} done; when all shards are done run: pointnuc segment {project} --model {model_dir} --merge")
+        click.echo(f"Shard {shard} done; when all shards are done run: "
+                   f"pointnuc segment {project} --model {model_dir} --merge{' --tta' if tta else ''}")
     elif s.written and getattr(proj, "kind", "") == "qupath":
         click.echo("In QuPath: reopen the project to review the nuclei.")
     elif s.written:

@@ -7,8 +7,9 @@ CPU an epoch lasts longer than that, so every epoch is saved; on a GPU an epoch 
 schedule lasts about a second and a ResNet-34 checkpoint (with Adam's state) is ~300 MB, so
 saving each would cost more than the training.
 ``resume=True`` continues from it; a checkpoint written under another configuration
-(different fingerprint) is refused. The number of epochs is not part of the fingerprint,
-so a finished run can be extended by resuming with more epochs.
+(different fingerprint) is refused. ``fit`` leaves its ``epochs`` argument out of the
+fingerprint, but ``pointnuc train`` passes its whole configuration (epochs included) as
+``config``, so there any change of settings is a new run.
 """
 
 from __future__ import annotations
