@@ -150,10 +150,6 @@ def _components(prob: np.ndarray, valid: np.ndarray | None, threshold: float) ->
     return xy_all, area
 
 
-def _grid(r1: float) -> list[tuple[float, float]]:
-    return [(float(t), float(f * math.pi * r1 * r1)) for t in THRESHOLDS for f in AREA_FRACTIONS]
-
-
 def tune_on_points(probs: Sequence[np.ndarray], samples: Sequence[TrainingImage], r1: float) -> Tuning:
     """Threshold/min-area from held-back points only, by an estimated F1 (see below).
 
