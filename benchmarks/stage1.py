@@ -182,15 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, dict[str, float]]] = {}
     tunings: dict[str, dict[str, Tuning]] = {}
 
-    def on_round_end(k: int, model: torch.nn.Module, tuning: Tuning) -> None:
+    def on_round_end(k: int, model: torch.nn.Module, chosen: dict[str, Tuning]) -> None:
         from pointnuc.train.detect import tune_on_masks
 
-        r1 = cfg.data.px(cfg.data.nucleus_radius_um)
-        masks_t = tune_on_masks(predict_probabilities(model, val, device), val, r1)
         tprobs = predict_probabilities(model, [s for s, _ in test], device)
-        test_t = tune_on_masks(tprobs, [s for s, _ in test_l], r1)  # reference only: chosen on the test images
+        # reference only: chosen on the test images
+        test_t = tune_on_masks(tprobs, [s for s, _ in test_l], cfg.data.px(cfg.data.nucleus_radius_um))
         label = "ext-GM" if k == 0 else f"ST-bg r{k}"
-        tunings[label] = {"points": tuning, "masks": masks_t, "test": test_t}
+        tunings[label] = {"points": chosen["points"], "masks": chosen["masks"], "test": test_t}
         rows[label] = {sel: score_test(tprobs, test, tu) for sel, tu in tunings[label].items()}
         logging.info("%s test: points-selected %s | mask-selected %s | test-selected %s", label,
                      _fmt(rows[label]["points"]), _fmt(rows[label]["masks"]), _fmt(rows[label]["test"]))

@@ -292,7 +292,7 @@ def check_samples(samples: Sequence[TrainingImage]) -> list[TrainingImage]:
     return kept
 
 
-RoundHook = Callable[[int, nn.Module, Tuning], None]
+RoundHook = Callable[[int, nn.Module, dict[str, Tuning]], None]
 
 
 def train_detector(
@@ -314,8 +314,9 @@ def train_detector(
     ``tune_samples`` that carry ``gt_labels``; the paper protocol). The held-back points of
     ``tune_samples`` (images not trained on) join those of ``samples`` for the points
     protocol; with ground truth on all of them both tunings are reported in ``metrics``. ``on_round_end(k, model,
-    tuning)`` is called after the initial training (k = 0) and after each self-training
-    round (benchmarks use it to score every round).
+    tunings)`` is called after the initial training (k = 0) and after each self-training
+    round with the round's tunings by protocol, ``points`` and, where made, ``masks``
+    (benchmarks use it to score every round).
     """
     if selection not in ("points", "masks"):
         raise InputError("selection must be 'points' or 'masks'")
@@ -354,21 +355,20 @@ def train_detector(
         probs = predict_probabilities(model, samples, dev)
         tprobs = predict_probabilities(model, tune_samples, dev) if tune_samples else []
         # held-back points of the training images and of any tuning images
-        tuning = tune_on_points(probs + tprobs, list(samples) + list(tune_samples or []), radii.r1)
-        rm: dict[str, Any] = {"points": _tuning_summary(tuning), "loss": hist.losses,
+        tunings = {"points": tune_on_points(probs + tprobs, list(samples) + list(tune_samples or []), radii.r1)}
+        rm: dict[str, Any] = {"points": _tuning_summary(tunings["points"]), "loss": hist.losses,
                               "patches_per_s": _mean([e.patches_per_s for e in hist.epochs]),
                               "data_wait_share": _mean([e.data_wait_share for e in hist.epochs])}
         if tune_samples:
             if all(s.gt_labels is not None for s in tune_samples):
-                mt = tune_on_masks(tprobs, tune_samples, radii.r1)
-                rm["masks"] = _tuning_summary(mt)
-                if selection == "masks":
-                    tuning = mt
+                tunings["masks"] = tune_on_masks(tprobs, tune_samples, radii.r1)
+                rm["masks"] = _tuning_summary(tunings["masks"])
+        tuning = tunings[selection]
         metrics["rounds"][f"round{k}"] = rm
         log.info("detector round %d: threshold %.2f, min area %.1f px, %s score %.3f",
                  k, tuning.threshold, tuning.min_area_px, tuning.protocol, tuning.score)
         if on_round_end is not None:
-            on_round_end(k, model, tuning)
+            on_round_end(k, model, tunings)
         if k < rounds:
             new = []
             for s, m0, p in zip(samples, masks0, probs):
