@@ -9,6 +9,12 @@ one-to-one within 11 px at full resolution and pooled over the 14 test images.
 ext-GM is the initial training (round 0) of the ST-bg run, scored before any
 self-training, exactly as the paper's ablation separates them.
 
+``--protocol user`` is what ``pointnuc train`` does with a user's project instead: the 16
+train and val images all carry their 10% points (the same points), and 20% of each image's
+points (``data.holdout_fraction``) are held back for the points-only selection; no image is
+kept apart and no mask is used. Patches per image are scaled by 12/16 so the training
+sees as many patches as in the split protocol.
+
     nice -n 10 .venv/bin/python benchmarks/stage1.py --profile quick
     .venv/bin/python benchmarks/stage1.py --profile quick --images 2 --epochs 1   # smoke run
 """
@@ -33,6 +39,7 @@ from PIL import Image
 from pointnuc.config import TrainConfig, profile_config
 from pointnuc.metrics import detection_counts, detection_scores, gt_points_from_labels
 from pointnuc.models.bundle import ModelLayout
+from pointnuc.pipeline import split_holdout
 from pointnuc.stain import colour_normalize, colour_reference
 from pointnuc.train.detect import Tuning, detect, predict_probabilities, train_detector
 from pointnuc.train.fit import resolve_device
@@ -106,10 +113,12 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def mo_samples(cfg: TrainConfig, seed: int, images: int | None = None):
+def mo_samples(cfg: TrainConfig, seed: int, images: int | None = None, protocol: str = "split"):
     """The MO split as samples: train images with 10% points, val images with 10% held-back
     points, test images with their full-resolution labels; the same points for every script.
 
+    ``protocol="user"``: train and val images together as training images, each holding back
+    ``cfg.data.holdout_fraction`` of its points (as ``pointnuc train``); ``val`` is then empty.
     Returns ``(train, val, test, gts, ref, scale)``: ``test`` pairs each sample with its label map.
     """
     data_dir = shared_dir() / "data" / "monuseg" / "train"
@@ -125,6 +134,14 @@ def mo_samples(cfg: TrainConfig, seed: int, images: int | None = None):
     none = np.zeros((0, 2))
     train = [make_sample(n, *raw[n], ref, scale, sample_points(gts[n], rng), none) for n in names_train]
     val = [make_sample(n, *raw[n], ref, scale, none, sample_points(gts[n], rng)) for n in names_val]
+    if protocol == "user":
+        hold_rng = np.random.default_rng(seed + 1)
+        pooled = []
+        for s in train + val:
+            full = np.concatenate([s.points, s.holdout]) * scale
+            kept, held = split_holdout(full, cfg.data.holdout_fraction, hold_rng)
+            pooled.append(make_sample(s.name, *raw[s.name], ref, scale, kept, held))
+        train, val = pooled, []
     test = [(make_sample(n, *raw[n], ref, scale, none, none), raw[n][1]) for n in names_test]
     return train, val, test, gts, ref, scale
 
@@ -141,6 +158,9 @@ def score_test(probs: list[np.ndarray], test: list[tuple[TrainingImage, np.ndarr
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="quick", choices=["paper", "quick", "tiny"])
+    ap.add_argument("--protocol", default="split", choices=["split", "user"],
+                    help="split: 12 train images, points held back on the 4 val images; user: all 16 images "
+                         "trained on, 20%% of each image's points held back (as pointnuc train)")
     ap.add_argument("--images", type=int, default=None, help="use only the first N images of each split (smoke runs)")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
@@ -167,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update(parse_set(args.set))
     cfg: TrainConfig = profile_config(args.profile, **overrides)
     cfg = cfg.replace(**{"detection.variant": "ST-bg"})
+    if args.protocol == "user" and "data.patches_per_image" not in overrides:  # as many patches as 12 images give
+        cfg = cfg.replace(**{"data.patches_per_image": max(1, round(cfg.data.patches_per_image * 12 / 16))})
     device = resolve_device(args.device)
-    train, val, test_l, gts, ref, scale = mo_samples(cfg, args.seed, args.images)
+    train, val, test_l, gts, ref, scale = mo_samples(cfg, args.seed, args.images, args.protocol)
     if cfg.for_detection() is not cfg:  # as `pointnuc train`: the segmenter's samples, resampled for stage 1
         train, val = detection_samples(train, cfg), detection_samples(val, cfg)
         test_l = list(zip(detection_samples([s for s, _ in test_l], cfg), [lab for _, lab in test_l]))
@@ -189,15 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         # reference only: chosen on the test images
         test_t = tune_on_masks(tprobs, [s for s, _ in test_l], cfg.data.px(cfg.data.nucleus_radius_um))
         label = "ext-GM" if k == 0 else f"ST-bg r{k}"
-        tunings[label] = {"points": chosen["points"], "masks": chosen["masks"], "test": test_t}
+        tunings[label] = {**chosen, "test": test_t}  # no "masks" under the user protocol
         rows[label] = {sel: score_test(tprobs, test, tu) for sel, tu in tunings[label].items()}
-        logging.info("%s test: points-selected %s | mask-selected %s | test-selected %s", label,
-                     _fmt(rows[label]["points"]), _fmt(rows[label]["masks"]), _fmt(rows[label]["test"]))
+        logging.info("%s test: %s", label, " | ".join(f"{sel}-selected {_fmt(sc)}" for sel, sc in rows[label].items()))
 
     work = args.work or Path(f"/tmp/pointnuc-bench-stage1-{args.profile}")
     t0 = time.time()
     res = train_detector(train, cfg, ModelLayout(work), device=device, resume=args.resume, progress=False,
-                         tune_samples=val, on_round_end=on_round_end)
+                         tune_samples=val or None, on_round_end=on_round_end)
     t_train = time.time() - t0
     if args.points_out is not None:
         vprobs = predict_probabilities(res.model, val, device)
@@ -222,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.detection.round_epochs or cfg.detection.epochs} epochs, "
         f"batch {cfg.detection.batch_size}, lr {cfg.detection.lr}, {cfg.data.patches_per_image} patches/image, "
         f"crop {cfg.data.crop_size}, colour: Reinhard{' + stain step' if cfg.data.stain_normalise else ''}, stain jitter {cfg.data.stain_jitter}, flip TTA on probability maps; ImageNet weights: {'yes' if _has_imagenet(cfg) else 'no (random init)'}",
-        f"- data: {len(train)} train images ({res.metrics['n_points']} points = 10%), {len(val)} val images "
-        f"({sum(len(s.holdout) for s in val)} held-back points = 10%), {len(test)} test images "
+        f"- data: {data_line(train, val, res.metrics['n_points'])}, {len(test)} test images "
         f"({sum(len(g) for _, g in test)} nuclei); match radius {MATCH_RADIUS_FULL:g} px full-res, pooled",
         f"- wall time: {wall / 60:.1f} min (training + per-round scoring {t_train / 60:.1f} min); "
         f"throughput {pps:.1f} training patches/s, data wait {100 * wait:.1f}% of step time",
@@ -232,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, by in rows.items():
-        for sel in ("points", "masks", "test"):
+        for sel in by:
             sc, tu = by[sel], tunings[label][sel]
             mu, sd = sc["mu_d"], sc["sigma_d"]
             lines.append(f"| {label} | {sel} | {tu.threshold:.2f} | {tu.min_area_px:.1f} | {sc['P']:.4f} | {sc['R']:.4f} | "
@@ -253,6 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
     return 0
+
+
+def data_line(train: list[TrainingImage], val: list[TrainingImage], n_points: int) -> str:
+    """Which images carry the training points and which the held-back ones, for the results header."""
+    if val:
+        return (f"{len(train)} train images ({n_points} points = 10%), {len(val)} val images "
+                f"({sum(len(s.holdout) for s in val)} held-back points = 10%)")
+    held = sum(len(s.holdout) for s in train)
+    return (f"protocol `user`: {len(train)} images, 10% of their nuclei as points, of which {n_points} trained on "
+            f"and {held} held back for selection")
 
 
 def _fmt(sc: dict[str, float]) -> str:

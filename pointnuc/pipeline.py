@@ -76,7 +76,7 @@ def _boxes_for_image(
     return out
 
 
-def _split_holdout(points: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def split_holdout(points: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held back): a random ``fraction`` of ``points`` held back, but never all of them."""
     n_hold = int(round(len(points) * fraction))
     if len(points) - n_hold < 1:
@@ -140,7 +140,7 @@ def load_training_images(
         # held-back points are drawn per image, so a point in two overlapping windows or regions
         # is never trained on in one and held back in the other
         in_any = np.flatnonzero(np.any([b[4] for b in boxes], axis=0)) if boxes else np.zeros(0, int)
-        train_idx, hold_idx = _split_holdout(in_any, config.data.holdout_fraction, rng)
+        train_idx, hold_idx = split_holdout(in_any, config.data.holdout_fraction, rng)
         total += len(in_any)
         for k, arr, valid, local, inside, origin, scale in boxes:
             raw.append(
