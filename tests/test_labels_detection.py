@@ -13,6 +13,7 @@ from pointnuc.labels.detection import (
     distance_to_points,
     extended_gaussian_mask,
     gaussian_mask,
+    ignore_near,
     nuclei_propagation,
 )
 from pointnuc.stain import reinhard_normalize, reinhard_reference
@@ -69,6 +70,16 @@ def _st_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     prob[0:3, 0:3] = 0.05  # ... but inside r2 of the point: Eq. 1 is kept
     mask = extended_gaussian_mask(pts, prob.shape, 1.5, 3.0, 1.0)
     return pts, prob, mask
+
+
+def test_ignore_near_held_back_points() -> None:
+    m = extended_gaussian_mask(PT, (5, 7), r1=2.0, r2=3.0, sigma=1.0)
+    held = np.array([[5.5, 2.5]])  # pixel (2, 5): in PT's background ring (D = 2)
+    out = ignore_near(m, held, 1.5)
+    # within 1.5 of (2, 5): (2, 4), (2, 5), (2, 6), (1, 5), (3, 5), and the diagonals at sqrt 2
+    assert (out[1:4, 4:7] == -1.0).all()
+    assert out[2, 3] == pytest.approx(1.0) and out[0, 5] == m[0, 5] and out[4, 4] == 0.0  # D = 2 from (2, 5): kept
+    assert np.array_equal(ignore_near(m, np.zeros((0, 2)), 1.5), m) and m[2, 5] == 0.0  # input untouched
 
 
 def test_background_propagation_eq3_both_branches() -> None:

@@ -106,6 +106,28 @@ def test_patch_dataset_stain_jitter_leaves_targets_alone() -> None:
     assert not torch.equal(a, b) and (a.int() - b.int()).abs().float().mean() < 40
 
 
+def test_targets_teach_nothing_at_held_back_points() -> None:
+    """A held-back nucleus in a labeled point's background ring, or where background propagates, stays ignored."""
+    from pointnuc.train.detect import Radii, initial_mask, self_training_mask
+
+    radii = Radii(r1=3.0, r2=6.0, sigma=1.0)
+    s = TrainingImage(name="a", image_name="a", image=np.zeros((20, 30, 3), np.uint8), points=np.array([[10.5, 10.5]]),
+                      holdout=np.array([[15.5, 10.5], [25.5, 10.5]]), valid=np.ones((20, 30), bool))
+    for variant in ("GM", "ext-GM"):
+        m0 = initial_mask(s, variant, radii)
+        assert m0[10, 10] == pytest.approx(1.0)  # the labeled point still teaches
+        assert (m0[10, 13:18] == -1).all()  # ring of the labeled point (D = 3..5) over the held-back nucleus
+    m0 = initial_mask(s, "ext-GM", radii)
+    assert m0[10, 12] > 0 and m0[10, 18] == -1  # outside r1 of the held-back point and beyond r2: Eq. 1
+    assert m0[5, 10] == 0.0  # ring pixel (D = 5) away from any held-back point
+    prob = np.full((20, 30), 0.01, np.float32)  # p < 0.1 everywhere: background propagates
+    m1 = self_training_mask(s, "ST-bg", radii, m0, prob, np.zeros((0, 2)), 0.1, 0.7)
+    assert m1[10, 25] == -1 and m1[10, 15] == -1  # both held-back nuclei ignored, not background
+    assert m1[2, 2] == 0.0 and m1[10, 10] == pytest.approx(1.0)
+    m2 = self_training_mask(s, "ST-nu", radii, m0, prob, np.array([[25.5, 10.5]]), 0.1, 0.7)
+    assert m2[10, 25] == -1  # a detected held-back nucleus is not added as a positive either
+
+
 def test_rescaled_sample_keeps_full_resolution_places() -> None:
     """Stage 1 at twice the pixel size: 2x2 means, nearest masks and labels, points where they were."""
     img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)

@@ -74,6 +74,19 @@ def extended_gaussian_mask(
     return m
 
 
+def ignore_near(mask: np.ndarray, points_xy: np.ndarray, radius: float) -> np.ndarray:
+    """A copy of ``mask`` with every pixel closer than ``radius`` to one of ``points_xy`` ignored (-1).
+
+    Used for the held-back points: their nuclei must not be taught as background (by the ring
+    of a neighbouring labeled point, or by background propagation), or recall measured on them
+    would be lower than on images the network has not seen.
+    """
+    out = np.array(mask, np.float32, copy=True)
+    if len(np.asarray(points_xy).reshape(-1, 2)):
+        out[distance_to_points(points_xy, out.shape, radius) < radius] = IGNORE
+    return out
+
+
 def background_propagation(
     mask: np.ndarray,
     points_xy: np.ndarray,

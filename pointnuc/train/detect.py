@@ -33,7 +33,13 @@ from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, TrainingError
 from pointnuc.infer.points import points_from_probability
 from pointnuc.infer.predict import predict_channel
-from pointnuc.labels.detection import background_propagation, extended_gaussian_mask, gaussian_mask, nuclei_propagation
+from pointnuc.labels.detection import (
+    background_propagation,
+    extended_gaussian_mask,
+    gaussian_mask,
+    ignore_near,
+    nuclei_propagation,
+)
 from pointnuc.models.bundle import ModelLayout, save_weights
 from pointnuc.models.net import build_network
 from pointnuc.train.data import PatchDataset
@@ -92,23 +98,33 @@ class DetectorResult:
 
 
 def initial_mask(sample: TrainingImage, variant: str, radii: Radii) -> np.ndarray:
-    """The round-0 target of one sample: plain Gaussian mask for GM, Eq. 1 otherwise."""
+    """The round-0 target of one sample: plain Gaussian mask for GM, Eq. 1 otherwise.
+
+    Within r1 of a held-back point nothing is taught (see :func:`ignore_near`).
+    """
     shape = sample.image.shape[:2]
     if variant == "GM":
-        return gaussian_mask(sample.points, shape, radii.r1, radii.sigma, sample.valid)
-    return extended_gaussian_mask(sample.points, shape, radii.r1, radii.r2, radii.sigma, sample.valid)
+        m = gaussian_mask(sample.points, shape, radii.r1, radii.sigma, sample.valid)
+    else:
+        m = extended_gaussian_mask(sample.points, shape, radii.r1, radii.r2, radii.sigma, sample.valid)
+    return ignore_near(m, sample.holdout, radii.r1)
 
 
 def self_training_mask(
     sample: TrainingImage, variant: str, radii: Radii, mask0: np.ndarray, prob: np.ndarray,
     detected: np.ndarray, low: float, high: float,
 ) -> np.ndarray:
-    """The next round's target: Eq. 3 on the initial mask (ST-bg) or Eq. 1 with detections added (ST-nu)."""
+    """The next round's target: Eq. 3 on the initial mask (ST-bg) or Eq. 1 with detections added (ST-nu).
+
+    Within r1 of a held-back point nothing is taught, as in :func:`initial_mask`.
+    """
     if variant == "ST-bg":
-        return background_propagation(mask0, sample.points, prob, radii.r1, radii.r2, low, high, sample.valid)
-    if variant == "ST-nu":
-        return nuclei_propagation(sample.points, detected, mask0.shape, radii.r1, radii.r2, radii.sigma, sample.valid)
-    raise InputError(f"variant {variant} has no self-training")
+        m = background_propagation(mask0, sample.points, prob, radii.r1, radii.r2, low, high, sample.valid)
+    elif variant == "ST-nu":
+        m = nuclei_propagation(sample.points, detected, mask0.shape, radii.r1, radii.r2, radii.sigma, sample.valid)
+    else:
+        raise InputError(f"variant {variant} has no self-training")
+    return ignore_near(m, sample.holdout, radii.r1)
 
 
 # ------------------------------------------------------------------------ prediction and tuning
