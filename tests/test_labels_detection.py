@@ -78,7 +78,7 @@ def test_ignore_near_held_back_points() -> None:
     out = ignore_near(m, held, 1.5)
     # within 1.5 of (2, 5): (2, 4), (2, 5), (2, 6), (1, 5), (3, 5), and the diagonals at sqrt 2
     assert (out[1:4, 4:7] == -1.0).all()
-    assert out[2, 3] == pytest.approx(1.0) and out[0, 5] == m[0, 5] and out[4, 4] == 0.0  # D = 2 from (2, 5): kept
+    assert out[2, 3] == pytest.approx(1.0) and out[0, 5] == m[0, 5] and out[4, 4] == 0.0  # D = √5 from (2, 5): kept
     assert np.array_equal(ignore_near(m, np.zeros((0, 2)), 1.5), m) and m[2, 5] == 0.0  # input untouched
 
 
