@@ -53,6 +53,10 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     PROJECT is a QuPath project (.qpproj or its folder) or a folder of images with
     QuPath GeoJSON exports. The model is saved as a self-describing folder that
     `pointnuc segment` uses (by default the newest one of the project).
+
+    One point in five of each image is held back (--set data.holdout_fraction=0.2):
+    never trained on, it chooses the detection threshold and the segmenter's
+    checkpoint, so no outlines are needed.
     """
     from pointnuc.config import profile_config
     from pointnuc.errors import InputError
