@@ -132,16 +132,15 @@ def mo_samples(cfg: TrainConfig, seed: int, images: int | None = None, protocol:
     ref = colour_reference([raw[n][0] for n in names_train], stain=cfg.data.stain_normalise)
     gts = {n: gt_points_from_labels(raw[n][1]) for n in raw}
     none = np.zeros((0, 2))
-    train = [make_sample(n, *raw[n], ref, scale, sample_points(gts[n], rng), none) for n in names_train]
-    val = [make_sample(n, *raw[n], ref, scale, none, sample_points(gts[n], rng)) for n in names_val]
+    clicked = {n: sample_points(gts[n], rng) for n in names_train + names_val}  # the same points for both protocols
     if protocol == "user":
         hold_rng = np.random.default_rng(seed + 1)
-        pooled = []
-        for s in train + val:
-            full = np.concatenate([s.points, s.holdout]) * scale
-            kept, held = split_holdout(full, cfg.data.holdout_fraction, hold_rng)
-            pooled.append(make_sample(s.name, *raw[s.name], ref, scale, kept, held))
-        train, val = pooled, []
+        train = [make_sample(n, *raw[n], ref, scale, *split_holdout(clicked[n], cfg.data.holdout_fraction, hold_rng))
+                 for n in names_train + names_val]
+        val = []
+    else:
+        train = [make_sample(n, *raw[n], ref, scale, clicked[n], none) for n in names_train]
+        val = [make_sample(n, *raw[n], ref, scale, none, clicked[n]) for n in names_val]
     test = [(make_sample(n, *raw[n], ref, scale, none, none), raw[n][1]) for n in names_test]
     return train, val, test, gts, ref, scale
 
