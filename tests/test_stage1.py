@@ -476,6 +476,32 @@ def test_points_only_tuning_counts_only_images_with_held_back_points() -> None:
     assert t.table[0]["n_true_est"] == pytest.approx(10.0)
 
 
+def test_points_only_tuning_leaves_out_clicked_nuclei() -> None:
+    """One trained-on image: 20 clicked nuclei (found at 0.9), 10 unclicked ones, all held back
+    (8 peak at 0.9, 2 at 0.32), and 4 spurious blobs at 0.32.
+
+    On the unclicked nuclei, the only ones a new image has: up to 0.30, 14 detections and recall 1
+    (true F1 2*10/24 = 0.833); above, 8 and recall 0.8 (true F1 2*8/18 = 0.889). Leaving the 20
+    detections of clicked nuclei out: N_true = min(14, 10) = 10 and the estimates are exact, so the
+    high thresholds win. Counting them (34 and 28 detections): N_true = min(34, 35) = 34 and an
+    estimated F1 of 1.0 for the low thresholds, which would win.
+    """
+    from pointnuc.train.detect import tune_on_points
+
+    values = [0.9] * 20 + [0.9] * 8 + [0.32] * 2 + [0.32] * 4
+    prob = np.zeros((20, 20 * len(values)), np.float32)
+    for i, v in enumerate(values):
+        prob[5:8, 5 + 20 * i : 8 + 20 * i] = v
+    xy = np.array([(6.5 + 20 * i, 6.5) for i in range(len(values))])
+    s = TrainingImage("a", "a", np.zeros((*prob.shape, 3), np.uint8), xy[:20], xy[20:30], np.ones(prob.shape, bool))
+    t = tune_on_points([prob], [s], r1=3.0)
+    assert t.threshold > 0.32 and t.n_detections == 28
+    assert t.table[0]["n_true_est"] == pytest.approx(10.0)
+    assert t.score == pytest.approx(2 * 8 / 18)
+    low = next(r for r in t.table if r["threshold"] <= 0.3 and r["min_area_px"] == 0)
+    assert low["n_unclicked"] == 14 and low["score"] == pytest.approx(2 * 10 / 24)
+
+
 def test_points_only_tuning_with_few_held_back_points() -> None:
     """A small project holds back 3 points. Found all three: tuned as usual (need = 3, not 5).
     Found none: the most sensitive setting, not a threshold that detects nothing."""
