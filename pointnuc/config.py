@@ -209,8 +209,8 @@ class TrainConfig:
 #: well under an hour. ``example``: the README's one-image example. ``tiny``: seconds, for tests.
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
-    # a 2-core CPU: stage 1 in 12-31 min, stage 2 in 16-41 min on the 12 MoNuSeg "MO" training images, the
-    # longer times on the slower of two VMs (benchmarks/results/stage1-quick.md, stage2-quick.md)
+    # a 2-core CPU: stage 1 in 12-31 min, stage 2 (training and selection) in 13-29 min on the 12 MoNuSeg "MO"
+    # training images, the longer times on the slower of two VMs (benchmarks/results/stage1-quick.md, stage2-quick.md)
     "quick": {
         # the segmenter at the paper's 0.25 µm/px (+.017 to +.030 AJI over 0.5 from the same detections,
         # stage2-quick-variants.md), the detector at 0.5 (at 0.25 it did worse on a CPU, stage1-quick.md)
