@@ -20,6 +20,8 @@ from shapely.geometry.base import BaseGeometry
 
 #: Measurement name that marks an object as written by pointnuc (QuPath shows it as a column).
 POINTNUC_MARKER = "pointnuc score"
+#: default growth of a nucleus into its cell (µm) for object_type="cell", as QuPath's cell expansion
+CELL_EXPANSION_UM = 2.0
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,14 @@ class Project(Protocol):
         object_type: str = "detection",
         class_name: str = "Nucleus",
         replace_within: dict[str, BaseGeometry | None] | None = None,
+        cell_expansion_um: float = CELL_EXPANSION_UM,
     ) -> list[Path]:
         """Write nuclei per image name, replacing pointnuc's own earlier objects.
 
         ``replace_within[name]``: only earlier pointnuc objects inside this area are
         replaced (None = the whole image). User objects are never touched. Keeps a
-        backup of what is replaced; returns the files written.
+        backup of what is replaced; returns the files written. ``cell_expansion_um``:
+        how far each nucleus grows into its cell, for ``object_type="cell"``.
         """
         ...
 

@@ -36,7 +36,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError
 from pointnuc.geometry import expand_cells, nucleus_measurements, valid_polygon
-from pointnuc.io.base import POINTNUC_MARKER, NucleusObject
+from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, NucleusObject
 from pointnuc.io.objects import QuPathObject
 
 #: colours QuPath 0.6 shows for these classes (built-ins, and the one it derives for "Nucleus")
@@ -52,8 +52,6 @@ CLASS_COLORS: dict[str, tuple[int, int, int]] = {
     "Positive": (200, 50, 50),
     "Negative": (112, 112, 225),
 }
-#: default growth of a nucleus into its cell (µm) for object_type="cell", as QuPath's cell expansion
-CELL_EXPANSION_UM = 2.0
 OBJECT_TYPES = ("detection", "cell")
 
 
