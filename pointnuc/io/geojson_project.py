@@ -28,9 +28,8 @@ from typing import Sequence
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError
-from pointnuc.io.base import ImageAnnotations, ImageRef, NucleusObject
+from pointnuc.io.base import CELL_EXPANSION_UM, ImageAnnotations, ImageRef, NucleusObject
 from pointnuc.io.geojson import (
-    CELL_EXPANSION_UM,
     merge_features,
     nuclei_features,
     read_features,

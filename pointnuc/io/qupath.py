@@ -30,8 +30,8 @@ from urllib.request import url2pathname
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError, QuPathNotFoundError
-from pointnuc.io.base import POINTNUC_MARKER, ImageAnnotations, ImageRef, NucleusObject
-from pointnuc.io.geojson import CELL_EXPANSION_UM, class_color, inside, nucleus_records
+from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, ImageAnnotations, ImageRef, NucleusObject
+from pointnuc.io.geojson import class_color, inside, nucleus_records
 from pointnuc.io.objects import QuPathObject, summarise
 from pointnuc.io.slide import open_slide
 
