@@ -186,6 +186,7 @@ def test_worker_processes_give_the_same_nuclei(slide_file: tuple[Path, SynthSlid
         assert shapely.equals_exact(x.polygon, y.polygon, 0) and x.measurements == y.measurements
         assert abs(x.score - y.score) < 1e-3  # (probabilities travel as float16)
     assert a.timings["post"] > 0 and b.timings["post"] > 0  # the workers' busy time is counted too
+    assert 0 < a.start_seconds < a.seconds and 0 < b.start_seconds < b.seconds  # the fixed start, part of the whole
 
 
 def test_pixel_size_missing_or_given(tmp_path: Path) -> None:

@@ -79,6 +79,7 @@ class SlideResult:
     halo: int
     timings: dict[str, float] = field(default_factory=dict)  #: busy seconds of read / network / post
     n_dropped_large: int = 0  #: objects larger than the halo (cut by every tile; dropped)
+    start_seconds: float = 0.0  #: of ``seconds``, before the first tile was read (plan, colour statistics, workers)
 
 
 @dataclass(frozen=True)
@@ -448,6 +449,7 @@ def segment_slide(
         slides.close()
         raise
     norm = (source, info.norm_reference) if (source is not None and info.norm_reference) else None
+    start_s = time.perf_counter() - t_start
 
     def load(tile: Tile) -> np.ndarray:
         t0 = time.perf_counter()
@@ -520,6 +522,7 @@ def segment_slide(
         halo=plan.grid.halo,
         timings=timings,
         n_dropped_large=n_big,
+        start_seconds=start_s,
     )
 
 
