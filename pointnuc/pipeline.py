@@ -22,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, OutputExistsError, PointnucError, TrainingError
-from pointnuc.io.base import ImageRef, Project
+from pointnuc.io.base import CELL_EXPANSION_UM, ImageRef, Project
 from pointnuc.io.paths import check_output_dir
 from pointnuc.train.samples import MIN_POINTS, TrainingImage, detection_samples, points_between
 
@@ -476,11 +476,13 @@ def segment_project(
     batch_size: int | None = None,
     progress: bool = True,
     tta: bool = False,
+    cell_expansion_um: float = CELL_EXPANSION_UM,
 ) -> SegmentSummary:
     """Segment the planned images; per-image results are kept so a re-run continues.
 
     With ``write`` (no shard), each image's nuclei go into the project as soon as it is
-    done, replacing pointnuc's earlier objects in that area only.
+    done, replacing pointnuc's earlier objects in that area only. ``cell_expansion_um``:
+    how far cells reach beyond their nuclei (``object_type="cell"``).
     """
     from pointnuc.infer.wsi import segment_slide
     from pointnuc.io.geojson import read_nuclei, write_nuclei_file
@@ -520,19 +522,20 @@ def segment_project(
                 continue
             nuclei = res.nuclei
             write_nuclei_file(result, nuclei, object_type=object_type, class_name=class_name,
-                              pixel_size_um=px)
+                              pixel_size_um=px, cell_expansion_um=cell_expansion_um)
             summary.seconds[name] = time.time() - t0
         summary.nuclei[name] = len(nuclei)
         if write and shard is None:
             summary.written += project.write_nuclei(
-                {name: nuclei}, object_type=object_type, class_name=class_name, replace_within={name: plan.region}
+                {name: nuclei}, object_type=object_type, class_name=class_name, replace_within={name: plan.region},
+                cell_expansion_um=cell_expansion_um,
             )
     return summary
 
 
 def merge_results(
     project: Project, model_dir: Path, *, object_type: str = "detection", class_name: str = "Nucleus",
-    within_class: str | None = None, tta: bool = False,
+    within_class: str | None = None, tta: bool = False, cell_expansion_um: float = CELL_EXPANSION_UM,
 ) -> SegmentSummary:
     """Write every per-image result of ``model_dir`` (e.g. from --shard runs, with ``tta`` as they ran) into the project."""
     from pointnuc.io.geojson import read_nuclei
@@ -552,5 +555,6 @@ def merge_results(
         summary.nuclei[plan.image.name] = len(batch[plan.image.name])
     if not batch:
         raise InputError(f"no results to merge in {out_dir}; run `pointnuc segment --shard K/N{' --tta' if tta else ''}` first")
-    summary.written = project.write_nuclei(batch, object_type=object_type, class_name=class_name, replace_within=within)
+    summary.written = project.write_nuclei(batch, object_type=object_type, class_name=class_name, replace_within=within,
+                                           cell_expansion_um=cell_expansion_um)
     return summary

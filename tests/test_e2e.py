@@ -226,3 +226,36 @@ def test_detector_at_a_coarser_pixel_size(tmp_path: Path) -> None:
     ev = evaluate(proj / "pointnuc-geojson", truth, radius_px=5.5)
     assert ev.detection["F1"] > 0.8, ev.detection  # measured: 1.0
     assert ev.segmentation["F1"] > 0.75, ev.segmentation  # measured: .854
+
+
+def test_cells_reach_as_far_as_asked(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """``--objects cell --cell-expansion UM``: each cell holds its nucleus and reaches at most UM beyond it;
+    a re-run with another expansion reuses the kept result and writes the new cells."""
+    from shapely.geometry import shape
+
+    proj, model, _ = trained
+    copy = _fresh_copy(proj, tmp_path / "p")
+    res = _segment(str(copy), "--model", str(model), "--cell-expansion", "3")
+    assert res.exit_code != 0 and "add --objects cell" in res.stderr, res.output
+
+    def cells() -> list[tuple]:
+        feats = json.loads((copy / "pointnuc-geojson" / "synth-a.geojson").read_text())["features"]
+        assert feats and all(f["properties"]["objectType"] == "cell" for f in feats)
+        return [(shape(f["geometry"]), shape(f["nucleusGeometry"])) for f in feats]
+
+    res = _segment(str(copy), "--model", str(model), "--objects", "cell")
+    assert res.exit_code == 0, res.output
+    default = cells()
+    res = _segment(str(copy), "--model", str(model), "--objects", "cell", "--cell-expansion", "4")
+    assert res.exit_code == 0 and res.output.count("(done earlier)") == 2, res.output
+    wider = cells()
+    assert len(wider) == len(default)
+    for found, um in ((default, 2.0), (wider, 4.0)):
+        reach_px = um / 0.5  # the synthetic images are at 0.5 µm/px
+        for cell, nuc in found:
+            assert cell.buffer(1e-6).covers(nuc)
+            assert nuc.buffer(reach_px + 0.05).covers(cell)
+        # most cells are not hemmed in on every side: they reach the full distance somewhere
+        reached = [cell.hausdorff_distance(nuc) > reach_px - 0.5 for cell, nuc in found]
+        assert sum(reached) > 0.5 * len(found)
+    assert sum(c.area for c, _ in wider) > 1.3 * sum(c.area for c, _ in default)

@@ -28,6 +28,9 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
               help="Only inside annotations of this QuPath class (e.g. a tumour region you drew).")
 @click.option("--objects", "object_type", type=click.Choice(["detection", "cell"]), default="detection",
               show_default=True, help="Write nuclei as QuPath detections, or as cells with a nucleus geometry.")
+@click.option("--cell-expansion", "cell_expansion", type=click.FloatRange(min=0.0, max=50.0), default=None, metavar="UM",
+              help="With --objects cell: how far each cell reaches beyond its nucleus, in µm, limited by its "
+                   "neighbours (as QuPath's 'Cell expansion') [default: 2].")
 @click.option("--class", "class_name", default="Nucleus", show_default=True, help="QuPath class of the written objects.")
 @pixel_size_option
 @device_option
@@ -44,8 +47,9 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--dry-run", is_flag=True, help="Only report what would be done.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], within: str | None, object_type: str,
-                class_name: str, pixel_size: float | None, device: str, batch_size: int | None, shard: str | None,
-                tta: bool, merge: bool, redo: bool, dry_run: bool, no_progress: bool) -> None:
+                cell_expansion: float | None, class_name: str, pixel_size: float | None, device: str,
+                batch_size: int | None, shard: str | None, tta: bool, merge: bool, redo: bool, dry_run: bool,
+                no_progress: bool) -> None:
     """Segment every nucleus in PROJECT's images and write them back for QuPath.
 
     Objects pointnuc wrote before (in the same area) are replaced; your own annotations
@@ -57,9 +61,13 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     then reopen it to review the nuclei. Folder of images: the nuclei go to
     pointnuc-geojson/NAME.geojson; drag that file onto the image in QuPath.
     """
-    from pointnuc.io.base import open_project
+    from pointnuc.errors import InputError
+    from pointnuc.io.base import CELL_EXPANSION_UM, open_project
     from pointnuc.pipeline import merge_results, newest_model_dir, plan_segmentation, segment_project
 
+    if cell_expansion is not None and object_type != "cell":
+        raise InputError("--cell-expansion sets how far cells reach; add --objects cell, or leave it out for detections")
+    expansion = CELL_EXPANSION_UM if cell_expansion is None else cell_expansion
     proj = open_project(project, pixel_size_um=pixel_size)
     model_dir = model_dir or newest_model_dir(proj)
     from pointnuc.models.bundle import load_info
@@ -67,7 +75,8 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     info = load_info(model_dir)
     shard_kn = _parse_shard(shard)
     if merge:
-        s = merge_results(proj, model_dir, object_type=object_type, class_name=class_name, within_class=within, tta=tta)
+        s = merge_results(proj, model_dir, object_type=object_type, class_name=class_name, within_class=within, tta=tta,
+                          cell_expansion_um=expansion)
         click.echo(f"Merged {sum(s.nuclei.values())} nuclei from {len(s.nuclei)} image(s) into {proj.root}")
         for p in s.written:
             click.echo(f"  wrote {p}")
@@ -87,7 +96,7 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
         return
     s = segment_project(proj, model_dir, image_names=images, within_class=within, device=device,
                         pixel_size_um=pixel_size, object_type=object_type, class_name=class_name, shard=shard_kn,
-                        redo=redo, batch_size=batch_size, progress=not no_progress, tta=tta)
+                        redo=redo, batch_size=batch_size, progress=not no_progress, tta=tta, cell_expansion_um=expansion)
     click.echo(f"Model: {model_dir}")
     for name, n in s.nuclei.items():
         t = s.seconds.get(name)
