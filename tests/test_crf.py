@@ -102,3 +102,30 @@ def test_partial_ce_ignores_unlabelled_pixels():
     tg = torch.cat([tg, torch.full((1, 3, 2, 2), 0.5)], 1)
     l_clu = (np.log(1 + np.exp(2.0)) + np.log(2.0)) / 2
     assert Stage2Loss(alpha=0.25)(logits, tg).item() == pytest.approx(0.25 * expected + 0.75 * l_clu, rel=1e-6)
+
+
+@pytest.mark.parametrize("group_elements", [1, 5000, 10**9])  # one offset a group, a few groups, all at once
+def test_grouped_filter_equals_the_offset_loop(group_elements):
+    """The GPU's grouped filter sums the same truncated kernel as the CPU's loop, in groups of any size."""
+    from pointnuc.train.crf import _filter, _filter_grouped
+
+    y, image, valid = _case(2, size=20)
+    values = torch.stack([valid.to(y.dtype), y * valid], 1)
+    for kw in (dict(sigma_xy_px=3.0, sigma_rgb=0.1, radius_sigmas=2.5),
+               dict(sigma_xy_px=4.5, sigma_rgb=0.2, radius_sigmas=6.0)):  # a window wider than the image
+        ref = _filter(values, image, **kw)
+        out = _filter_grouped(values, image, group_elements=group_elements, **kw)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_path_energy_and_gradient_equal_brute_force(monkeypatch):
+    """The whole loss through the grouped filter (what runs on a GPU), full window: the exact energy and gradient."""
+    import pointnuc.train.crf as crf
+
+    monkeypatch.setattr(crf, "_filter", lambda v, i, **kw: crf._filter_grouped(v, i, group_elements=20000, **kw))
+    y, image, valid = _case()
+    kw = dict(sigma_xy_px=3.0, sigma_rgb=0.1)
+    e_ref, g_ref = _energy_and_grad(crf_energy_exact, y, image, valid, **kw)
+    e, g = _energy_and_grad(crf_loss, y, image, valid, radius_sigmas=24 / 3.0, **kw)
+    assert e.item() == pytest.approx(e_ref.item(), rel=1e-10)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
