@@ -42,7 +42,7 @@ def main() -> None:
     from segment_speed import NORM_REF, make_slide
     from pointnuc.config import profile_config
     from pointnuc.infer import instances as inst
-    from pointnuc.infer.polygons import TileContext, tile_nuclei
+    from pointnuc.infer.polygons import TileContext, pack_nuclei, tile_nuclei, unpack_nuclei
     from pointnuc.infer.wsi import instance_params, normalise_tile, plan_slide, read_tile, working_halo
     from pointnuc.io.slide import open_slide
     from pointnuc.models.bundle import ModelInfo
@@ -76,6 +76,12 @@ def main() -> None:
     t_tile, (nuc, _) = best(lambda: tile_nuclei(prob, tile, ctx), args.repeats)
     print(f"tile_nuclei (instances + ownership + polygons + measurements): {t_tile * 1e3:.0f} ms, "
           f"{len(nuc)} nuclei, {(t_tile - t_ws) / max(len(nuc), 1) * 1e3:.3f} ms per nucleus beyond instances")
+    # the GPU path: a worker process packs the tile's nuclei, the main process unpacks them (serial work there)
+    t_pack, packed = best(lambda: pack_nuclei(nuc), args.repeats)
+    t_unpack, _ = best(lambda: unpack_nuclei(packed), args.repeats)
+    t_stack, _ = best(lambda: np.stack([img] * 16), args.repeats)
+    print(f"worker processes (GPU path): pack {t_pack * 1e3:.0f} ms; main process: unpack {t_unpack * 1e3:.0f} ms per tile, "
+          f"batching (np.stack of 16 tiles) {t_stack / 16 * 1e3:.1f} ms per tile")
 
 
 if __name__ == "__main__":
