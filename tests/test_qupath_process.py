@@ -357,6 +357,41 @@ def test_reading_runs_qupath_in_a_child_and_stdout_is_pointnuc_s(qp_project: Pat
     assert not _qupath_children(qp_project)
 
 
+_CHILD_LIFE = r"""
+import json, os, signal, sys, time
+from pointnuc.errors import QuPathError
+from pointnuc.io.qupath import QuPathProcess
+
+q = QuPathProcess(sys.argv[1], idle_exit_s=1.5)
+name = q.call("entries", what="the image list")[0]["name"]
+first = q._proc.pid
+time.sleep(3.5)  # the child leaves when idle ...
+anns, _ = q.call("objects", what="the objects", name=name)  # ... and a new one takes the next call
+second = q._proc.pid
+os.kill(second, signal.SIGKILL)  # a child that dies is one clear error, and the next call starts another
+try:
+    q.call("objects", what="the objects of one image", name=name)
+    died = ""
+except QuPathError as err:
+    died = str(err)
+anns2, _ = q.call("objects", what="the objects", name=name)
+print(json.dumps({"restarted": second != first, "points": [len(a[0].geoms) for a in (anns[0], anns2[0])],
+                  "died": died}))
+"""
+
+
+@pytest.mark.qupath
+def test_the_qupath_child_leaves_when_idle_and_a_dead_one_is_replaced(qp_project: Path, qupath_env,
+                                                                      tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-c", _CHILD_LIFE, str(qp_project)], env=qupath_env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["restarted"] and out["points"] == [15, 15]
+    assert out["died"].startswith("QuPath stopped unexpectedly (exit status -9) during the objects of one image")
+    assert not _qupath_children(qp_project)
+
+
 @pytest.mark.qupath
 def test_a_damaged_qpdata_is_one_clear_error_in_bounded_time(qp_project: Path, qupath_env, tmp_path: Path) -> None:
     # #4: QuPath logged "Reached end of file unexpectedly" to stdout without end (5.6 GB in 10 min)

@@ -141,7 +141,8 @@ def main(verbose: bool) -> None:
     or a folder of images with QuPath GeoJSON exports beside them (NAME.tif + NAME.geojson).
     """
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="pointnuc: %(message)s")
+    # other libraries' INFO messages stay quiet (torch logs cache statistics at exit when its import was interrupted)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="pointnuc: %(message)s")
     logging.getLogger("pointnuc").setLevel(level)
     for noisy in ("PIL", "tifffile", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
