@@ -42,3 +42,18 @@ class TrainingError(PointnucError):
 
 class OutputExistsError(InputError):
     """The output exists and --overwrite was not given."""
+
+
+class QuPathError(PointnucError):
+    """QuPath (its JVM, in pointnuc's QuPath process) failed or stopped while reading or writing a project."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the command (a KeyboardInterrupt, so cleanup code treats both alike).
+
+    The CLI prints one line and exits with 128 + the signal number (130, 143).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -259,7 +259,7 @@ def test_cli_inspect_through_paquo_path(fake_project: Path, monkeypatch):
     import pointnuc.io.qupath as q
     from pointnuc.cli import main
 
-    monkeypatch.setattr(q, "load_paquo", lambda: FAKE)
+    monkeypatch.setattr(q, "QuPathProcess", lambda qpproj: q.InProcess(qpproj, FAKE))
     res = CliRunner().invoke(main, ["inspect", str(fake_project / "project.qpproj"), "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
@@ -276,7 +276,7 @@ def test_missing_image_files_are_one_clear_error(fake_project: Path, monkeypatch
     with pytest.raises(InputError, match="image file of 'TCGA-A7-A13E-01Z-00-DX1.tif' is missing"):
         proj.images()
     before = _snapshot(fake_project)
-    monkeypatch.setattr(q, "load_paquo", lambda: FAKE)
+    monkeypatch.setattr(q, "QuPathProcess", lambda qpproj: q.InProcess(qpproj, FAKE))
     res = CliRunner().invoke(main, ["inspect", str(fake_project)])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "is missing" in res.stderr
     assert _snapshot(fake_project) == before

@@ -3,31 +3,114 @@
 Heavy imports (torch, paquo) happen inside commands so ``--help`` is instant.
 User errors (:class:`pointnuc.errors.PointnucError`, and OS errors such as a full
 disk or a missing permission) end in one line on stderr and a non-zero exit;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. SIGINT (Ctrl-C) and SIGTERM stop a
+command the same way: cleanup runs (a QuPath project being written is restored), then one
+line says how to continue, and the exit status is 130 or 143.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import shlex
+import signal
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import click
 
 from pointnuc import __version__
-from pointnuc.errors import PointnucError
+from pointnuc.errors import Interrupted, PointnucError
 
 
 #: OS errors that are the user's to fix (permissions, a full or read-only disk): one line, no traceback
 _USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
+_ARGV = "pointnuc.argv"  #: ctx.meta key: the command line as given (after the program name)
+_MODEL_DIR = "pointnuc.model_dir"  #: ctx.meta key: the model folder `train` writes to
+_MODEL_JSON = "pointnuc-model.json"  #: as pointnuc.models.bundle.MODEL_JSON (not imported: it needs torch)
+
+
+def note_model_dir(out: Path) -> None:
+    """Tell the interrupt message which model folder ``train`` is writing (for its resume command)."""
+    click.get_current_context().meta[_MODEL_DIR] = Path(out)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, once: later ones are
+    ignored while the command cleans up (a restore must not be cut short)."""
+    if sys.platform == "win32" or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+    stopping = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise Interrupted(signum)
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (an embedding application): leave its signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _resume_command(argv: list[str], subcommand: str, out: Path, flag: str) -> str:
+    """The command line that continues (``flag`` = ``--resume``) or redoes (``--overwrite``) a run
+    of ``train`` in ``out``: the user's own arguments with ``--out``/``--resume``/``--overwrite`` replaced."""
+    i = argv.index(subcommand) if subcommand in argv else len(argv)
+    head, rest = argv[: i + 1], argv[i + 1 :]
+    kept: list[str] = []
+    skip = False
+    for tok in rest:
+        if skip:
+            skip = False
+        elif tok == "--out":
+            skip = True
+        elif not (tok.startswith("--out=") or tok in ("--resume", "--overwrite")):
+            kept.append(tok)
+    return shlex.join(["pointnuc", *head, *kept, "--out", str(out), flag])
+
+
+def interrupt_message(ctx: click.Context, signum: int) -> str:
+    """The one line printed when SIGINT/SIGTERM stopped a command: what to run to continue."""
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    sub = ctx.invoked_subcommand
+    if sub == "train":
+        out = ctx.meta.get(_MODEL_DIR)
+        argv = list(ctx.meta.get(_ARGV, []))
+        if out is not None and (out / _MODEL_JSON).is_file():
+            return f"{what}; to continue where training stopped, run: {_resume_command(argv, sub, out, '--resume')}"
+        if out is not None and out.is_dir() and any(out.iterdir()):
+            return f"{what} before training started; to start again, run: {_resume_command(argv, sub, out, '--overwrite')}"
+        return f"{what} before training started; nothing was written: run the same command again"
+    if sub == "segment":
+        return f"{what}; the images finished so far are kept: run the same command again to continue"
+    return what
+
+
 class _Group(click.Group):
-    """Turns PointnucError into one clear line and its exit code."""
+    """Turns PointnucError into one clear line and its exit code; SIGINT/SIGTERM into one line and 130/143."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[_ARGV] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
-            return super().invoke(ctx)
+            with _stop_on_signals():
+                return super().invoke(ctx)
         except PointnucError as err:
             click.echo(f"pointnuc: error: {err}", err=True)
             sys.exit(err.exit_code)
@@ -37,9 +120,10 @@ class _Group(click.Group):
             where = f": {err.filename}" if err.filename else ""
             click.echo(f"pointnuc: error: {err.strerror or err}{where}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("pointnuc: interrupted; re-run the same command to continue where it stopped", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            click.echo(f"pointnuc: {interrupt_message(ctx, signum)}", err=True)
+            sys.exit(128 + signum)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -57,7 +141,8 @@ def main(verbose: bool) -> None:
     or a folder of images with QuPath GeoJSON exports beside them (NAME.tif + NAME.geojson).
     """
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="pointnuc: %(message)s")
+    # other libraries' INFO messages stay quiet (torch logs cache statistics at exit when its import was interrupted)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="pointnuc: %(message)s")
     logging.getLogger("pointnuc").setLevel(level)
     for noisy in ("PIL", "tifffile", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -58,6 +58,7 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     never trained on, it chooses the detection threshold and the segmenter's
     checkpoint, so no outlines are needed.
     """
+    from pointnuc.cli import note_model_dir
     from pointnuc.config import profile_config
     from pointnuc.errors import InputError
     from pointnuc.io.base import open_project
@@ -78,6 +79,7 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     if resume and out is None:
         raise InputError("--resume needs --out: the model folder of the interrupted run")
     out = out or default_model_dir(proj, config)
+    note_model_dir(out)  # for the exact resume command if the run is interrupted
     summary = train_project(proj, out, config, device=device, point_class=point_class, region_class=region_class,
                             pixel_size_um=pixel_size, weights=weights, resume=resume, overwrite=overwrite,
                             progress=not no_progress)

@@ -116,6 +116,20 @@ def _seed_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def loader_start_method() -> str | None:
+    """How DataLoader workers start: ``"spawn"`` when a JVM runs in this process, else the default.
+
+    A worker forked from a process that runs QuPath's JVM (paquo, jpype) can hang on a lock
+    a JVM thread held at the fork; pointnuc itself runs QuPath in a child process
+    (:mod:`pointnuc.io.qupath`), but a script may have imported paquo.
+    """
+    import sys
+
+    jpype = sys.modules.get("jpype")
+    started = getattr(jpype, "isJVMStarted", None)
+    return "spawn" if started is not None and started() else None
+
+
 def default_workers(device: torch.device) -> int:
     """DataLoader workers: 1 on CPU (the network already uses the cores), on CUDA enough
     to keep the GPU fed (all cores but two, at most 12)."""
@@ -271,7 +285,8 @@ def fit(
     sampler = EpochBatches(len(dataset), batch_size, range(start + 1, epochs + 1), seed, epoch_items)  # type: ignore[arg-type]
     loader_kw: dict[str, Any] = {}
     if workers > 0:
-        loader_kw = {"worker_init_fn": _seed_worker, "prefetch_factor": 4}
+        loader_kw = {"worker_init_fn": _seed_worker, "prefetch_factor": 4,
+                     "multiprocessing_context": loader_start_method()}
     steps_per_epoch = sampler.steps_per_epoch()
     bar = None
     if progress and start < epochs:
