@@ -326,9 +326,9 @@ def test_fit_checkpoints_after_its_first_epoch_however_short(tmp_path: Path) -> 
     nothing to resume from."""
     import torch
 
+    from pointnuc.config import DataConfig
     from pointnuc.models.net import build_network
     from pointnuc.train.data import PatchDataset
-    from pointnuc.config import DataConfig
     from pointnuc.train.fit import checkpoint_due, fit
     from pointnuc.train.losses import weighted_mse
     from pointnuc.train.samples import TrainingImage
@@ -499,6 +499,9 @@ def test_inspect_marks_a_truncated_png_and_a_missing_image(tmp_path: Path) -> No
     report = json.loads(res.stdout)
     problems = {im["name"]: im["problem"] for im in report["images"]}
     assert problems["img.tif"] is None and "truncated" in problems["b.png"]
+    from pointnuc.cli.inspect import image_problem
+
+    assert "image file not found" in (image_problem(tmp_path / "moved.tif") or "")  # a QuPath image moved away
 
 
 # --------------------------------------------------------------------------- 12. points on the image's edge
