@@ -192,11 +192,14 @@ def check_model_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
 
     ``overwrite`` deletes the folder later, so it is allowed only on a pointnuc model
     folder (one holding ``pointnuc-model.json``) or an empty one, never on other files.
+    ``resume`` needs a pointnuc model folder, or a missing or empty one (a run interrupted
+    before it wrote anything starts from the beginning).
     """
     check_output_dir(out, overwrite=overwrite or resume,
                      hint="pass --overwrite to replace it or --resume to continue training there")
     has_model = (out / MODEL_JSON).is_file()
-    if resume and not has_model:
+    started = out.is_dir() and any(p.name != "train.log" for p in out.iterdir())
+    if resume and not has_model and started:
         raise InputError(f"--resume: {out} holds no interrupted pointnuc training")
     if overwrite and not resume and out.is_dir() and any(out.iterdir()) and not has_model:
         raise OutputExistsError(
@@ -230,8 +233,15 @@ def train_project(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    keep_checkpoints: bool = False,
 ) -> TrainSummary:
-    """Stage 1 then stage 2 on a project's points; leaves a complete model folder at ``out``."""
+    """Stage 1 then stage 2 on a project's points; leaves a complete model folder at ``out``.
+
+    ``resume``: continue the interrupted run in ``out`` from its checkpoints (same
+    configuration and the same points, else a TrainingError); a missing or empty ``out``
+    starts from the beginning. ``keep_checkpoints``: keep ``checkpoints/`` when the run
+    finishes (by default it is removed: most of a model folder's size, needed only to resume).
+    """
     import torch
 
     from pointnuc.models.bundle import ModelLayout, load_info
@@ -240,10 +250,16 @@ def train_project(
     t0 = time.time()
     layout = ModelLayout(out)
     check_model_dir(out, overwrite=overwrite, resume=resume)
-    if resume:
+    prev = None
+    if resume and layout.meta.is_file():
         prev = load_info(out)
         if prev.config != config:
             raise TrainingError(f"--resume: {out} was trained with another configuration; use a new --out or the same options")
+        if prev.provenance.get("finished"):
+            raise InputError(f"--resume: the training in {out} has finished; use it (pointnuc segment --model {out}) "
+                             "or train into a new --out")
+    elif resume:
+        log.info("--resume: nothing to resume in %s; training from the beginning", out)
     dev = resolve_device(device)
     torch.manual_seed(config.seed)
 
@@ -251,6 +267,8 @@ def train_project(
     samples, ref, counts = load_training_images(
         project, config, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size_um
     )
+    if prev is not None:
+        _check_same_input(out, prev.provenance, counts, point_class, region_class, pixel_size_um)
     if overwrite and not resume and out.is_dir():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,11 +277,30 @@ def train_project(
     logging.getLogger("pointnuc").addHandler(handler)
     try:
         return _train(project, out, config, samples, ref, counts, dev=dev, t0=t0, point_class=point_class,
-                      region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, resume=resume,
-                      progress=progress)
+                      region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, resume=prev is not None,
+                      progress=progress, keep_checkpoints=keep_checkpoints,
+                      previous=prev.provenance if prev is not None else None)
     finally:
         logging.getLogger("pointnuc").removeHandler(handler)
         handler.close()
+
+
+def _check_same_input(
+    out: Path, provenance: dict, counts: dict[str, int], point_class: str, region_class: str | None,
+    pixel_size_um: float | None,
+) -> None:
+    """A TrainingError when the project's points or the reading options changed since the run in ``out``."""
+    before = {
+        "images": provenance.get("images"), "point_class": provenance.get("point_class"),
+        "region_class": provenance.get("region_class"), "pixel_size_override_um": provenance.get("pixel_size_override_um"),
+    }
+    now = {"images": counts, "point_class": point_class, "region_class": region_class,
+           "pixel_size_override_um": pixel_size_um}
+    changed = [k for k in now if k in provenance and before[k] != now[k]]
+    if changed:
+        what = "the project's points" if changed[0] == "images" else f"the {changed[0].replace('_', ' ')}"
+        raise TrainingError(f"--resume: {what} changed since the interrupted run in {out}; "
+                            "resume with the same project and options, or train into a new --out")
 
 
 def _train(
@@ -282,8 +319,13 @@ def _train(
     weights: Path | None,
     resume: bool,
     progress: bool,
+    keep_checkpoints: bool = False,
+    previous: dict | None = None,
 ) -> TrainSummary:
-    """Stage 1 and stage 2 on loaded samples, saving the model description after each."""
+    """Stage 1 and stage 2 on loaded samples, saving the model description after each.
+
+    ``previous``: the provenance of the interrupted run being resumed (its start is kept).
+    """
     import torch
 
     from pointnuc.models.bundle import ModelInfo, ModelLayout, save_info
@@ -318,6 +360,9 @@ def _train(
         "pointnuc": pointnuc.__version__,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if previous is not None:  # a resumed run: when it first started, and each time it was resumed
+        provenance["resumed"] = [*previous.get("resumed", []), provenance["started"]]
+        provenance["started"] = previous.get("started", provenance["started"])
     info = ModelInfo(config=config, norm_reference=ref, provenance=provenance)
     save_info(out, info)  # describes the run from the start, so --resume can check it
 
@@ -338,11 +383,15 @@ def _train(
     info.metrics["segmentation"] = seg.metrics
     info.provenance["stage2_seconds"] = round(time.time() - t1, 1)
     info.provenance["seconds"] = round(time.time() - t0, 1)
-    info.provenance["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     save_info(out, info)
     from pointnuc.report import write_report
 
     write_report(layout, samples, det, seg, device=str(dev))
+    info.provenance["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    save_info(out, info)  # finished: --resume now refuses this folder, so its checkpoints may go
+    if not keep_checkpoints and layout.checkpoints.is_dir():
+        # most of a model folder's size (Adam's state: ~3x the weights per stage), needed only to resume
+        shutil.rmtree(layout.checkpoints, ignore_errors=True)
     return TrainSummary(
         model_dir=out,
         n_images=len({s.image_name for s in samples}),

@@ -63,6 +63,8 @@ def test_train_leaves_a_complete_model_folder(trained: tuple[Path, Path, Path]) 
     assert len(ref["mean"]) == 3 and len(ref["std"]) == 3 and len(ref["stain"]) == 4
     assert meta["config"]["data"]["stain_normalise"] is True
     assert (model / "detector.pt").is_file() and (model / "segmenter.pt").is_file()
+    assert set(meta["weights_sha256"]) == {"detector.pt", "segmenter.pt"}  # checked when loaded
+    assert not (model / "checkpoints").exists()  # only needed to resume: dropped when the run finished
     assert sorted(p.name for p in (model / "points").glob("*.json"))
     assert "detector" in (model / "train.log").read_text()
     assert (model / "report" / "losses.png").is_file() and list((model / "report").glob("overlay_*.png"))
@@ -189,7 +191,8 @@ def test_damaged_model_folders(trained: tuple[Path, Path, Path], tmp_path: Path)
     bad = Path(shutil.copytree(model, tmp_path / "bad"))
     (bad / "segmenter.pt").write_bytes(b"not a torch file")
     res = _segment(str(proj), "--model", str(bad))
-    assert res.exit_code != 0 and "segmenter.pt cannot be loaded" in res.stderr, res.output
+    # not the file its description recorded (checksum), whatever torch would make of it
+    assert res.exit_code != 0 and "segmenter.pt is damaged: its SHA-256 differs" in res.stderr, res.output
     (bad / "pointnuc-model.json").write_text("{ damaged")
     res = _segment(str(proj), "--model", str(bad))
     assert res.exit_code != 0 and "is damaged" in res.stderr, res.output

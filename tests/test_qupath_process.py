@@ -39,6 +39,12 @@ TINY = ["--profile", "tiny", "--no-progress", "--set", "data.pixel_size_um=0.5",
         "--set", "segmentation.epochs=2", "--set", "data.patches_per_image=4"]
 
 
+def _resume(project: Path, model: Path) -> str:
+    """The resume command pointnuc prints for a TINY training (options in `train --help` order)."""
+    sets = " ".join(f"--set {v}" for v in TINY[4::2])
+    return f"pointnuc train {project} --out {model} --profile tiny {sets} --no-progress --resume"
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -106,8 +112,8 @@ def _untrained_model(folder: Path) -> Path:
     from pointnuc.models.net import build_network
 
     config = profile_config("tiny", **{"data.pixel_size_um": 0.5})
-    save_info(folder, ModelInfo(config=config))
     save_weights(ModelLayout(folder).segmenter, build_network(2, config.encoder, pretrained=False))
+    save_info(folder, ModelInfo(config=config))  # after the weights: it records their checksum
     return folder
 
 
@@ -227,10 +233,10 @@ def test_a_signal_is_one_line_with_the_exact_resume_command(tmp_path: Path, monk
     out = seen["out"]
     assert out.parent == proj / "pointnuc-models"  # the dated folder this run made
     assert res.stderr == (f"pointnuc: stopped by SIGTERM; to continue where training stopped, run: pointnuc train "
-                          f"'{proj}' --profile tiny --set seed=3 --out '{out}' --resume\n")
+                          f"'{proj}' --out '{out}' --profile tiny --set seed=3 --resume\n")
     res = CliRunner().invoke(main, ["train", str(proj), "--out", str(tmp_path / "m2"), "--profile", "tiny"])
     assert res.exit_code == 143
-    assert res.stderr.endswith(f" --profile tiny --out {tmp_path / 'm2'} --resume\n")
+    assert res.stderr.endswith(f" --out {tmp_path / 'm2'} --profile tiny --resume\n")
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
@@ -254,8 +260,8 @@ def test_ctrl_c_in_train_on_a_geojson_project(tmp_path: Path) -> None:
     os.killpg(proc.pid, signal.SIGINT)
     rc, err = _finish(proc, tmp_path)
     assert rc == 130
-    _assert_clean_stop(err, f"pointnuc: interrupted; to continue where training stopped, run: pointnuc train {proj} "
-                            f"{' '.join(TINY)} --out {model} --resume", tmp_path)
+    _assert_clean_stop(err, f"pointnuc: interrupted; to continue where training stopped, run: {_resume(proj, model)}",
+                       tmp_path)
 
 
 @POSIX
@@ -456,8 +462,8 @@ def test_sigterm_in_train_on_a_qpproj(qp_project: Path, qupath_env, tmp_path: Pa
     proc.send_signal(signal.SIGTERM)
     rc, err = _finish(proc, tmp_path)
     assert rc == 143, err
-    _assert_clean_stop(err, f"pointnuc: stopped by SIGTERM; to continue where training stopped, run: pointnuc train "
-                            f"{qp_project} {' '.join(TINY)} --out {model} --resume", tmp_path)
+    _assert_clean_stop(err, f"pointnuc: stopped by SIGTERM; to continue where training stopped, run: "
+                            f"{_resume(qp_project, model)}", tmp_path)
     assert _snapshot(qp_project) == before
     assert not _qupath_children(qp_project)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import shlex
 import signal
 import sys
 from contextlib import contextmanager
@@ -29,14 +28,13 @@ from pointnuc.errors import Interrupted, PointnucError
 _USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
-_ARGV = "pointnuc.argv"  #: ctx.meta key: the command line as given (after the program name)
-_MODEL_DIR = "pointnuc.model_dir"  #: ctx.meta key: the model folder `train` writes to
-_MODEL_JSON = "pointnuc-model.json"  #: as pointnuc.models.bundle.MODEL_JSON (not imported: it needs torch)
+_RESUME = "pointnuc.resume"  #: ctx.meta key: the command that continues the training `train` started
 
 
-def note_model_dir(out: Path) -> None:
-    """Tell the interrupt message which model folder ``train`` is writing (for its resume command)."""
-    click.get_current_context().meta[_MODEL_DIR] = Path(out)
+def note_model_dir(out: Path, resume_command: str) -> None:
+    """Tell the interrupt message the command that continues ``train`` in ``out`` (it works
+    from the moment the folder is chosen: ``--resume`` starts a missing or empty folder afresh)."""
+    click.get_current_context().meta[_RESUME] = resume_command
 
 
 @contextmanager
@@ -66,34 +64,14 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _resume_command(argv: list[str], subcommand: str, out: Path, flag: str) -> str:
-    """The command line that continues (``flag`` = ``--resume``) or redoes (``--overwrite``) a run
-    of ``train`` in ``out``: the user's own arguments with ``--out``/``--resume``/``--overwrite`` replaced."""
-    i = argv.index(subcommand) if subcommand in argv else len(argv)
-    head, rest = argv[: i + 1], argv[i + 1 :]
-    kept: list[str] = []
-    skip = False
-    for tok in rest:
-        if skip:
-            skip = False
-        elif tok == "--out":
-            skip = True
-        elif not (tok.startswith("--out=") or tok in ("--resume", "--overwrite")):
-            kept.append(tok)
-    return shlex.join(["pointnuc", *head, *kept, "--out", str(out), flag])
-
-
 def interrupt_message(ctx: click.Context, signum: int) -> str:
     """The one line printed when SIGINT/SIGTERM stopped a command: what to run to continue."""
     what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     sub = ctx.invoked_subcommand
     if sub == "train":
-        out = ctx.meta.get(_MODEL_DIR)
-        argv = list(ctx.meta.get(_ARGV, []))
-        if out is not None and (out / _MODEL_JSON).is_file():
-            return f"{what}; to continue where training stopped, run: {_resume_command(argv, sub, out, '--resume')}"
-        if out is not None and out.is_dir() and any(out.iterdir()):
-            return f"{what} before training started; to start again, run: {_resume_command(argv, sub, out, '--overwrite')}"
+        resume = ctx.meta.get(_RESUME)
+        if resume:
+            return f"{what}; to continue where training stopped, run: {resume}"
         return f"{what} before training started; nothing was written: run the same command again"
     if sub == "segment":
         return f"{what}; the images finished so far are kept: run the same command again to continue"
@@ -102,10 +80,6 @@ def interrupt_message(ctx: click.Context, signum: int) -> str:
 
 class _Group(click.Group):
     """Turns PointnucError into one clear line and its exit code; SIGINT/SIGTERM into one line and 130/143."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta[_ARGV] = list(args)
-        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:

@@ -18,13 +18,15 @@ def inspect_project(
     region_class: str | None = None,
     pixel_size_um: float | None = None,
 ) -> dict[str, Any]:
-    """Per image: name, size, pixel size, points per class, training regions, pointnuc objects."""
+    """Per image: name, size, pixel size, points per class, training regions, pointnuc objects,
+    and ``problem``: why its pixels cannot be used (:func:`image_problem`), or None."""
     from pointnuc.io.base import open_project
 
     project = open_project(project_path, pixel_size_um=pixel_size_um)
     images = []
     for image in project.images():
         ann = project.annotations(image, point_class=point_class, region_class=region_class)
+        problem = image_problem(image.path)
         points = {point_class: int(len(ann.points_xy)), **{k: int(v) for k, v in ann.other_point_counts.items()}}
         images.append({
             "name": image.name,
@@ -35,6 +37,7 @@ def inspect_project(
             "points": points,
             "n_regions": len(ann.regions),
             "n_pointnuc_objects": ann.n_pointnuc_objects,
+            "problem": problem,
         })
     return {
         "project": str(project_path),
@@ -46,15 +49,33 @@ def inspect_project(
     }
 
 
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used, from a cheap read check, or None.
+
+    A missing or unreadable file, an image that is not RGB brightfield, a TIFF whose pixel
+    data run past its end or whose last tile/strip does not decode (a truncated copy), an
+    image Pillow cannot decode (:meth:`pointnuc.io.slide.Slide.problem`).
+    """
+    from pointnuc.errors import ImageReadError
+    from pointnuc.io.slide import open_slide
+
+    try:
+        with open_slide(path) as slide:
+            return slide.problem()
+    except ImageReadError as err:
+        return str(err)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a plain-text table."""
     pc = report["point_class"]
-    rows = [("image", "size", "µm/px", f"{pc} pts", "other pts", "regions", "pointnuc objs")]
+    rows = [("image", "size", "µm/px", f"{pc} pts", "other pts", "regions", "pointnuc objs", "pixels")]
     for im in report["images"]:
         other = ", ".join(f"{k}: {v}" for k, v in im["points"].items() if k != pc) or "-"
         px = f"{im['pixel_size_um']:.4g}" if im["pixel_size_um"] is not None else "unknown"
         rows.append((im["name"], f"{im['width']}x{im['height']}", px, str(im["points"][pc]), other,
-                     str(im["n_regions"]), str(im["n_pointnuc_objects"])))
+                     str(im["n_regions"]), str(im["n_pointnuc_objects"]),
+                     "ok" if im.get("problem") is None else f"UNUSABLE: {im['problem']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"{len(report['images'])} image(s), {report['total_points']} {pc!r} points in all "
@@ -71,10 +92,20 @@ def format_report(report: dict[str, Any]) -> str:
 def inspect_cmd(project: Path, as_json: bool, point_class: str, region_class: str | None,
                 pixel_size: float | None) -> None:
     """Show what pointnuc reads from PROJECT: per image its size, pixel size, points per
-    class, training regions and the objects an earlier pointnuc run wrote.
+    class, training regions, the objects an earlier pointnuc run wrote, and whether its
+    pixels can be used (a cheap read check: truncated or damaged files, images that are
+    not RGB brightfield). Exits with status 2 when an image cannot be used.
 
     PROJECT is a QuPath project (.qpproj or its folder) or a folder of images with
     QuPath GeoJSON exports beside them (NAME.tif + NAME.geojson).
     """
+    from pointnuc.errors import ImageReadError
+
     report = inspect_project(project, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size)
     click.echo(json.dumps(report, indent=1, ensure_ascii=False) if as_json else format_report(report))
+    bad = [im for im in report["images"] if im["problem"] is not None]
+    if bad:  # the report is printed whole, then the exit status says that something cannot be used
+        raise ImageReadError(
+            f"{len(bad)} of {len(report['images'])} image(s) cannot be used: {bad[0]['name']} ({bad[0]['problem']})"
+            + (f" and {len(bad) - 1} more, see the report" if len(bad) > 1 else "")
+        )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -42,12 +45,15 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling, initialisation, order).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Change any configuration field, e.g. --set detection.epochs=40 --set data.pixel_size_um=0.5.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run in --out from its last checkpoint (give the same options as it had).")
 @click.option("--overwrite", is_flag=True, help="Replace the pointnuc model folder at --out (never a folder of other files).")
+@click.option("--keep-checkpoints", is_flag=True,
+              help="Keep the model folder's checkpoints/ when training finishes (removed by default: most of its size).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None, point_class: str,
               region_class: str | None, pixel_size: float | None, device: str, weights: Path | None, seed: int,
-              settings: tuple[str, ...], resume: bool, overwrite: bool, no_progress: bool) -> None:
+              settings: tuple[str, ...], resume: bool, overwrite: bool, keep_checkpoints: bool, no_progress: bool) -> None:
     """Train a nuclei detector, then a segmenter, from the points clicked in PROJECT.
 
     PROJECT is a QuPath project (.qpproj or its folder) or a folder of images with
@@ -57,6 +63,9 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     One point in five of each image is held back (--set data.holdout_fraction=0.2):
     never trained on, it chooses the detection threshold and the segmenter's
     checkpoint, so no outlines are needed.
+
+    Interrupted (Ctrl-C), it prints the command that continues where it stopped:
+    the same options with --out MODEL_FOLDER --resume.
     """
     from pointnuc.cli import note_model_dir
     from pointnuc.config import profile_config
@@ -79,10 +88,11 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     if resume and out is None:
         raise InputError("--resume needs --out: the model folder of the interrupted run")
     out = out or default_model_dir(proj, config)
-    note_model_dir(out)  # for the exact resume command if the run is interrupted
+    options = {**click.get_current_context().params, "profile": profile}  # "auto" as it was resolved
+    note_model_dir(out, resume_command(options, out))  # what the interrupt message tells the user to run
     summary = train_project(proj, out, config, device=device, point_class=point_class, region_class=region_class,
                             pixel_size_um=pixel_size, weights=weights, resume=resume, overwrite=overwrite,
-                            progress=not no_progress)
+                            progress=not no_progress, keep_checkpoints=keep_checkpoints)
     minutes = summary.seconds / 60
     click.echo(
         f"Trained on {summary.n_images} image(s) from {summary.n_points} points; stage 1 found "
@@ -91,3 +101,29 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
         f"Report: {summary.model_dir / 'report'}\n"
         f"Next: pointnuc segment {project} --model {summary.model_dir}"
     )
+
+
+def resume_command(options: Mapping[str, Any], model_dir: Path) -> str:
+    """The shell command that continues an interrupted ``pointnuc train`` in ``model_dir``.
+
+    ``options``: the command's parameters as click parsed them (``ctx.params``; give
+    ``profile`` as it was resolved, since ``auto`` may resolve otherwise on another
+    machine). Returns the same project and options, those left at their defaults left
+    out, with ``--out model_dir --resume`` and without ``--overwrite``.
+    """
+    words = ["pointnuc", "train", str(options["project"]), "--out", str(model_dir)]
+    for param in train_cmd.params:
+        name = param.name
+        if not isinstance(param, click.Option) or name in ("project", "out", "resume", "overwrite") or name not in options:
+            continue
+        value, flag = options[name], param.opts[0]
+        if param.is_flag:
+            if value:
+                words.append(flag)
+        elif param.multiple:
+            for v in value or ():
+                words += [flag, str(v)]
+        elif value is not None and (value != param.default or name == "profile"):
+            words += [flag, str(value)]
+    words.append("--resume")
+    return shlex.join(words)

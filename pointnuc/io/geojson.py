@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -34,6 +33,7 @@ import shapely
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
+from pointnuc import fileio
 from pointnuc.errors import InputError
 from pointnuc.geometry import expand_cells, nucleus_measurements, valid_polygon
 from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, NucleusObject
@@ -349,16 +349,8 @@ def nuclei_features(
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so that a crash never leaves half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:  # disk full, interrupted: no half-written .tmp left beside the file
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a file so that a crash or a full disk never leaves half of it (:mod:`pointnuc.fileio`)."""
+    fileio.write_text_atomic(Path(path), text)
 
 
 def write_features(path: Path, features: Sequence[dict[str, Any]], layout: str = "collection") -> Path:

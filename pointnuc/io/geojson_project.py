@@ -21,13 +21,13 @@ one is kept as ``NAME.geojson.bak``).
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError
+from pointnuc.fileio import backup_file
 from pointnuc.io.base import CELL_EXPANSION_UM, ImageAnnotations, ImageRef, NucleusObject
 from pointnuc.io.geojson import (
     merge_features,
@@ -177,8 +177,8 @@ class GeoJSONFolderProject:
             area = (replace_within or {}).get(name)
             previous = read_features(path) if path.is_file() else []
             feats = merge_features(previous, new, area, path)
-            if path.is_file():
-                shutil.copy2(path, path.with_name(path.name + ".bak"))
+            if path.is_file():  # the backup is written as atomically as the file: a full disk never truncates it
+                backup_file(path, path.with_name(path.name + ".bak"))
             write_features(path, feats)
             log.info("%s: wrote %d objects to %s (File > Import objects in QuPath)", name, len(feats), path)
             written.append(path)

@@ -7,11 +7,14 @@ and share :func:`summarise`, so they read points and regions by the same rules:
 - regions: the area annotations (``Polygon``/``MultiPolygon``, rectangles included) of the
   region class; ``region_class=None`` means QuPath's built-in ``Region*`` class;
 - other classes' points are counted, not used;
+- points less than :data:`EDGE_TOLERANCE_PX` outside the image (a click on its very edge,
+  which QuPath allows) are moved onto its last pixel; points further out are an error;
 - pointnuc's own objects are those carrying the measurement :data:`POINTNUC_MARKER`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -25,6 +28,12 @@ from pointnuc.io.base import POINTNUC_MARKER, ImageAnnotations, ImageRef
 
 #: region class used when none is given: QuPath's built-in class for regions of interest
 DEFAULT_REGION_CLASS = "Region*"
+#: points at most this far (px) outside the image are clamped onto its edge pixels
+EDGE_TOLERANCE_PX = 1.0
+#: where a clamped point lands inside the far edge (the image spans [0, width) in QuPath coordinates)
+_INSIDE_EDGE_PX = 1e-3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,9 @@ def summarise(
 ) -> ImageAnnotations:
     """The points, regions and counts pointnuc needs from one image's objects.
 
-    Points outside the image are an :class:`InputError` (``source`` names the file).
-    ``n_pointnuc_objects`` overrides the count of marked objects among ``objects``.
+    Points within :data:`EDGE_TOLERANCE_PX` of the image's border, outside it, are moved
+    onto the edge pixels; points further out are an :class:`InputError` (``source`` names
+    the file). ``n_pointnuc_objects`` overrides the count of marked objects among ``objects``.
     """
     region_class = DEFAULT_REGION_CLASS if region_class is None else region_class
     points: list[np.ndarray] = []
@@ -91,14 +101,21 @@ def summarise(
                 regions.append(geom)
     pts = np.concatenate(points) if points else np.zeros((0, 2), float)
     if len(pts):
-        outside = (pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] >= image.width) | (pts[:, 1] >= image.height)
-        if outside.any():
-            x, y = pts[np.argmax(outside)]
+        size = np.array([image.width, image.height], float)
+        tol = EDGE_TOLERANCE_PX
+        far = np.any((pts < -tol) | (pts >= size + tol), axis=1)
+        if far.any():
+            x, y = pts[np.argmax(far)]
             where = f" in {source}" if source else ""
             raise InputError(
-                f"{int(outside.sum())} {point_class!r} point(s) of image {image.name!r}{where} lie outside its "
+                f"{int(far.sum())} {point_class!r} point(s) of image {image.name!r}{where} lie outside its "
                 f"{image.width}x{image.height} pixels (first at x={x:g}, y={y:g}); are the annotations from another image?"
             )
+        edge = np.any((pts < 0) | (pts >= size), axis=1)
+        if edge.any():  # a click on the image's very edge: onto its edge pixels
+            pts = np.where(pts < 0, 0.0, np.where(pts >= size, size - _INSIDE_EDGE_PX, pts))
+            log.info("%s: %d %r point(s) less than %g px outside the image moved onto its edge",
+                     image.name, int(edge.sum()), point_class, tol)
     return ImageAnnotations(
         points_xy=pts.astype(np.float64),
         regions=tuple(regions),

@@ -4,11 +4,13 @@ Layout (the one place that defines it)::
 
     MODEL_DIR/
       pointnuc-model.json   format version, pointnuc version, config, pixel size,
-                            colour-normalisation reference, tuned thresholds, provenance
+                            colour-normalisation reference, tuned thresholds, provenance,
+                            SHA-256 of each weights file (checked on load)
       detector.pt           stage-1 weights (state_dict)
       segmenter.pt          stage-2 weights (state_dict), after CRF fine-tuning
       points/NAME.json      stage-1 detected points per training image (x/y, full-res px)
-      checkpoints/          per-epoch checkpoints for --resume
+      checkpoints/          checkpoints for --resume (removed when training finishes,
+                            unless --keep-checkpoints)
       report/               loss curves and overlays (PNG), metrics.json
       train.log             the run's log
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,16 @@ import torch
 import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import ModelFormatError
+from pointnuc.fileio import atomic_write, sha256_file, write_text_atomic
 from pointnuc.models.net import UNet, build_network
 
 FORMAT_NAME = "pointnuc-model"
 FORMAT_VERSION = 1
 MODEL_JSON = "pointnuc-model.json"
+#: the weights files whose SHA-256 the model description records
+WEIGHT_FILES = ("detector.pt", "segmenter.pt")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class ModelInfo:
     thresholds: dict[str, float] = field(default_factory=dict)  #: tuned on held-back data
     provenance: dict[str, Any] = field(default_factory=dict)  #: data, seed, device, times, versions
     metrics: dict[str, Any] = field(default_factory=dict)  #: validation scores used for selection
+    #: SHA-256 per weights file name as last saved; None: a folder from before checksums were recorded
+    weights_sha256: dict[str, str] | None = None
 
     @property
     def pixel_size_um(self) -> float:
@@ -100,12 +109,17 @@ class ModelInfo:
 
 
 def save_info(root: Path, info: ModelInfo) -> None:
-    """Write ``pointnuc-model.json`` atomically."""
+    """Write ``pointnuc-model.json`` atomically, with the SHA-256 of the weights files now in the folder.
+
+    Checksums are taken here, from the files, so the description always vouches for the
+    weights saved before it (hashing a ResNet-34's ~100 MB takes a fraction of a second).
+    """
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    path = ModelLayout(root).meta
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info.to_json(), indent=1, default=_json_default), encoding="utf-8")
-    os.replace(tmp, path)
+    layout = ModelLayout(root)
+    info.weights_sha256 = {n: sha256_file(root / n) for n in WEIGHT_FILES if (root / n).is_file()}
+    doc = {**info.to_json(), "weights_sha256": info.weights_sha256}
+    write_text_atomic(layout.meta, json.dumps(doc, indent=1, default=_json_default))
 
 
 def load_info(root: Path) -> ModelInfo:
@@ -134,15 +148,14 @@ def load_info(root: Path) -> ModelInfo:
         thresholds=dict(d.get("thresholds") or {}),
         provenance=dict(d.get("provenance") or {}),
         metrics=dict(d.get("metrics") or {}),
+        weights_sha256=dict(d["weights_sha256"]) if isinstance(d.get("weights_sha256"), dict) else None,
     )
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
     """Save a state_dict atomically (a crash never leaves a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    state = model.state_dict()
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_network(root: Path, which: str = "segmenter", info: ModelInfo | None = None) -> UNet:
@@ -151,6 +164,7 @@ def load_network(root: Path, which: str = "segmenter", info: ModelInfo | None = 
     path = ModelLayout(Path(root)).segmenter if which == "segmenter" else ModelLayout(Path(root)).detector
     if not path.is_file():
         raise ModelFormatError(f"{root} has no {path.name}: was training finished?")
+    check_weights(path, info)
     net = build_network(2 if which == "segmenter" else 1, info.config.encoder, pretrained=False)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -158,6 +172,25 @@ def load_network(root: Path, which: str = "segmenter", info: ModelInfo | None = 
     except Exception as err:  # damaged file or wrong architecture: both are the user's to fix
         raise ModelFormatError(f"{path} cannot be loaded ({err.__class__.__name__}); the file is damaged or from another model") from None
     return net
+
+
+def check_weights(path: Path, info: ModelInfo) -> None:
+    """A ModelFormatError when a weights file is not the one its model description recorded.
+
+    A damaged file (flipped bytes) can still load as a network that finds nothing; only its
+    checksum tells. A folder from before checksums were recorded, or a file saved after the
+    description, is loaded with a warning.
+    """
+    recorded = (info.weights_sha256 or {}).get(path.name)
+    if recorded is None:
+        why = "an older model folder" if info.weights_sha256 is None else "saved after the model description"
+        log.warning("%s has no recorded checksum (%s): loaded without checking that it is intact", path, why)
+        return
+    if sha256_file(path) != recorded:
+        raise ModelFormatError(
+            f"{path} is damaged: its SHA-256 differs from the one recorded in {MODEL_JSON}; "
+            "copy the model folder again or retrain"
+        )
 
 
 def _json_default(o: Any) -> Any:
