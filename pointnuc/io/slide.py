@@ -48,8 +48,9 @@ def checked_pixel_size(um: float, what: str = "--pixel-size") -> float:
     else a PixelSizeError that says what is expected."""
     value = _plausible(um)
     if value is None:
+        shown = f"{um:g}" if isinstance(um, (int, float)) else repr(um)
         raise PixelSizeError(
-            f"{what} {um}: a pixel size is more than 0 and at most {MAX_PLAUSIBLE_UM:g} µm per pixel "
+            f"{what} {shown}: a pixel size is more than 0 and at most {MAX_PLAUSIBLE_UM:g} µm per pixel "
             "(0.25 for 40x, 0.5 for 20x, 1 for 10x)"
         )
     return value
