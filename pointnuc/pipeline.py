@@ -855,7 +855,9 @@ def merge_results(
             within[name] = plan.region
             summary.nuclei[name] = len(batch[name])
         if not batch:
-            raise InputError(f"no results to merge in {out_dir}; run `pointnuc segment --shard K/N{' --tta' if tta else ''}` first")
+            why = "; ".join(f"{n}: {w.removeprefix('not merged: ')}" for n, w in list(summary.failed.items())[:3])
+            raise InputError(f"no current results to merge in {out_dir} ({why}); "
+                             f"run `pointnuc segment --shard K/N{' --tta' if tta else ''}` first")
         summary.written = project.write_nuclei(batch, object_type=object_type, class_name=class_name,
                                                replace_within=within, cell_expansion_um=cell_expansion_um)
     return summary
