@@ -323,3 +323,46 @@ def test_without_os_locks_the_lock_file_is_the_lock(tmp_path: Path, monkeypatch:
     with pytest.raises(lock.ProjectBusyError, match=r"pid 1 on elsewhere.*delete .*\.pointnuc\.lock"):
         with lock.project_lock(root, "segment"):
             pass
+
+
+def test_lock_and_kept_results_work_through_the_project_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any project kind (here a stand-in with QuPath's kind): the lock is held while nuclei are written into
+    the project, and a kept result is reused only for the same pixel size."""
+    from pointnuc.io.base import ImageAnnotations, ImageRef
+    from pointnuc.io.lock import ProjectBusyError, project_lock
+    from pointnuc.pipeline import segment_project
+
+    model = _stand_in_model(tmp_path / "model", monkeypatch)
+    img, centres = fat_tile()
+    write_tiff(tmp_path / "fat.tif", img, PX)
+
+    class StandInProject:
+        kind = "qupath"
+        root = tmp_path / "qp"
+
+        def __init__(self) -> None:
+            self.root.mkdir(exist_ok=True)
+            self.writes: list[tuple[str, int, bool]] = []
+
+        def images(self) -> list[ImageRef]:
+            return [ImageRef("fat", tmp_path / "fat.tif", 512, 512, PX)]
+
+        def annotations(self, image, point_class="Nucleus", region_class=None) -> ImageAnnotations:
+            return ImageAnnotations(points_xy=np.zeros((0, 2)))
+
+        def write_nuclei(self, results, **kw) -> list[Path]:
+            try:
+                with project_lock(self.root, "segment"):
+                    locked = False
+            except ProjectBusyError:
+                locked = True
+            self.writes += [(name, len(n), locked) for name, n in results.items()]
+            return [self.root / "project.qpproj"]
+
+    proj = StandInProject()
+    s = segment_project(proj, model, progress=False)
+    assert proj.writes == [("fat", 6, True)] and s.seconds
+    s = segment_project(proj, model, progress=False)
+    assert s.skipped == ["fat"] and proj.writes[-1] == ("fat", 6, True)
+    s = segment_project(proj, model, progress=False, pixel_size_um=0.3)
+    assert s.recomputed == {"fat": "pixel size changed 0.25 -> 0.3 µm/px"}

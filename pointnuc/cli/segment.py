@@ -114,7 +114,7 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
                         redo=redo, batch_size=batch_size, progress=not no_progress, tta=tta, cell_expansion_um=expansion)
     click.echo(f"Model: {model_dir}")
     for name, n in s.nuclei.items():
-        click.echo(f"  {name}: {n} nuclei{_how(s, name)}")
+        click.echo(f"  {name}: {n} nuclei{_how(s, name, within is not None)}")
     click.echo(f"Per-image results: {s.results_dir}")
     for p in s.written:
         click.echo(f"Wrote {p}")
@@ -128,7 +128,7 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     _fail_if_any(s.failed)
 
 
-def _how(s: SegmentSummary, name: str) -> str:
+def _how(s: SegmentSummary, name: str, within: bool) -> str:
     """How an image's nuclei came about, for its summary line."""
     t = s.seconds.get(name)
     if t is None:
@@ -140,7 +140,8 @@ def _how(s: SegmentSummary, name: str) -> str:
     if looked == 0:
         out += "; no tissue found: nothing was looked at"
     elif looked < total:
-        out += f" ({looked} of {total} tiles looked at; the rest is glass)"
+        rest = "glass or outside the area" if within else "glass"
+        out += f" ({looked} of {total} tiles looked at; the rest is {rest})"
     return out
 
 
