@@ -408,6 +408,7 @@ class ImagePlan:
     reuse: bool = False  #: the kept result was made with this very key: no need to segment
     why: str = ""  #: why a kept result is not reused (recomputed), "" when there is none
     n_kept: int | None = None  #: nuclei in the kept result that is reused
+    error: str = ""  #: why this image cannot be segmented (its file's pixel size is out of proportion)
 
     @property
     def done(self) -> bool:
@@ -416,6 +417,8 @@ class ImagePlan:
 
     def action(self, write: bool) -> str:
         """What the run does with this image, in words (the dry run prints it)."""
+        if self.error:
+            return f"fail ({self.error})"
         if self.reuse:
             return "write kept result" if write else "nothing (kept result is current)"
         return f"recompute ({self.why})" if self.why else "segment"
@@ -590,20 +593,17 @@ def reuse_problem(record: dict | None, key: ResultKey, path: Path) -> str | None
     return None
 
 
-def _check_scale(image: ImageRef, px: float, model_px: float) -> None:
-    """A clear error when an image would be enlarged or shrunk out of all proportion to the model's pixel size."""
-    from pointnuc.errors import PixelSizeError
-
+def scale_problem(image: ImageRef, px: float, model_px: float) -> str | None:
+    """Why an image cannot be segmented at pixel size ``px`` by a model working at ``model_px``: it would be
+    enlarged or shrunk out of all proportion (a typo'd or wrong pixel size); None when it can."""
     factor = px / model_px  # > 1: the image is enlarged
     if factor <= MAX_ENLARGEMENT and 1 / factor <= MAX_REDUCTION:
-        return
+        return None
     w, h = round(image.width * factor), round(image.height * factor)
     how = f"enlarged {factor:.3g}x" if factor > 1 else f"shrunk {1 / factor:.3g}x"
-    raise PixelSizeError(
-        f"image {image.name!r} at {px:g} µm/px would be {how} to the model's {model_px:g} µm/px "
-        f"({image.width} x {image.height} px become {w:,} x {h:,}); nuclei cannot be segmented at that scale: "
-        "check the pixel size (--pixel-size; 0.25 for 40x, 0.5 for 20x)"
-    )
+    return (f"image {image.name!r} at {px:g} µm/px would be {how} to the model's {model_px:g} µm/px "
+            f"({image.width} x {image.height} px become {w:,} x {h:,}); nuclei cannot be segmented at that scale: "
+            "check the pixel size (--pixel-size; 0.25 for 40x, 0.5 for 20x)")
 
 
 def plan_segmentation(
@@ -620,11 +620,13 @@ def plan_segmentation(
     """Which images (and areas) to segment, and for each whether its kept result is reused or why not.
 
     The one planning function of ``segment``, its ``--dry-run`` and ``--merge``. Unknown names,
-    an empty --within class, an implausible ``pixel_size_um`` (override) and an image whose
-    pixel size is out of all proportion to the model's are errors.
+    an empty --within class, and an implausible ``pixel_size_um`` (override), or one out of all
+    proportion to the model's (:func:`scale_problem`), are errors; an image whose own pixel size
+    is out of proportion gets ``error`` (the run fails it and goes on with the others).
     """
     from shapely.ops import unary_union
 
+    from pointnuc.errors import PixelSizeError
     from pointnuc.io.slide import checked_pixel_size
 
     if pixel_size_um is not None:
@@ -651,10 +653,15 @@ def plan_segmentation(
             region = unary_union(list(ann.regions))
             any_region = True
         px = pixel_size_um if pixel_size_um is not None else image.pixel_size_um
-        if px is not None and model_px:
-            _check_scale(image, float(px), model_px)
         plan = ImagePlan(image=image, region=region, result=result_file(out_dir, name, region),
                          pixel_size_um=None if px is None else float(px), key=None)
+        problem = scale_problem(image, float(px), model_px) if px is not None and model_px else None
+        if problem and pixel_size_um is not None:
+            raise PixelSizeError(problem)  # the --pixel-size given is wrong for every image
+        if problem:
+            plan.error = problem
+            plans.append(plan)
+            continue
         if px is not None:
             try:
                 size, _, sample = file_sample(image.path)
@@ -760,10 +767,15 @@ def _segment_locked(
                               redo=redo, tta=tta, pixel_size_um=pixel_size_um)
     # every image's pixel size before any work, so a missing one stops the run with nothing half-done
     for p in plans:
-        if not p.reuse:
+        if not p.reuse and not p.error:
             pixel_size_or_error(p.image, pixel_size_um)
     out_dir = results_dir(project, model_dir, tta)
     summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
+    for p in plans:
+        if p.error:
+            summary.failed[p.image.name] = p.error
+            log.error("%s: %s", p.image.name, p.error)
+    plans = [p for p in plans if not p.error]
     todo = [p for p in plans if not p.reuse]
     net: torch.nn.Module | None = None
     info: ModelInfo | None = None
@@ -849,7 +861,7 @@ def merge_results(
         for plan in plans:
             name = plan.image.name
             if not plan.reuse:
-                summary.failed[name] = f"not merged: {plan.why or 'no kept result'}"
+                summary.failed[name] = f"not merged: {plan.error or plan.why or 'no kept result'}"
                 continue
             batch[name] = read_nuclei(plan.result)
             within[name] = plan.region

@@ -220,6 +220,19 @@ def test_a_typo_d_pixel_size_is_refused_in_one_line(tmp_path: Path, monkeypatch:
     # plausible ones go through
     res = CliRunner().invoke(main, ["segment", str(proj), "--model", str(model), "--no-progress", "--pixel-size", "0.25"])
     assert res.exit_code == 0, res.output
+    # an image whose own file says 4 µm/px (an overview scan) fails alone; the others are segmented
+    from synth import render_nuclei
+
+    write_tiff(proj / "overview.tif", render_nuclei((50, 50), 2, radius=3, seed=2)[0], 4.0)
+    write_tiff(proj / "b.tif", render_nuclei((100, 100), 5, radius=5, seed=3)[0], 0.5)
+    res = CliRunner().invoke(main, ["segment", str(proj), "--model", str(model), "--no-progress", "--dry-run"])
+    assert res.exit_code == 0 and "  fail (image 'overview.tif' at 4 µm/px would be enlarged 8x" in res.output, res.output
+    assert "1 that cannot be segmented" in res.output
+    res = CliRunner().invoke(main, ["segment", str(proj), "--model", str(model), "--no-progress", "--image", "b.tif",
+                                    "--image", "overview.tif"])
+    assert res.exit_code == 1 and "b.tif: 5 nuclei" in res.output, res.output
+    assert "pointnuc: error: overview.tif: image 'overview.tif' at 4 µm/px would be enlarged 8x" in res.stderr
+    assert not (proj / "pointnuc-geojson" / "overview.geojson").exists()
 
 
 # --------------------------------------------------------------------------- one writer at a time

@@ -104,10 +104,12 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
             px_txt = f"{p.pixel_size_um:g} µm/px" if p.pixel_size_um else "NO PIXEL SIZE (pass --pixel-size)"
             kept = f", {p.n_kept} nuclei" if p.reuse and p.n_kept is not None else ""
             click.echo(f"  {p.action(writes)}{kept}: {im.name}  {im.width}x{im.height} px, {px_txt}, {area}")
-        n_seg = sum(not p.reuse for p in plans)
+        n_seg = sum(not p.reuse and not p.error for p in plans)
         n_kept = sum(p.reuse for p in plans)
         kept_txt = (f"{n_kept} written from kept results" if writes else f"{n_kept} with a current kept result (nothing to do)")
-        click.echo(f"{n_seg} image(s) to segment ({sum(bool(p.why) for p in plans)} of them again), {kept_txt}.")
+        n_bad = sum(bool(p.error) for p in plans)
+        bad_txt = f", {n_bad} that cannot be segmented" if n_bad else ""
+        click.echo(f"{n_seg} image(s) to segment ({sum(bool(p.why) for p in plans)} of them again), {kept_txt}{bad_txt}.")
         return
     s = segment_project(proj, model_dir, image_names=images, within_class=within, device=device,
                         pixel_size_um=pixel_size, object_type=object_type, class_name=class_name, shard=shard_kn,
