@@ -92,10 +92,10 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
             click.echo(f"  wrote {p}")
         _fail_if_any(s.failed)
         return
-    plans = plan_segmentation(proj, model_dir, image_names=images, within_class=within, shard=shard_kn, redo=redo,
-                              tta=tta, pixel_size_um=pixel_size)
     if dry_run:
-        # the very plan the run would follow: what it does with each image, and why
+        # the very plan the run would follow (segment_project plans with the same call): what it does, and why
+        plans = plan_segmentation(proj, model_dir, image_names=images, within_class=within, shard=shard_kn, redo=redo,
+                                  tta=tta, pixel_size_um=pixel_size)
         writes = shard_kn is None
         click.echo(f"Model {model_dir} (works at {info.pixel_size_um:g} µm/px)")
         for p in plans:
