@@ -322,6 +322,9 @@ def test_without_os_locks_the_lock_file_is_the_lock(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(lock, "_lock_fd", no_locks)
     root = tmp_path
+    with lock.project_lock(root, "segment") as path:  # no lock file yet
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert not (root / lock.LOCK_NAME).exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = socket.gethostname()

@@ -126,7 +126,8 @@ def _lock_fd(fd: int, shared: bool) -> None:
         if sys.platform == "win32":
             import msvcrt
 
-            os.lseek(fd, 0, os.SEEK_SET)
+            # a byte far beyond the holder lines: Windows locks are mandatory, and others must read those
+            os.lseek(fd, 1 << 30, os.SEEK_SET)
             try:
                 msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
             except OSError as err:
@@ -152,6 +153,12 @@ def _os_lock(root: Path, path: Path, holder: dict[str, Any], shared: bool) -> in
         except BlockingIOError:
             os.close(fd)
             raise _busy(root, path, _read_holders(path)) from None
+        except _NoLocks:
+            if os.fstat(fd).st_size == 0:  # (just created by the open above) the file lock must not find it
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            os.close(fd)
+            raise
         except BaseException:
             os.close(fd)
             raise
