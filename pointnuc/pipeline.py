@@ -22,12 +22,15 @@ from shapely.geometry.base import BaseGeometry
 import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, OutputExistsError, PointnucError, TrainingError
-from pointnuc.io.base import CELL_EXPANSION_UM, ImageRef, Project
+from pointnuc.io.base import CELL_EXPANSION_UM, ImageRef, NucleusObject, Project
 from pointnuc.io.paths import check_output_dir
 from pointnuc.train.samples import MIN_POINTS, TrainingImage, detection_samples, points_between
 
 if TYPE_CHECKING:
     import torch
+
+    from pointnuc.infer.wsi import SlideResult
+    from pointnuc.models.bundle import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -406,15 +409,68 @@ def _train(
 # --------------------------------------------------------------------------- segmentation
 
 RESULTS_FOLDER = "pointnuc-results"
+#: what a kept result holds and how it is made: bump it when either changes, and older kept results are recomputed
+RESULT_FORMAT = 2
+#: an image is enlarged at most this much, or shrunk at most this much, to the model's pixel size; beyond
+#: that its nuclei are a pixel or two wide (or the tiles are counted in thousands): a typo'd pixel size
+MAX_ENLARGEMENT = 4.0
+MAX_REDUCTION = 16.0
+#: an image's file is recognised by its size and this many evenly spread chunks of this many bytes
+SAMPLE_CHUNKS, SAMPLE_BYTES = 8, 32 * 1024
+
+
+@dataclass(frozen=True)
+class ResultKey:
+    """Everything that changes one image's nuclei: a kept result is reused only when its key equals the run's.
+
+    A kept result holds the nuclei only (full-resolution outlines, score, measurements at the
+    pixel size). How they are written is applied on every write and is not part of the key:
+    ``--objects``, ``--cell-expansion`` and ``--class`` change what goes into the project, not
+    the nuclei, so changing them rewrites from the kept result without recomputing. Not in the
+    key either: the device, batch and tile size (tiled prediction equals untiled to < 1e-5; CPU
+    and GPU differ by rounding only). The image's file is recognised by its size and sampled
+    bytes; when its modification time changed too, by a digest of all of it (:func:`reuse_problem`).
+    """
+
+    image: str  #: the image's name in the project
+    width: int
+    height: int
+    file_size: int
+    file_sample: str  #: digest of the file's size and sampled bytes
+    pixel_size_um: float  #: of the image's full resolution, as this run uses it (override or file)
+    model: str  #: digest of the model's description (config, thresholds) and segmenter weights
+    within: str | None  #: digest of the --within area, None for the whole image
+    tta: bool
+    format: int = RESULT_FORMAT
+    pointnuc: str = field(default_factory=lambda: pointnuc.__version__)
 
 
 @dataclass
 class ImagePlan:
-    """One image ``pointnuc segment`` will process."""
+    """One image ``pointnuc segment`` will process, and what it will do with it."""
 
     image: ImageRef
     region: BaseGeometry | None  #: full-res shapely geometry to segment within, None = whole image
-    done: bool  #: a result from this model already exists (skipped unless --redo)
+    result: Path  #: where its result is kept
+    pixel_size_um: float | None  #: override or the image's; None: the run stops before any work
+    key: ResultKey | None  #: what its result depends on (None without a pixel size)
+    reuse: bool = False  #: the kept result was made with this very key: no need to segment
+    why: str = ""  #: why a kept result is not reused (recomputed), "" when there is none
+    n_kept: int | None = None  #: nuclei in the kept result that is reused
+    error: str = ""  #: why this image cannot be segmented (its file's pixel size is out of proportion)
+
+    @property
+    def done(self) -> bool:
+        """A current result is kept (it is reused, not segmented again)."""
+        return self.reuse
+
+    def action(self, write: bool) -> str:
+        """What the run does with this image, in words (the dry run prints it)."""
+        if self.error:
+            return f"fail ({self.error})"
+        if self.reuse:
+            return "write kept result" if write else "nothing (kept result is current)"
+        return f"recompute ({self.why})" if self.why else "segment"
 
 
 @dataclass
@@ -425,7 +481,9 @@ class SegmentSummary:
     results_dir: Path
     nuclei: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  #: kept results reused
+    recomputed: dict[str, str] = field(default_factory=dict)  #: image -> why its kept result was not reused
+    tiles: dict[str, tuple[int, int]] = field(default_factory=dict)  #: image -> (tiles looked at, tiles of the area)
     failed: dict[str, str] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
 
@@ -436,6 +494,7 @@ def results_dir(project: Project, model_dir: Path, tta: bool = False) -> Path:
     Keyed by the model folder's name and a digest of its description, so a model
     retrained into the same folder never reuses the old model's results, and by the
     test-time augmentation, so ``--tta`` never reuses (or is mistaken for) a plain run.
+    Each result inside is checked against its own record before reuse (:class:`ResultKey`).
     """
     import hashlib
 
@@ -456,6 +515,146 @@ def shard_filter(names: Sequence[str], shard: tuple[int, int] | None) -> list[st
     return [name for i, name in enumerate(names) if i % n == k - 1]
 
 
+def model_digest(model_dir: Path) -> str:
+    """Digest of what the model computes with: its description (config, thresholds) and segmenter weights."""
+    import hashlib
+
+    h = hashlib.sha1()
+    found = False
+    for name in (MODEL_JSON, "segmenter.pt"):
+        f = Path(model_dir) / name
+        if f.is_file():
+            found = True
+            h.update(name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16] if found else "unknown"
+
+
+def _model_pixel_size(model_dir: Path) -> float | None:
+    """The model's working pixel size from its description, None when it cannot be read (loading it says why)."""
+    import json
+
+    try:
+        value = json.loads((Path(model_dir) / MODEL_JSON).read_text(encoding="utf-8")).get("pixel_size_um")
+        return float(value) if value else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def file_sample(path: Path) -> tuple[int, int, str]:
+    """(size, modification time in ns, digest of the size and sampled bytes) of a file: cheap on any size."""
+    import hashlib
+
+    st = Path(path).stat()
+    h = hashlib.sha1(str(st.st_size).encode())
+    with open(path, "rb") as f:
+        if st.st_size <= SAMPLE_CHUNKS * SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            for off in np.linspace(0, st.st_size - SAMPLE_BYTES, SAMPLE_CHUNKS).astype(np.int64):
+                f.seek(int(off))
+                h.update(f.read(SAMPLE_BYTES))
+    return st.st_size, st.st_mtime_ns, h.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """Digest of a whole file."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _region_digest(region: BaseGeometry | None) -> str | None:
+    import hashlib
+
+    return None if region is None else hashlib.sha1(region.wkb).hexdigest()[:8]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+
+
+def result_file(out_dir: Path, image_name: str, region: BaseGeometry | None) -> Path:
+    """Where one image's result is kept: its name made safe for any file system, then ``~`` and a
+    digest of the exact name, so that two images never share one (``slide a.tif`` and ``slide_a.tif``,
+    or names differing in case on macOS/Windows); for an area (``--within``) the area's digest too,
+    so a result is never reused for another area."""
+    import hashlib
+
+    stem = f"{_safe(image_name)}~{hashlib.sha1(image_name.encode('utf-8')).hexdigest()[:10]}"
+    region_digest = _region_digest(region)
+    return out_dir / (f"{stem}.geojson" if region_digest is None else f"{stem}.within-{region_digest}.geojson")
+
+
+def record_file(result: Path) -> Path:
+    """The record of how a kept result was made, beside it (``.json`` for ``.geojson``)."""
+    return result.with_suffix(".json")
+
+
+def read_record(result: Path) -> dict | None:
+    """A kept result's record, None when there is none (or it cannot be read: the result is then not trusted)."""
+    import json
+
+    f = record_file(result)
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("key"), dict) else None
+
+
+def reuse_problem(record: dict | None, key: ResultKey, path: Path) -> str | None:
+    """Why a kept result made as ``record`` says may not stand for ``key`` (the image file at ``path``),
+    in words for the user; None when it may be reused."""
+    from dataclasses import asdict
+
+    if record is None:
+        return "no record of how the kept result was made"
+    old = record["key"]
+    new = asdict(key)
+    if old.get("image") != key.image:
+        return f"the kept result is another image's ({old.get('image')!r})"
+    if old.get("format") != key.format or old.get("pointnuc") != key.pointnuc:
+        return f"made by pointnuc {old.get('pointnuc')} (now {key.pointnuc})"
+    if old.get("model") != key.model:
+        return "the model changed"
+    if old.get("pixel_size_um") != key.pixel_size_um:
+        was = old.get("pixel_size_um")
+        was_txt = f"{was:g}" if isinstance(was, (int, float)) else str(was)
+        return f"pixel size changed {was_txt} -> {key.pixel_size_um:g} µm/px"
+    if old.get("within") != key.within:
+        return "the --within area changed"
+    if old.get("tta") != key.tta:
+        return "--tta changed"
+    if any(old.get(k) != new[k] for k in ("width", "height", "file_size", "file_sample")):
+        return "the image file changed"
+    file_info = record.get("file") or {}
+    if file_info.get("mtime_ns") != path.stat().st_mtime_ns and file_info.get("sha1") != file_digest(path):
+        return "the image file changed"
+    if any(old.get(k) != v for k, v in new.items()):  # a field a later pointnuc added
+        return "the kept result was made differently"
+    return None
+
+
+def scale_problem(image: ImageRef, px: float, model_px: float) -> str | None:
+    """Why an image cannot be segmented at pixel size ``px`` by a model working at ``model_px``: it would be
+    enlarged or shrunk out of all proportion (a typo'd or wrong pixel size); None when it can."""
+    factor = px / model_px  # > 1: the image is enlarged
+    if factor <= MAX_ENLARGEMENT and 1 / factor <= MAX_REDUCTION:
+        return None
+    w, h = round(image.width * factor), round(image.height * factor)
+    how = f"enlarged {factor:.3g}x" if factor > 1 else f"shrunk {1 / factor:.3g}x"
+    return (f"image {image.name!r} at {px:g} µm/px would be {how} to the model's {model_px:g} µm/px "
+            f"({image.width} x {image.height} px become {w:,} x {h:,}); nuclei cannot be segmented at that scale: "
+            "check the pixel size (--pixel-size; 0.25 for 40x, 0.5 for 20x)")
+
+
 def plan_segmentation(
     project: Project,
     model_dir: Path,
@@ -465,10 +664,22 @@ def plan_segmentation(
     shard: tuple[int, int] | None = None,
     redo: bool = False,
     tta: bool = False,
+    pixel_size_um: float | None = None,
 ) -> list[ImagePlan]:
-    """Which images (and areas) to segment; unknown names or an empty --within class are errors."""
+    """Which images (and areas) to segment, and for each whether its kept result is reused or why not.
+
+    The one planning function of ``segment``, its ``--dry-run`` and ``--merge``. Unknown names,
+    an empty --within class, and an implausible ``pixel_size_um`` (override), or one out of all
+    proportion to the model's (:func:`scale_problem`), are errors; an image whose own pixel size
+    is out of proportion gets ``error`` (the run fails it and goes on with the others).
+    """
     from shapely.ops import unary_union
 
+    from pointnuc.errors import PixelSizeError
+    from pointnuc.io.slide import checked_pixel_size
+
+    if pixel_size_um is not None:
+        pixel_size_um = checked_pixel_size(pixel_size_um)
     images = project.images()
     by_name = {im.name: im for im in images}
     missing = [n for n in image_names if n not in by_name]
@@ -477,6 +688,8 @@ def plan_segmentation(
     names = list(image_names) if image_names else [im.name for im in images]
     names = shard_filter(names, shard)
     out_dir = results_dir(project, model_dir, tta)
+    digest = model_digest(model_dir)
+    model_px = _model_pixel_size(model_dir)
     plans = []
     any_region = False
     for name in names:
@@ -488,25 +701,70 @@ def plan_segmentation(
                 continue
             region = unary_union(list(ann.regions))
             any_region = True
-        done = result_file(out_dir, name, region).is_file() and not redo
-        plans.append(ImagePlan(image=image, region=region, done=done))
+        px = pixel_size_um if pixel_size_um is not None else image.pixel_size_um
+        plan = ImagePlan(image=image, region=region, result=result_file(out_dir, name, region),
+                         pixel_size_um=None if px is None else float(px), key=None)
+        problem = scale_problem(image, float(px), model_px) if px is not None and model_px else None
+        if problem and pixel_size_um is not None:
+            raise PixelSizeError(problem)  # the --pixel-size given is wrong for every image
+        if problem:
+            plan.error = problem
+            plans.append(plan)
+            continue
+        if px is not None:
+            try:
+                size, _, sample = file_sample(image.path)
+            except OSError:  # segmenting it reports the unreadable file
+                size, sample = -1, ""
+            plan.key = ResultKey(image=name, width=image.width, height=image.height, file_size=size,
+                                 file_sample=sample, pixel_size_um=float(px), model=digest,
+                                 within=_region_digest(region), tta=tta)
+        if plan.result.is_file():
+            if redo:
+                plan.why = "--redo"
+            elif plan.key is None:
+                plan.why = "no pixel size"
+            else:
+                record = read_record(plan.result)
+                try:
+                    problem = reuse_problem(record, plan.key, image.path)
+                except OSError:
+                    problem = "the image file cannot be read"
+                if problem is None:
+                    plan.reuse, plan.n_kept = True, (record or {}).get("nuclei")
+                else:
+                    plan.why = problem
+        plans.append(plan)
     if within_class and not any_region:
         raise InputError(f"no {within_class!r} annotations in the selected images; draw one in QuPath or drop --within")
     return plans
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+def keep_result(plan: ImagePlan, nuclei: Sequence[NucleusObject], *, seconds: float, tiles: tuple[int, int],
+                device: str) -> None:
+    """Keep one image's nuclei and the record of how they were made (the record last: a result
+    without one, e.g. after a crash between the two, is never reused)."""
+    import json
+    from dataclasses import asdict
 
+    from pointnuc.io.geojson import write_nuclei_file, write_text_atomic
 
-def result_file(out_dir: Path, image_name: str, region: BaseGeometry | None) -> Path:
-    """Where one image's result is kept: ``NAME.geojson`` for the whole image, and for an area
-    (``--within``) a file named after that area, so a result is never reused for another area."""
-    if region is None:
-        return out_dir / f"{_safe(image_name)}.geojson"
-    import hashlib
-
-    return out_dir / f"{_safe(image_name)}.within-{hashlib.sha1(region.wkb).hexdigest()[:8]}.geojson"
+    assert plan.key is not None and plan.pixel_size_um is not None
+    record_file(plan.result).unlink(missing_ok=True)
+    # nuclei only, as detections: how they are written into the project is applied on each write
+    write_nuclei_file(plan.result, nuclei, object_type="detection", class_name="Nucleus", pixel_size_um=plan.pixel_size_um)
+    st = plan.image.path.stat()
+    record = {
+        "key": asdict(plan.key),
+        "file": {"path": str(plan.image.path), "mtime_ns": st.st_mtime_ns, "sha1": file_digest(plan.image.path)},
+        "nuclei": len(nuclei),
+        "tiles": list(tiles),
+        "seconds": round(seconds, 2),
+        "device": device,
+        "python": platform.python_version(),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_text_atomic(record_file(plan.result), json.dumps(record, indent=1))
 
 
 def segment_project(
@@ -529,50 +787,71 @@ def segment_project(
 ) -> SegmentSummary:
     """Segment the planned images; per-image results are kept so a re-run continues.
 
-    With ``write`` (no shard), each image's nuclei go into the project as soon as it is
-    done, replacing pointnuc's earlier objects in that area only. ``cell_expansion_um``:
-    how far cells reach beyond their nuclei (``object_type="cell"``).
+    A kept result is reused only when it was made with everything that changes it unchanged
+    (:class:`ResultKey`); otherwise it is recomputed and ``summary.recomputed`` says why. With
+    ``write`` (no shard), each image's nuclei go into the project as soon as it is done,
+    replacing pointnuc's earlier objects in that area only. ``cell_expansion_um``: how far
+    cells reach beyond their nuclei (``object_type="cell"``). The project is locked for the
+    run (:mod:`pointnuc.io.lock`): a second writer is refused; ``--shard`` runs share the lock.
     """
-    from pointnuc.infer.wsi import segment_slide
-    from pointnuc.io.geojson import read_nuclei, write_nuclei_file
-    from pointnuc.io.slide import open_slide, pixel_size_or_error
-    from pointnuc.models.bundle import load_info, load_network
-    from pointnuc.train.fit import resolve_device
+    from pointnuc.io.lock import project_lock
+
+    with project_lock(project.root, "segment", shared=shard is not None):
+        return _segment_locked(
+            project, model_dir, image_names=image_names, within_class=within_class, device=device,
+            pixel_size_um=pixel_size_um, object_type=object_type, class_name=class_name, shard=shard, write=write,
+            redo=redo, batch_size=batch_size, progress=progress, tta=tta, cell_expansion_um=cell_expansion_um,
+        )
+
+
+def _segment_locked(
+    project: Project, model_dir: Path, *, image_names: Sequence[str], within_class: str | None, device: str,
+    pixel_size_um: float | None, object_type: str, class_name: str, shard: tuple[int, int] | None, write: bool,
+    redo: bool, batch_size: int | None, progress: bool, tta: bool, cell_expansion_um: float,
+) -> SegmentSummary:
+    from pointnuc.io.geojson import read_nuclei
+    from pointnuc.io.slide import pixel_size_or_error
 
     plans = plan_segmentation(project, model_dir, image_names=image_names, within_class=within_class, shard=shard,
-                              redo=redo, tta=tta)
+                              redo=redo, tta=tta, pixel_size_um=pixel_size_um)
     # every image's pixel size before any work, so a missing one stops the run with nothing half-done
-    pixel_sizes = {p.image.name: pixel_size_or_error(p.image, pixel_size_um) for p in plans if not p.done}
-    info = load_info(model_dir)
-    net = load_network(model_dir, "segmenter", info)
-    dev = resolve_device(device)
-    net.to(dev)
+    for p in plans:
+        if not p.reuse and not p.error:
+            pixel_size_or_error(p.image, pixel_size_um)
     out_dir = results_dir(project, model_dir, tta)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
+    for p in plans:
+        if p.error:
+            summary.failed[p.image.name] = p.error
+            log.error("%s: %s", p.image.name, p.error)
+    plans = [p for p in plans if not p.error]
+    todo = [p for p in plans if not p.reuse]
+    net: torch.nn.Module | None = None
+    info: ModelInfo | None = None
+    dev: torch.device | None = None
+    if todo:
+        from pointnuc.models.bundle import load_info, load_network
+        from pointnuc.train.fit import resolve_device
+
+        info = load_info(model_dir)
+        net = load_network(model_dir, "segmenter", info)
+        dev = resolve_device(device)
+        net.to(dev)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for plan in plans:
         name = plan.image.name
-        result = result_file(out_dir, name, plan.region)
-        if plan.done:
+        if plan.reuse:
             summary.skipped.append(name)
-            nuclei = read_nuclei(result)
+            nuclei = read_nuclei(plan.result)
         else:
-            t0 = time.time()
-            px = pixel_sizes[name]
-            try:
-                with open_slide(plan.image.path, pixel_size_um=px) as slide:
-                    res = segment_slide(slide, net, info, region=plan.region, device=dev, batch_size=batch_size,
-                                        progress=progress, name=name, tta=tta)
-            except Exception as err:  # one bad slide must not stop the others
-                if not isinstance(err, PointnucError):
-                    log.debug("failure on %s", name, exc_info=True)
-                summary.failed[name] = f"{err.__class__.__name__}: {err}"
-                log.error("%s failed: %s", name, err)
+            if plan.why:
+                log.info("%s: segmenting again: %s", name, plan.why)
+                summary.recomputed[name] = plan.why
+            assert net is not None and info is not None and dev is not None
+            res = _segment_one(plan, net, info, dev, batch_size=batch_size, progress=progress, tta=tta, summary=summary)
+            if res is None:
                 continue
             nuclei = res.nuclei
-            write_nuclei_file(result, nuclei, object_type=object_type, class_name=class_name,
-                              pixel_size_um=px, cell_expansion_um=cell_expansion_um)
-            summary.seconds[name] = time.time() - t0
         summary.nuclei[name] = len(nuclei)
         if write and shard is None:
             summary.written += project.write_nuclei(
@@ -582,28 +861,64 @@ def segment_project(
     return summary
 
 
+def _segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: torch.device, *,
+                 batch_size: int | None, progress: bool, tta: bool, summary: SegmentSummary) -> SlideResult | None:
+    """Segment one planned image and keep its result; None (and ``summary.failed``) when it fails."""
+    from pointnuc.infer.wsi import segment_slide
+    from pointnuc.io.slide import open_slide
+
+    name, px = plan.image.name, plan.pixel_size_um
+    assert px is not None
+    log.info("%s: %d x %d px at %g µm/px, segmented at the model's %g µm/px", name, plan.image.width,
+             plan.image.height, px, info.pixel_size_um)
+    t0 = time.time()
+    try:
+        with open_slide(plan.image.path, pixel_size_um=px) as slide:
+            res = segment_slide(slide, net, info, region=plan.region, device=dev, batch_size=batch_size,
+                                progress=progress, name=name, tta=tta)
+    except Exception as err:  # one bad slide must not stop the others
+        if not isinstance(err, PointnucError):
+            log.debug("failure on %s", name, exc_info=True)
+        summary.failed[name] = f"{err.__class__.__name__}: {err}"
+        log.error("%s failed: %s", name, err)
+        return None
+    seconds = time.time() - t0
+    summary.seconds[name] = seconds
+    summary.tiles[name] = (res.n_tiles, res.n_tiles_total)
+    if res.n_tiles == 0:
+        log.warning("%s: no tissue found: nothing was looked at", name)
+    keep_result(plan, res.nuclei, seconds=seconds, tiles=(res.n_tiles, res.n_tiles_total), device=str(dev))
+    return res
+
+
 def merge_results(
     project: Project, model_dir: Path, *, object_type: str = "detection", class_name: str = "Nucleus",
     within_class: str | None = None, tta: bool = False, cell_expansion_um: float = CELL_EXPANSION_UM,
 ) -> SegmentSummary:
-    """Write every per-image result of ``model_dir`` (e.g. from --shard runs, with ``tta`` as they ran) into the project."""
+    """Write every current per-image result of ``model_dir`` (e.g. from --shard runs, with ``tta`` as they
+    ran) into the project. Images without one, or whose kept result no longer fits (another pixel size, a
+    changed image or model), are not written and are listed in ``summary.failed`` with the reason."""
     from pointnuc.io.geojson import read_nuclei
+    from pointnuc.io.lock import project_lock
 
-    plans = plan_segmentation(project, model_dir, within_class=within_class, tta=tta)
-    out_dir = results_dir(project, model_dir, tta)
-    summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
-    batch = {}
-    within = {}
-    for plan in plans:
-        f = result_file(out_dir, plan.image.name, plan.region)
-        if not f.is_file():
-            summary.skipped.append(plan.image.name)
-            continue
-        batch[plan.image.name] = read_nuclei(f)
-        within[plan.image.name] = plan.region
-        summary.nuclei[plan.image.name] = len(batch[plan.image.name])
-    if not batch:
-        raise InputError(f"no results to merge in {out_dir}; run `pointnuc segment --shard K/N{' --tta' if tta else ''}` first")
-    summary.written = project.write_nuclei(batch, object_type=object_type, class_name=class_name, replace_within=within,
-                                           cell_expansion_um=cell_expansion_um)
+    with project_lock(project.root, "segment --merge"):
+        plans = plan_segmentation(project, model_dir, within_class=within_class, tta=tta)
+        out_dir = results_dir(project, model_dir, tta)
+        summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
+        batch = {}
+        within = {}
+        for plan in plans:
+            name = plan.image.name
+            if not plan.reuse:
+                summary.failed[name] = f"not merged: {plan.error or plan.why or 'no kept result'}"
+                continue
+            batch[name] = read_nuclei(plan.result)
+            within[name] = plan.region
+            summary.nuclei[name] = len(batch[name])
+        if not batch:
+            why = "; ".join(f"{n}: {w.removeprefix('not merged: ')}" for n, w in list(summary.failed.items())[:3])
+            raise InputError(f"no current results to merge in {out_dir} ({why}); "
+                             f"run `pointnuc segment --shard K/N{' --tta' if tta else ''}` first")
+        summary.written = project.write_nuclei(batch, object_type=object_type, class_name=class_name,
+                                               replace_within=within, cell_expansion_um=cell_expansion_um)
     return summary

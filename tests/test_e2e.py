@@ -130,7 +130,10 @@ def test_shards_then_merge(trained: tuple[Path, Path, Path], tmp_path: Path) -> 
         assert res.exit_code == 0, res.output
         assert not (copy / "pointnuc-geojson").exists()  # shards never write into the project
     results = sorted(p.name for p in (copy / "pointnuc-results").rglob("*.geojson"))
-    assert results == ["synth-a.tif.geojson", "synth-b.tif.geojson"]
+    from pointnuc.pipeline import result_file
+
+    assert results == sorted(result_file(Path(), f"{n}.tif", None).name for n in NAMES)
+    assert all(r.startswith(("synth-a.tif~", "synth-b.tif~")) for r in results)
     res = _segment(str(copy), "--model", str(model), "--merge")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (copy / "pointnuc-geojson").glob("*.geojson")) == ["synth-a.geojson", "synth-b.geojson"]

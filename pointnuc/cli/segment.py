@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pointnuc.cli.options import device_option, pixel_size_option, project_argument
+
+if TYPE_CHECKING:
+    from pointnuc.pipeline import SegmentSummary
 
 
 def _parse_shard(value: str | None) -> tuple[int, int] | None:
@@ -43,8 +47,10 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
               "per image and written into the project by a final `pointnuc segment PROJECT --merge`.")
 @click.option("--merge", is_flag=True,
               help="Write all kept per-image results (e.g. from --shard runs; add --tta if they ran with it) into the project.")
-@click.option("--redo", is_flag=True, help="Segment again images that already have a result from this model.")
-@click.option("--dry-run", is_flag=True, help="Only report what would be done.")
+@click.option("--redo", is_flag=True, help="Segment again images that already have a current result from this model.")
+@click.option("--dry-run", is_flag=True,
+              help="Only say what the run would do with each image (segment; segment again, and why; write its kept "
+                   "result) and change nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], within: str | None, object_type: str,
                 cell_expansion: float | None, class_name: str, pixel_size: float | None, device: str,
@@ -54,7 +60,11 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
 
     Objects pointnuc wrote before (in the same area) are replaced; your own annotations
     are never touched, and a backup is kept. An interrupted run continues with the
-    images not yet done when you run the same command again.
+    images not yet done when you run the same command again. A kept result is reused
+    only when it was made with the same model, image, pixel size, area and --tta
+    (--objects, --cell-expansion and --class only change how it is written); otherwise
+    the image is segmented again and the summary says why. One run at a time writes
+    into a project; a second is refused.
 
     \b
     QuPath project: close it in QuPath first (QuPath would save over the new objects),
@@ -80,27 +90,33 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
         click.echo(f"Merged {sum(s.nuclei.values())} nuclei from {len(s.nuclei)} image(s) into {proj.root}")
         for p in s.written:
             click.echo(f"  wrote {p}")
+        _fail_if_any(s.failed)
         return
-    plans = plan_segmentation(proj, model_dir, image_names=images, within_class=within, shard=shard_kn, redo=redo,
-                              tta=tta)
     if dry_run:
+        # the very plan the run would follow (segment_project plans with the same call): what it does, and why
+        plans = plan_segmentation(proj, model_dir, image_names=images, within_class=within, shard=shard_kn, redo=redo,
+                                  tta=tta, pixel_size_um=pixel_size)
+        writes = shard_kn is None
         click.echo(f"Model {model_dir} (works at {info.pixel_size_um:g} µm/px)")
         for p in plans:
             im = p.image
-            px = pixel_size or im.pixel_size_um
-            what = "skip (done)" if p.done else "segment"
             area = "whole image" if p.region is None else f"within {within} ({p.region.area:.0f} px²)"
-            px_txt = f"{px:g} µm/px" if px else "NO PIXEL SIZE (pass --pixel-size)"
-            click.echo(f"  {what:12s} {im.name}  {im.width}x{im.height} px, {px_txt}, {area}")
-        click.echo(f"{sum(not p.done for p in plans)} image(s) to segment, {sum(p.done for p in plans)} already done.")
+            px_txt = f"{p.pixel_size_um:g} µm/px" if p.pixel_size_um else "NO PIXEL SIZE (pass --pixel-size)"
+            kept = f", {p.n_kept} nuclei" if p.reuse and p.n_kept is not None else ""
+            click.echo(f"  {p.action(writes)}{kept}: {im.name}  {im.width}x{im.height} px, {px_txt}, {area}")
+        n_seg = sum(not p.reuse and not p.error for p in plans)
+        n_kept = sum(p.reuse for p in plans)
+        kept_txt = (f"{n_kept} written from kept results" if writes else f"{n_kept} with a current kept result (nothing to do)")
+        n_bad = sum(bool(p.error) for p in plans)
+        bad_txt = f", {n_bad} that cannot be segmented" if n_bad else ""
+        click.echo(f"{n_seg} image(s) to segment ({sum(bool(p.why) for p in plans)} of them again), {kept_txt}{bad_txt}.")
         return
     s = segment_project(proj, model_dir, image_names=images, within_class=within, device=device,
                         pixel_size_um=pixel_size, object_type=object_type, class_name=class_name, shard=shard_kn,
                         redo=redo, batch_size=batch_size, progress=not no_progress, tta=tta, cell_expansion_um=expansion)
     click.echo(f"Model: {model_dir}")
     for name, n in s.nuclei.items():
-        t = s.seconds.get(name)
-        click.echo(f"  {name}: {n} nuclei" + (f" in {t:.1f} s" if t is not None else " (done earlier)"))
+        click.echo(f"  {name}: {n} nuclei{_how(s, name, within is not None)}")
     click.echo(f"Per-image results: {s.results_dir}")
     for p in s.written:
         click.echo(f"Wrote {p}")
@@ -111,7 +127,28 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
         click.echo("In QuPath: reopen the project to review the nuclei.")
     elif s.written:
         click.echo("In QuPath: open the image and drag its file above onto it (or File > Import objects from file).")
-    if s.failed:
-        for name, why in s.failed.items():
+    _fail_if_any(s.failed)
+
+
+def _how(s: SegmentSummary, name: str, within: bool) -> str:
+    """How an image's nuclei came about, for its summary line."""
+    t = s.seconds.get(name)
+    if t is None:
+        return " (done earlier)"
+    out = f" in {t:.1f} s"
+    if name in s.recomputed:
+        out += f" (recomputed: {s.recomputed[name]})"
+    looked, total = s.tiles.get(name, (1, 1))
+    if looked == 0:
+        out += "; no tissue found: nothing was looked at"
+    elif looked < total:
+        rest = "glass or outside the area" if within else "glass"
+        out += f" ({looked} of {total} tiles looked at; the rest is {rest})"
+    return out
+
+
+def _fail_if_any(failed: dict[str, str]) -> None:
+    if failed:
+        for name, why in failed.items():
             click.echo(f"pointnuc: error: {name}: {why}", err=True)
         raise SystemExit(1)

@@ -61,6 +61,8 @@ DEFAULT_BATCH = {"cpu": 2, "cuda": 16}
 THUMBNAIL_SIZE = 2048
 #: ...which need no finer pixels than this (µm/px): a 20x/40x slide is looked at with 4 µm pixels
 THUMBNAIL_UM = 4.0
+#: an area of at most this many tiles is run whole: the tissue mask would save seconds, and could lose nuclei
+ALL_TILES_UP_TO = 16
 
 
 @dataclass
@@ -110,7 +112,14 @@ def plan_slide(
     tissue: bool = True,
     thumbnail: tuple[np.ndarray, float] | None = None,
 ) -> SlidePlan:
-    """Which tiles of ``slide`` to run: the grid over the region (or slide), minus glass."""
+    """Which tiles of ``slide`` to run: the grid over the region (or slide), minus glass.
+
+    Glass is left out only where it pays: an area of at most :data:`ALL_TILES_UP_TO` tiles is
+    run whole (a small image, sparse tissue such as fat, a crop at the tissue's edge), and a
+    larger one loses only the tiles whose core holds no pixel of the tissue mask
+    (:func:`pointnuc.infer.tissue.tissue_mask`, grown by a nucleus and more). The network's
+    context needs no wider mask: every tile kept is read with its halo.
+    """
     from pointnuc.infer.tissue import tissue_mask
 
     px = pixel_size_um if pixel_size_um is not None else getattr(slide, "pixel_size_um", None)
@@ -133,7 +142,7 @@ def plan_slide(
             raise InputError("the region to segment lies outside the image")
     grid = make_grid(area.height, area.width, tile_size=tile_size, halo=halo)
     tiles = list(grid)
-    if tissue and tiles:
+    if tissue and len(tiles) > ALL_TILES_UP_TO:
         thumb, tds = thumbnail if thumbnail is not None else read_thumbnail(slide, pixel_size_um=px)
         mask = tissue_mask(thumb, downsample=tds, pixel_size_um=px)
         tiles = tiles_intersecting(tiles, mask, tds / ds, origin=(area.y0, area.x0))

@@ -57,6 +57,19 @@ def _plausible(um: float | None) -> float | None:
     return um if math.isfinite(um) and 0 < um <= MAX_PLAUSIBLE_UM else None
 
 
+def checked_pixel_size(um: float, what: str = "--pixel-size") -> float:
+    """``um`` when it is a microscope's pixel size (the rule a file's pixel size must pass),
+    else a PixelSizeError that says what is expected."""
+    value = _plausible(um)
+    if value is None:
+        shown = f"{um:g}" if isinstance(um, (int, float)) else repr(um)
+        raise PixelSizeError(
+            f"{what} {shown}: a pixel size is more than 0 and at most {MAX_PLAUSIBLE_UM:g} µm per pixel "
+            "(0.25 for 40x, 0.5 for 20x, 1 for 10x)"
+        )
+    return value
+
+
 def full_scale(dtype: np.dtype, data_max: Callable[[], float], *, bits: int | None = None,
                max_value: float | None = None) -> float:
     """The sample value that becomes 255 (full brightness) in the 8-bit RGB pointnuc works on.
@@ -366,8 +379,8 @@ class Slide:
         self.path = Path(path)
         if not self.path.is_file():
             raise ImageReadError(f"image file not found: {self.path}")
-        if pixel_size_um is not None and not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
-            raise PixelSizeError(f"pixel size must be a positive number of µm per pixel, got {pixel_size_um}")
+        if pixel_size_um is not None:
+            checked_pixel_size(pixel_size_um)
         backend: Any = None
         try:
             if self.path.suffix.lower() in TIFF_SUFFIXES:
