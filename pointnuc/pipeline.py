@@ -227,11 +227,16 @@ def train_project(
     region_class: str | None = None,
     pixel_size_um: float | None = None,
     weights: Path | None = None,
+    offline: bool = False,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainSummary:
-    """Stage 1 then stage 2 on a project's points; leaves a complete model folder at ``out``."""
+    """Stage 1 then stage 2 on a project's points; leaves a complete model folder at ``out``.
+
+    ``weights``: ImageNet weights for the encoder (default: torch's cache, else torchvision's
+    download unless ``offline``, else random initialisation; see :func:`resolve_encoder_start`).
+    """
     import torch
 
     from pointnuc.models.bundle import ModelLayout, load_info
@@ -259,8 +264,8 @@ def train_project(
     logging.getLogger("pointnuc").addHandler(handler)
     try:
         return _train(project, out, config, samples, ref, counts, dev=dev, t0=t0, point_class=point_class,
-                      region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, resume=resume,
-                      progress=progress)
+                      region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, offline=offline,
+                      resume=resume, progress=progress)
     finally:
         logging.getLogger("pointnuc").removeHandler(handler)
         handler.close()
@@ -280,6 +285,7 @@ def _train(
     region_class: str | None,
     pixel_size_um: float | None,
     weights: Path | None,
+    offline: bool,
     resume: bool,
     progress: bool,
 ) -> TrainSummary:
@@ -287,6 +293,7 @@ def _train(
     import torch
 
     from pointnuc.models.bundle import ModelInfo, ModelLayout, save_info
+    from pointnuc.models.net import resolve_encoder_start
     from pointnuc.train.detect import train_detector
     from pointnuc.train.segment import train_segmenter
 
@@ -304,8 +311,11 @@ def _train(
         config.for_detection().data.pixel_size_um,
         dev,
     )
+    start = resolve_encoder_start(config.encoder, weights, offline=offline, progress=progress)
+    weights = start.file
     provenance = {
         "project": str(project.root),
+        "encoder_start": start.to_json(),
         "images": counts,
         "point_class": point_class,
         "region_class": region_class,

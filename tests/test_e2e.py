@@ -58,6 +58,7 @@ def test_train_leaves_a_complete_model_folder(trained: tuple[Path, Path, Path]) 
     meta = json.loads((model / "pointnuc-model.json").read_text())
     assert meta["format_version"] == 1 and meta["pixel_size_um"] == 0.5
     assert meta["config"]["encoder"] == "tiny"
+    assert meta["provenance"]["encoder_start"]["kind"] == "random"  # the model says how its encoder started
     assert {"detection_prob"} <= set(meta["thresholds"])
     ref = meta["norm_reference"]  # the colour target segment normalises every slide to
     assert len(ref["mean"]) == 3 and len(ref["std"]) == 3 and len(ref["stain"]) == 4

@@ -38,7 +38,10 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
 @pixel_size_option
 @device_option
 @click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="ImageNet weights for the ResNet encoder (default: torchvision's cache if present, else random init).")
+              help="ImageNet weights file for the ResNet encoder [default: torchvision's file in torch's cache, "
+                   "downloaded there once (45-85 MB) when missing; random initialisation when that fails].")
+@click.option("--offline", is_flag=True,
+              help="Never download the encoder's ImageNet weights: use --weights or torch's cache, else start at random.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling, initialisation, order).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Change any configuration field, e.g. --set detection.epochs=40 --set data.pixel_size_um=0.5.")
@@ -46,7 +49,7 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--overwrite", is_flag=True, help="Replace the pointnuc model folder at --out (never a folder of other files).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None, point_class: str,
-              region_class: str | None, pixel_size: float | None, device: str, weights: Path | None, seed: int,
+              region_class: str | None, pixel_size: float | None, device: str, weights: Path | None, offline: bool, seed: int,
               settings: tuple[str, ...], resume: bool, overwrite: bool, no_progress: bool) -> None:
     """Train a nuclei detector, then a segmenter, from the points clicked in PROJECT.
 
@@ -79,7 +82,7 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
         raise InputError("--resume needs --out: the model folder of the interrupted run")
     out = out or default_model_dir(proj, config)
     summary = train_project(proj, out, config, device=device, point_class=point_class, region_class=region_class,
-                            pixel_size_um=pixel_size, weights=weights, resume=resume, overwrite=overwrite,
+                            pixel_size_um=pixel_size, weights=weights, offline=offline, resume=resume, overwrite=overwrite,
                             progress=not no_progress)
     minutes = summary.seconds / 60
     click.echo(
