@@ -215,6 +215,7 @@ class TrainSummary:
     seconds: float
     device: str
     thresholds: dict[str, float] = field(default_factory=dict)
+    held_back_line: str = ""  #: how many held-back points the model found, and how many nuclei it adds
 
 
 def train_project(
@@ -352,7 +353,8 @@ def _train(
     save_info(out, info)
     from pointnuc.report import write_report
 
-    write_report(layout, samples, det, seg, device=str(dev))
+    report = write_report(layout, samples, det, seg, device=str(dev))
+    log.info(report.held_back.line())
     return TrainSummary(
         model_dir=out,
         n_images=len({s.image_name for s in samples}),
@@ -361,6 +363,7 @@ def _train(
         seconds=time.time() - t0,
         device=str(dev),
         thresholds=dict(info.thresholds),
+        held_back_line=report.held_back.line(),
     )
 
 

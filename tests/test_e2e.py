@@ -50,6 +50,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
          "--set", "data.patches_per_image=8"],
     )
     assert res.exit_code == 0, res.output
+    assert "Held-back points: the model outlines " in res.output  # the one independent check, said at the end
     return proj, model, truth
 
 
@@ -66,7 +67,9 @@ def test_train_leaves_a_complete_model_folder(trained: tuple[Path, Path, Path]) 
     assert (model / "detector.pt").is_file() and (model / "segmenter.pt").is_file()
     assert sorted(p.name for p in (model / "points").glob("*.json"))
     assert "detector" in (model / "train.log").read_text()
-    assert (model / "report" / "losses.png").is_file() and list((model / "report").glob("overlay_*.png"))
+    assert (model / "report" / "losses.png").is_file() and list((model / "report").glob("review_*.png"))
+    held = json.loads((model / "report" / "metrics.json").read_text())["held_back"]
+    assert held["total"] > 0 and 0 <= held["found"] <= held["total"]
 
 
 def test_segment_finds_the_nuclei_and_rerun_replaces(trained: tuple[Path, Path, Path]) -> None:

@@ -88,6 +88,7 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     click.echo(
         f"Trained on {summary.n_images} image(s) from {summary.n_points} points; stage 1 found "
         f"{summary.n_detected} nuclei on the training images ({minutes:.1f} min on {summary.device}).\n"
+        f"{summary.held_back_line}\n"
         f"Model: {summary.model_dir}\n"
         f"Report: {summary.model_dir / 'report'}\n"
         f"Next: pointnuc segment {project} --model {summary.model_dir}"

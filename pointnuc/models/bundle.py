@@ -9,7 +9,7 @@ Layout (the one place that defines it)::
       segmenter.pt          stage-2 weights (state_dict), after CRF fine-tuning
       points/NAME.json      stage-1 detected points per training image (x/y, full-res px)
       checkpoints/          per-epoch checkpoints for --resume
-      report/               loss curves and overlays (PNG), metrics.json
+      report/               loss curves and review figures (PNG), metrics.json
       train.log             the run's log
 """
 
