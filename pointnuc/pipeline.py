@@ -221,6 +221,7 @@ class TrainSummary:
     seconds: float
     device: str
     thresholds: dict[str, float] = field(default_factory=dict)
+    held_back_line: str = ""  #: how many held-back points the model found, and how many nuclei it adds
 
 
 def train_project(
@@ -233,6 +234,7 @@ def train_project(
     region_class: str | None = None,
     pixel_size_um: float | None = None,
     weights: Path | None = None,
+    offline: bool = False,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -244,6 +246,8 @@ def train_project(
     configuration and the same points, else a TrainingError); a missing or empty ``out``
     starts from the beginning. ``keep_checkpoints``: keep ``checkpoints/`` when the run
     finishes (by default it is removed: most of a model folder's size, needed only to resume).
+    ``weights``: ImageNet weights for the encoder (default: torch's cache, else torchvision's
+    download unless ``offline``, else random initialisation; see :func:`resolve_encoder_start`).
     """
     import torch
 
@@ -280,7 +284,8 @@ def train_project(
     logging.getLogger("pointnuc").addHandler(handler)
     try:
         return _train(project, out, config, samples, ref, counts, dev=dev, t0=t0, point_class=point_class,
-                      region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, resume=prev is not None,
+                      region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, offline=offline,
+                      resume=prev is not None,
                       progress=progress, keep_checkpoints=keep_checkpoints,
                       previous=prev.provenance if prev is not None else None)
     finally:
@@ -320,6 +325,7 @@ def _train(
     region_class: str | None,
     pixel_size_um: float | None,
     weights: Path | None,
+    offline: bool,
     resume: bool,
     progress: bool,
     keep_checkpoints: bool = False,
@@ -332,6 +338,7 @@ def _train(
     import torch
 
     from pointnuc.models.bundle import ModelInfo, ModelLayout, save_info
+    from pointnuc.models.net import resolve_encoder_start
     from pointnuc.train.detect import train_detector
     from pointnuc.train.segment import train_segmenter
 
@@ -349,8 +356,11 @@ def _train(
         config.for_detection().data.pixel_size_um,
         dev,
     )
+    start = resolve_encoder_start(config.encoder, weights, offline=offline, progress=progress)
+    weights = start.file
     provenance = {
         "project": str(project.root),
+        "encoder_start": start.to_json(),
         "images": counts,
         "point_class": point_class,
         "region_class": region_class,
@@ -389,7 +399,8 @@ def _train(
     save_info(out, info)
     from pointnuc.report import write_report
 
-    write_report(layout, samples, det, seg, device=str(dev))
+    report = write_report(layout, samples, det, seg, device=str(dev))
+    log.info(report.held_back.line())
     info.provenance["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     save_info(out, info)  # finished: --resume now refuses this folder, so its checkpoints may go
     if not keep_checkpoints and layout.checkpoints.is_dir():
@@ -403,6 +414,7 @@ def _train(
         seconds=time.time() - t0,
         device=str(dev),
         thresholds=dict(info.thresholds),
+        held_back_line=report.held_back.line(),
     )
 
 

@@ -50,6 +50,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
          "--set", "data.patches_per_image=8"],
     )
     assert res.exit_code == 0, res.output
+    assert "Held-back points: the model outlines " in res.output  # the one independent check, said at the end
     return proj, model, truth
 
 
@@ -58,6 +59,7 @@ def test_train_leaves_a_complete_model_folder(trained: tuple[Path, Path, Path]) 
     meta = json.loads((model / "pointnuc-model.json").read_text())
     assert meta["format_version"] == 1 and meta["pixel_size_um"] == 0.5
     assert meta["config"]["encoder"] == "tiny"
+    assert meta["provenance"]["encoder_start"]["kind"] == "random"  # the model says how its encoder started
     assert {"detection_prob"} <= set(meta["thresholds"])
     ref = meta["norm_reference"]  # the colour target segment normalises every slide to
     assert len(ref["mean"]) == 3 and len(ref["std"]) == 3 and len(ref["stain"]) == 4
@@ -67,7 +69,9 @@ def test_train_leaves_a_complete_model_folder(trained: tuple[Path, Path, Path]) 
     assert not (model / "checkpoints").exists()  # only needed to resume: dropped when the run finished
     assert sorted(p.name for p in (model / "points").glob("*.json"))
     assert "detector" in (model / "train.log").read_text()
-    assert (model / "report" / "losses.png").is_file() and list((model / "report").glob("overlay_*.png"))
+    assert (model / "report" / "losses.png").is_file() and list((model / "report").glob("review_*.png"))
+    held = json.loads((model / "report" / "metrics.json").read_text())["held_back"]
+    assert held["total"] > 0 and 0 <= held["found"] <= held["total"]
 
 
 def test_segment_finds_the_nuclei_and_rerun_replaces(trained: tuple[Path, Path, Path]) -> None:

@@ -129,15 +129,36 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     assert f1 > 0.6, f1
     assert np.isfinite(res.metrics["selection_score"])
 
-    # the training report: loss curves and an overlay with green outlines
+    # the training report: loss curves and a review figure with outlines, points and a legend
     from PIL import Image
 
-    from pointnuc.report import write_report
+    from pointnuc.report import FOUND, MISSED, OUTLINE, write_report
 
-    files = write_report(ModelLayout(tmp_path / "m"), [sample], None, res)
-    names = {f.name for f in files}
+    report = write_report(ModelLayout(tmp_path / "m"), [sample], None, res)
+    names = {f.name for f in report.files}
     assert "losses.png" in names and "metrics.json" in names
-    ov = np.asarray(Image.open(next(f for f in files if f.name.startswith("overlay_"))))
-    assert ov.shape == (256, 256, 3)  # 128 px tile drawn at zoom 2
-    assert ((ov == (0, 230, 0)).all(-1)).sum() > 100  # outlines
-    assert ((ov == (255, 40, 40)).all(-1)).sum() > 0  # held-back points
+    ov = np.asarray(Image.open(next(f for f in report.files if f.name.startswith("review_"))))
+    assert ov.shape[0] == 128 + 22 + 24 and ov.shape[1] >= 128  # the sample at its own resolution, title and legend
+    assert ((ov == OUTLINE).all(-1)).sum() > 100  # outlines
+    held = report.held_back
+    assert held.total == len(sample.holdout) > 0 and 0 <= held.found <= held.total
+    rings = ((ov[22:150] == FOUND).all(-1)).sum() + ((ov[22:150] == MISSED).all(-1)).sum()
+    assert rings > 0  # held-back points, marked found or missed
+
+
+def test_report_marks_held_back_points_as_holdout_counts_counts():
+    """The review figure's found/missed marks and the end-of-train line use one rule (holdout_counts)."""
+    from pointnuc.report import HeldBackCheck, _found
+
+    lab = np.zeros((20, 30), np.int32)
+    lab[0:10, 0:10] = 1
+    lab[0:10, 12:30] = 2
+    lab[12:20, 0:8] = 3
+    hold = np.array([[5.5, 5.5], [15.5, 5.5], [25.5, 15.5]])  # alone in 1: found; with a trained point in 2; background
+    train = np.array([[25.5, 5.5]])
+    found = _found(lab, hold, train)
+    c = holdout_counts(lab, hold, train, same_radius=0.0)
+    assert found.tolist() == [True, False, False] and c["good"] == found.sum() == 1 and c["empty"] == 1
+    check = HeldBackCheck()
+    check.add("a", c["good"], c["n"], c["empty"], c["instances"])
+    assert check.line().startswith("Held-back points: the model outlines 1 of 3 (33 %)") and "1 more nuclei" in check.line()

@@ -41,7 +41,10 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
 @pixel_size_option
 @device_option
 @click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="ImageNet weights for the ResNet encoder (default: torchvision's cache if present, else random init).")
+              help="ImageNet weights file for the ResNet encoder [default: torchvision's file in torch's cache, "
+                   "downloaded there once (45-85 MB) when missing; random initialisation when that fails].")
+@click.option("--offline", is_flag=True,
+              help="Never download the encoder's ImageNet weights: use --weights or torch's cache, else start at random.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling, initialisation, order).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Change any configuration field, e.g. --set detection.epochs=40 --set data.pixel_size_um=0.5.")
@@ -52,7 +55,7 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
               help="Keep the model folder's checkpoints/ when training finishes (removed by default: most of its size).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None, point_class: str,
-              region_class: str | None, pixel_size: float | None, device: str, weights: Path | None, seed: int,
+              region_class: str | None, pixel_size: float | None, device: str, weights: Path | None, offline: bool, seed: int,
               settings: tuple[str, ...], resume: bool, overwrite: bool, keep_checkpoints: bool, no_progress: bool) -> None:
     """Train a nuclei detector, then a segmenter, from the points clicked in PROJECT.
 
@@ -91,12 +94,13 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     options = {**click.get_current_context().params, "profile": profile}  # "auto" as it was resolved
     note_model_dir(out, resume_command(options, out))  # what the interrupt message tells the user to run
     summary = train_project(proj, out, config, device=device, point_class=point_class, region_class=region_class,
-                            pixel_size_um=pixel_size, weights=weights, resume=resume, overwrite=overwrite,
+                            pixel_size_um=pixel_size, weights=weights, offline=offline, resume=resume, overwrite=overwrite,
                             progress=not no_progress, keep_checkpoints=keep_checkpoints)
     minutes = summary.seconds / 60
     click.echo(
         f"Trained on {summary.n_images} image(s) from {summary.n_points} points; stage 1 found "
         f"{summary.n_detected} nuclei on the training images ({minutes:.1f} min on {summary.device}).\n"
+        f"{summary.held_back_line}\n"
         f"Model: {summary.model_dir}\n"
         f"Report: {summary.model_dir / 'report'}\n"
         f"Next: pointnuc segment {project} --model {summary.model_dir}"

@@ -477,9 +477,9 @@ def segment_slide(
 
     nuclei: list[NucleusObject] = []
     n_found = n_big = 0
-    from tqdm.auto import tqdm
+    from pointnuc.progress import progress_bar
 
-    bar = tqdm(total=len(plan.tiles), desc=name or "slide", unit="tile", disable=not progress, leave=True)
+    bar = progress_bar(len(plan.tiles), name or "slide", "tile", enabled=progress)
     post_fn: Callable[[Any], Any]
     if posters is not None:
         post_fn, post_ahead = worker_job, max(2 * batch_size, 2 * post_processes)

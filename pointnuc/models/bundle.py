@@ -11,7 +11,7 @@ Layout (the one place that defines it)::
       points/NAME.json      stage-1 detected points per training image (x/y, full-res px)
       checkpoints/          checkpoints for --resume (removed when training finishes,
                             unless --keep-checkpoints)
-      report/               loss curves and overlays (PNG), metrics.json
+      report/               loss curves and review figures (PNG), metrics.json
       train.log             the run's log
 """
 

@@ -1,15 +1,21 @@
 """U-Net with a ResNet encoder (paper: ResNet-34 conv layers, ImageNet-pretrained).
 
-ImageNet weights are used when they are on disk (torchvision's cache or a path the
-user gives); no download is ever attempted. Without them the encoder starts from
-random initialisation and a one-line notice says so.
+Where the encoder starts is decided once per training by :func:`resolve_encoder_start`:
+a weights file the user gives, else torchvision's ImageNet file in torch's cache, else
+(when online and not ``offline``) torchvision's download into that cache, else random
+initialisation with one line saying so. The model folder records which start it had.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -20,22 +26,97 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAINED_ENCODERS = ("resnet34", "resnet18")
 
-#: File names torchvision uses for the ImageNet weights in its hub cache.
-_TORCHVISION_FILES = {
-    "resnet34": "resnet34-b627a593.pth",
-    "resnet18": "resnet18-f37072fd.pth",
-}
+
+def imagenet_url(encoder: str) -> str:
+    """torchvision's download address of the ImageNet weights of ``encoder`` (its file name carries a hash prefix)."""
+    import torchvision
+
+    enum = getattr(torchvision.models, encoder.replace("resnet", "ResNet") + "_Weights")
+    return str(enum.IMAGENET1K_V1.url)
+
+
+def _cache_file(url: str) -> Path:
+    """Where torchvision keeps the file of ``url``: torch's hub cache, by the URL's file name."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
 def find_imagenet_weights(encoder: str, weights: Path | None = None) -> Path | None:
     """The local ImageNet weights file for ``encoder``: ``weights`` if given, else torchvision's cache."""
     if weights is not None:
         return Path(weights)
-    if encoder not in _TORCHVISION_FILES:
+    if encoder not in PRETRAINED_ENCODERS:
         return None
-    cand = Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILES[encoder]
+    cand = _cache_file(imagenet_url(encoder))
     return cand if cand.is_file() else None
+
+
+@dataclass(frozen=True)
+class EncoderStart:
+    """Where a training's encoder started; saved in the model's provenance."""
+
+    kind: str  #: "imagenet" or "random"
+    source: str  #: the file given, "torchvision cache", "downloaded", or why random
+    file: Path | None = None  #: the weights file used (None: random initialisation)
+    sha256: str | None = None  #: of that file
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["file"] = str(self.file) if self.file is not None else None
+        return d
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url: str, dest: Path, progress: bool) -> None:
+    """torchvision's download (checks the hash prefix in the file name) to ``dest``, atomically."""
+    name = dest.name
+    prefix = name.rsplit("-", 1)[-1].split(".")[0] if "-" in name else None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(dest), hash_prefix=prefix, progress=progress)
+
+
+def resolve_encoder_start(
+    encoder: str, weights: Path | None = None, *, offline: bool = False, progress: bool = True
+) -> EncoderStart:
+    """Find (or fetch once) the ImageNet weights for ``encoder``; never fails for want of a network.
+
+    Order: ``weights`` (must exist), torch's cache, torchvision's download when not
+    ``offline`` (one line says so; any failure falls back), random initialisation.
+    """
+    if encoder not in PRETRAINED_ENCODERS:
+        return EncoderStart("random", f"the {encoder!r} encoder has no pretrained weights")
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            from pointnuc.errors import InputError
+
+            raise InputError(f"encoder weights file not found: {weights}")
+        return EncoderStart("imagenet", f"file given: {weights}", weights, _sha256(weights))
+    url = imagenet_url(encoder)
+    cached = _cache_file(url)
+    if cached.is_file():
+        return EncoderStart("imagenet", "torchvision cache", cached, _sha256(cached))
+    if offline:
+        log.warning("--offline: no ImageNet weights for %s in %s; the encoder starts from random initialisation",
+                    encoder, cached.parent)
+        return EncoderStart("random", "offline, none cached")
+    log.warning("downloading torchvision's ImageNet weights for %s into %s (once; --offline skips this)",
+                encoder, cached.parent)
+    try:
+        _download(url, cached, progress)
+    except Exception as err:  # no network, proxy, hash mismatch: training goes on from random weights
+        log.warning("could not download the ImageNet weights (%s); the encoder starts from random initialisation",
+                    str(err).splitlines()[0] if str(err) else err.__class__.__name__)
+        return EncoderStart("random", f"download failed: {err.__class__.__name__}")
+    return EncoderStart("imagenet", f"downloaded from {url}", cached, _sha256(cached))
 
 
 class _Up(nn.Module):
@@ -121,17 +202,15 @@ class UNet(nn.Module):
 
 
 def build_network(out_channels: int, encoder: str = "resnet34", weights: Path | None = None, *, pretrained: bool = True) -> UNet:
-    """The U-Net, with ImageNet encoder weights when they are found locally.
+    """The U-Net, with ImageNet encoder weights from ``weights`` or torch's cache when ``pretrained``.
 
     ``pretrained=False`` skips the lookup (used when weights will be loaded from a model folder).
+    What to download, and the line that says the encoder starts at random, belong to
+    :func:`resolve_encoder_start`, called once per training.
     """
     weights_file = find_imagenet_weights(encoder, weights) if (pretrained and encoder != "tiny") else None
     if pretrained and encoder != "tiny" and weights_file is None:
-        log.warning(
-            "No ImageNet weights for %s found locally (torchvision cache or --weights); "
-            "the encoder starts from random initialisation.",
-            encoder,
-        )
+        log.debug("no ImageNet weights for %s found locally; random initialisation", encoder)
     if weights_file is not None and not weights_file.is_file():
         from pointnuc.errors import InputError
 

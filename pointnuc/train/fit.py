@@ -311,9 +311,9 @@ def fit(
     steps_per_epoch = sampler.steps_per_epoch()
     bar = None
     if progress and start < epochs:
-        from tqdm.auto import tqdm
+        from pointnuc.progress import progress_bar
 
-        bar = tqdm(total=(epochs - start) * steps_per_epoch, desc=stage_name, unit="batch", dynamic_ncols=True)
+        bar = progress_bar((epochs - start) * steps_per_epoch, stage_name, "batch")
     batches = iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, pin_memory=use_amp, **loader_kw,
     )) if start < epochs else iter(())
