@@ -484,6 +484,7 @@ def segment_project(
     done, replacing pointnuc's earlier objects in that area only. ``cell_expansion_um``:
     how far cells reach beyond their nuclei (``object_type="cell"``).
     """
+    from pointnuc.geometry import object_area
     from pointnuc.infer.wsi import segment_slide
     from pointnuc.io.geojson import read_nuclei, write_nuclei_file
     from pointnuc.io.slide import open_slide, pixel_size_or_error
@@ -521,8 +522,9 @@ def segment_project(
                 log.error("%s failed: %s", name, err)
                 continue
             nuclei = res.nuclei
-            write_nuclei_file(result, nuclei, object_type=object_type, class_name=class_name,
-                              pixel_size_um=px, cell_expansion_um=cell_expansion_um)
+            write_nuclei_file(result, nuclei, object_type=object_type, class_name=class_name, pixel_size_um=px,
+                              cell_expansion_um=cell_expansion_um,
+                              clip_to=object_area(plan.image.width, plan.image.height, plan.region))
             summary.seconds[name] = time.time() - t0
         summary.nuclei[name] = len(nuclei)
         if write and shard is None:
