@@ -30,6 +30,7 @@ from urllib.request import url2pathname
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError, QuPathNotFoundError
+from pointnuc.geometry import object_area
 from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, ImageAnnotations, ImageRef, NucleusObject
 from pointnuc.io.geojson import class_color, inside, nucleus_records
 from pointnuc.io.objects import QuPathObject, summarise
@@ -259,7 +260,8 @@ class QuPathProjectFile:
         all_dirs = [Path(e.entry_path) for e in entries.values()]
         records = {
             n: nucleus_records(nuc, object_type=object_type, pixel_size_um=refs[n].pixel_size_um,
-                               cell_expansion_um=cell_expansion_um)
+                               cell_expansion_um=cell_expansion_um,
+                               clip_to=object_area(refs[n].width, refs[n].height, (replace_within or {}).get(n)))
             for n, nuc in results.items()
         }
         self._reader = None  # reopen for reading afterwards
