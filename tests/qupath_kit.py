@@ -18,6 +18,8 @@ From a shell (``PAQUO_QUPATH_DIR`` set as ``assemble.sh`` prints it)::
 
     python tests/qupath_kit.py watershed image.tif --params '{"cellExpansionMicrons": 3}' --out cells.json
 
+(``watershed`` also reports the seconds QuPath's detection took, with ``--threads N`` if wanted.)
+
 Geometries travel as hex WKB (exact), as QuPath's JTS writes them.
 """
 
@@ -29,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,10 +264,14 @@ def cmd_watershed(args: argparse.Namespace) -> dict[str, Any]:
     hierarchy.getSelectionModel().setSelectedObject(annotation)
     params = {**WATERSHED_DEFAULTS, **json.loads(args.params)}
     plugin = J("qupath.imagej.detect.cells.WatershedCellDetection")()
-    ok = plugin.runPlugin(J("qupath.lib.plugins.CommandLineTaskRunner")(), data, json.dumps(params))
+    runner = J("qupath.lib.plugins.CommandLineTaskRunner")
+    t0 = time.perf_counter()
+    ok = plugin.runPlugin(runner(args.threads) if args.threads > 0 else runner(), data, json.dumps(params))
+    seconds = time.perf_counter() - t0
     cal = server.getPixelCalibration()
     cells = [describe(jpype, o) for o in hierarchy.getDetectionObjects()]
-    return {"ok": bool(ok), "params": params, "width": int(server.getWidth()), "height": int(server.getHeight()),
+    return {"ok": bool(ok), "seconds": seconds, "params": params, "width": int(server.getWidth()),
+            "height": int(server.getHeight()),
             "pixel_size_um": float(cal.getAveragedPixelSizeMicrons()) if cal.hasPixelSizeMicrons() else None,
             "cells": cells}
 
@@ -304,36 +311,25 @@ def cmd_python(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="where to write the JSON answer")
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out", required=True, help="where to write the JSON answer")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("dump-project")
-    p.add_argument("project")
-    p.set_defaults(fn=cmd_dump_project)
-    p = sub.add_parser("build-project")
-    p.add_argument("spec")
-    p.set_defaults(fn=cmd_build_project)
-    p = sub.add_parser("read-geojson")
-    p.add_argument("files", nargs="+")
-    p.set_defaults(fn=cmd_read_geojson)
-    p = sub.add_parser("watershed")
-    p.add_argument("image")
-    p.add_argument("--params", default="{}", help="JSON overriding WATERSHED_DEFAULTS")
-    p.set_defaults(fn=cmd_watershed)
-    p = sub.add_parser("shape-measurements")
-    p.add_argument("spec")
-    p.set_defaults(fn=cmd_shape_measurements)
-    p = sub.add_parser("python")
-    p.add_argument("-c", dest="code", required=True)
-    p.set_defaults(fn=cmd_python)
-    # --out may come last (as kit() passes it): parse it out first
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out = None
-    if "--out" in argv:
-        i = argv.index("--out")
-        out = argv[i + 1]
-        del argv[i:i + 2]
-    args = ap.parse_args((["--out", out] if out else []) + argv)
+    commands = {
+        "dump-project": (cmd_dump_project, [("project", {})]),
+        "build-project": (cmd_build_project, [("spec", {})]),
+        "read-geojson": (cmd_read_geojson, [("files", {"nargs": "+"})]),
+        "watershed": (cmd_watershed, [("image", {}), ("--params", {"default": "{}", "help": "JSON over WATERSHED_DEFAULTS"}),
+                                     ("--threads", {"type": int, "default": 0, "help": "0: QuPath's default"})]),
+        "shape-measurements": (cmd_shape_measurements, [("spec", {})]),
+        "python": (cmd_python, [("-c", {"dest": "code", "required": True})]),
+    }
+    for name, (fn, arguments) in commands.items():
+        p = sub.add_parser(name, parents=[out], help=(fn.__doc__ or "").splitlines()[0])
+        for arg, kw in arguments:
+            p.add_argument(arg, **kw)
+        p.set_defaults(fn=fn)
+    args = ap.parse_args(argv)
     result = args.fn(args)
     Path(args.out).write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
 
