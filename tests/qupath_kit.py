@@ -213,23 +213,25 @@ def cmd_dump_project(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_build_project(args: argparse.Namespace) -> dict[str, Any]:
     """A new project from a JSON spec: ``{"project": DIR, "images": [{"path": TIFF, "objects": [{"type":
-    "annotation"|"detection", "class": NAME, "wkt": WKT}, ...]}, ...]}``. Returns each image's objects' ids."""
+    "annotation"|"detection", "class": NAME, "wkt": WKT}, ...]}, ...]}``. Returns each image's objects
+    as :func:`describe` gives them."""
     from paquo.classes import QuPathPathClass
     from paquo.images import QuPathImageType
     from paquo.projects import QuPathProject
     from shapely import wkt
 
+    jpype = _java()
     spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
     out = []
     with QuPathProject(spec["project"], mode="x") as qp:
         for im in spec["images"]:
             entry = qp.add_image(im["path"], image_type=QuPathImageType.BRIGHTFIELD_H_E)
-            ids = []
+            objs = []
             for o in im.get("objects", []):
                 add = entry.hierarchy.add_annotation if o["type"] == "annotation" else entry.hierarchy.add_detection
-                po = add(wkt.loads(o["wkt"]), path_class=QuPathPathClass(o["class"]))
-                ids.append(str(po.java_object.getID()))
-            out.append({"name": entry.image_name, "ids": ids})
+                objs.append(add(wkt.loads(o["wkt"]), path_class=QuPathPathClass(o["class"])).java_object)
+            out.append({"name": entry.image_name, "width": int(entry.width), "height": int(entry.height),
+                        "objects": [describe(jpype, o) for o in objs]})
     return {"images": out}
 
 
