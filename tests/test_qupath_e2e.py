@@ -54,9 +54,12 @@ def pointnuc(*args: str | Path, timeout: float = 240) -> subprocess.CompletedPro
     """``python -m pointnuc ARGS`` in a child process (with QuPath); a hang fails instead of blocking."""
     from qupath_kit import REPO, child_env
 
+    # one torch thread, as the in-process tests use: for the tiny networks here a second OpenMP thread
+    # gains nothing, and on a busy 2-core machine it made `train` 9x slower (56 s instead of 6 s)
+    env = child_env({"OMP_NUM_THREADS": "1"})
     try:
         return subprocess.run([sys.executable, "-m", "pointnuc", *map(str, args)], capture_output=True, text=True,
-                              timeout=timeout, env=child_env(), cwd=REPO)
+                              timeout=timeout, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:
         pytest.fail(f"pointnuc {' '.join(map(str, args))} did not finish in {timeout:.0f} s", pytrace=False)
 
