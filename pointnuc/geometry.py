@@ -9,6 +9,7 @@ the largest (4-connected) is kept, so every polygon is a single valid shell.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import shapely
@@ -342,62 +343,123 @@ def valid_polygon(geom: BaseGeometry | None) -> Polygon | None:
     return max(polys, key=lambda p: p.area)
 
 
-def nucleus_measurements(polygon: BaseGeometry, pixel_size_um: float | None) -> dict[str, float]:
-    """QuPath-style shape measurements of one nucleus polygon (full-resolution px coordinates).
-
-    With a pixel size: ``Area µm^2``, ``Perimeter µm``; without: ``Area px^2``, ``Perimeter px``.
-    Always ``Circularity`` = 4πA/P² (1 for a circle; unit-free).
-    """
-    area = float(polygon.area)
-    perim = float(polygon.length)
-    circ = 4.0 * math.pi * area / (perim * perim) if perim > 0 else 0.0
-    if pixel_size_um:
-        s = float(pixel_size_um)
-        return {"Area µm^2": area * s * s, "Perimeter µm": perim * s, "Circularity": circ}
-    return {"Area px^2": area, "Perimeter px": perim, "Circularity": circ}
+#: measurement names as QuPath 0.6.0 gives them (``ObjectMeasurements.addShapeMeasurements``, i.e.
+#: *Add shape features*, and the StarDist/InstanSeg extensions): a detection's plain, a cell's with
+#: ``Nucleus: `` / ``Cell: `` prefixes (tests/test_qupath_names.py checks them against QuPath itself)
+NUCLEUS_PREFIX, CELL_PREFIX = "Nucleus: ", "Cell: "
+AREA_RATIO = "Nucleus/Cell area ratio"
 
 
-def measurements_many(polygons: np.ndarray, pixel_size_um: float | None) -> list[dict[str, float]]:
-    """:func:`nucleus_measurements` of an array of polygons at once (the same numbers)."""
+def shape_names(pixel_size_um: float | None) -> tuple[str, str, str]:
+    """QuPath's names for area, perimeter and circularity: in µm with a pixel size, else in px."""
+    unit = "µm" if pixel_size_um else "px"
+    return f"Area {unit}^2", f"Length {unit}", "Circularity"
+
+
+def is_shape_measurement(name: str) -> bool:
+    """Whether ``name`` is one of the shape measurements pointnuc computes itself (any unit, any
+    prefix, and the names of earlier pointnuc versions): these are recomputed, never carried over."""
+    base = name.removeprefix(NUCLEUS_PREFIX).removeprefix(CELL_PREFIX)
+    if name == AREA_RATIO or base == "Circularity":
+        return True
+    quantity, _, unit = base.partition(" ")
+    return quantity in ("Area", "Length", "Perimeter") and unit in ("µm", "µm^2", "px", "px^2")
+
+
+def _shape_columns(polygons: np.ndarray, pixel_size_um: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Area, perimeter (µm² / µm with a pixel size, else px² / px) and circularity 4πA/P² of polygons."""
     area = shapely.area(polygons)
     perim = shapely.length(polygons)
     with np.errstate(divide="ignore", invalid="ignore"):
         circ = np.where(perim > 0, 4.0 * math.pi * area / (perim * perim), 0.0)
     if pixel_size_um:
         s = float(pixel_size_um)
-        keys = ("Area µm^2", "Perimeter µm", "Circularity")
-        cols = (area * s * s, perim * s, circ)
-    else:
-        keys = ("Area px^2", "Perimeter px", "Circularity")
-        cols = (area, perim, circ)
+        area, perim = area * s * s, perim * s
+    return area, perim, circ
+
+
+def nucleus_measurements(polygon: BaseGeometry, pixel_size_um: float | None) -> dict[str, float]:
+    """QuPath's shape measurements of one detection polygon (full-resolution px coordinates).
+
+    With a pixel size: ``Area µm^2``, ``Length µm`` (the perimeter); without: ``Area px^2``,
+    ``Length px``. Always ``Circularity`` = 4πA/P² (1 for a circle; unit-free).
+    """
+    return measurements_many(np.asarray([polygon], dtype=object), pixel_size_um)[0]
+
+
+def measurements_many(polygons: np.ndarray, pixel_size_um: float | None) -> list[dict[str, float]]:
+    """:func:`nucleus_measurements` of an array of polygons at once (the same numbers)."""
+    keys = shape_names(pixel_size_um)
+    cols = _shape_columns(np.asarray(polygons, dtype=object), pixel_size_um)
     return [dict(zip(keys, row)) for row in zip(*(c.tolist() for c in cols))]
 
 
-def expand_cells(nuclei: list[Polygon], distance_px: float) -> list[Polygon]:
-    """Cell outlines like QuPath's cell expansion: each nucleus grown by ``distance_px``,
-    limited to the part of the plane closer to its own nucleus centroid than to any other's.
+def cell_measurements(cells: Sequence[BaseGeometry], nuclei: Sequence[BaseGeometry],
+                      pixel_size_um: float | None) -> list[dict[str, float]]:
+    """QuPath's shape measurements of cells: ``Nucleus: Area µm^2``, ``Nucleus: Length µm``,
+    ``Nucleus: Circularity``, the same for ``Cell: ``, and ``Nucleus/Cell area ratio`` (at most 1),
+    in QuPath's order; px units without a pixel size."""
+    names = shape_names(pixel_size_um)
+    keys = [NUCLEUS_PREFIX + k for k in names] + [CELL_PREFIX + k for k in names] + [AREA_RATIO]
+    nuc = _shape_columns(np.asarray(list(nuclei), dtype=object), pixel_size_um)
+    cell = _shape_columns(np.asarray(list(cells), dtype=object), pixel_size_um)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(cell[0] > 0, np.minimum(nuc[0] / cell[0], 1.0), 0.0)
+    return [dict(zip(keys, row)) for row in zip(*(c.tolist() for c in (*nuc, *cell, ratio)))]
 
-    Each cell contains its nucleus. Returns one valid polygon per input, in order.
+
+def object_area(width: float, height: float, within: BaseGeometry | None = None) -> BaseGeometry:
+    """Where objects on an image may lie: the image (full-resolution px), and inside ``within`` when given."""
+    image = shapely.box(0, 0, width, height)
+    if within is None:
+        return image
+    return shapely.intersection(image, within if within.is_valid else shapely.make_valid(within))
+
+
+def clip_polygons(polygons: Sequence[BaseGeometry], area: BaseGeometry) -> list[Polygon | None]:
+    """Each polygon's part inside ``area`` as one valid polygon (its largest piece), or None when
+    nothing of it is inside. Polygons already inside are returned as they are."""
+    polys = np.asarray(list(polygons), dtype=object)
+    if len(polys) == 0:
+        return []
+    shapely.prepare(area)
+    inside = shapely.covers(area, polys)
+    out: list[Polygon | None] = list(polys)
+    for k in np.flatnonzero(~inside):
+        out[k] = valid_polygon(shapely.intersection(polys[k], area))
+    return out
+
+
+def expand_cells(nuclei: list[Polygon], distance_px: float, within: BaseGeometry | None = None) -> list[Polygon]:
+    """Cell outlines like QuPath's cell expansion: each nucleus grown by ``distance_px``,
+    limited to the part of the plane closer to its own nucleus centroid than to any other's,
+    and to ``within`` (the image, a region) when given.
+
+    Each cell contains its nucleus (nuclei are expected inside ``within``). Returns one valid
+    polygon per input, in order.
     """
     if not nuclei:
         return []
-    grown = [n.buffer(distance_px, quad_segs=4) for n in nuclei]
-    if len(nuclei) == 1 or distance_px <= 0:
-        return [valid_polygon(g) or n for g, n in zip(grown, nuclei)]
-    pts = shapely.centroid(np.asarray(nuclei, dtype=object))
-    xy = shapely.get_coordinates(pts)
-    # jitter-free de-duplication: identical centroids share a Voronoi cell; nudge them apart
-    _, first = np.unique(np.round(xy, 6), axis=0, return_index=True)
-    if len(first) < len(xy):
-        dup = np.setdiff1d(np.arange(len(xy)), first)
-        xy = xy.copy()
-        xy[dup] += 1e-3 * (np.arange(len(dup))[:, None] + 1)
-        pts = shapely.points(xy)
-    extent = shapely.box(*shapely.total_bounds(np.asarray(grown, dtype=object))).buffer(distance_px + 1)
-    cells = shapely.voronoi_polygons(shapely.multipoints(pts), extend_to=extent, ordered=True)
-    parts = shapely.get_parts(cells)
     nuc_arr = np.asarray(nuclei, dtype=object)
-    merged = shapely.union(shapely.intersection(np.asarray(grown, dtype=object), parts), nuc_arr)
+    grown = shapely.buffer(nuc_arr, distance_px, quad_segs=4) if distance_px > 0 else nuc_arr
+    if len(nuclei) == 1 or distance_px <= 0:
+        merged = grown
+    else:
+        pts = shapely.centroid(nuc_arr)
+        xy = shapely.get_coordinates(pts)
+        # jitter-free de-duplication: identical centroids share a Voronoi cell; nudge them apart
+        _, first = np.unique(np.round(xy, 6), axis=0, return_index=True)
+        if len(first) < len(xy):
+            dup = np.setdiff1d(np.arange(len(xy)), first)
+            xy = xy.copy()
+            xy[dup] += 1e-3 * (np.arange(len(dup))[:, None] + 1)
+            pts = shapely.points(xy)
+        extent = shapely.box(*shapely.total_bounds(grown)).buffer(distance_px + 1)
+        parts = shapely.get_parts(shapely.voronoi_polygons(shapely.multipoints(pts), extend_to=extent, ordered=True))
+        merged = shapely.union(shapely.intersection(grown, parts), nuc_arr)
+    if within is not None:
+        # the cell ends at the image border / the region's edge; its nucleus (inside) stays whole
+        merged = shapely.union(shapely.intersection(merged, within), nuc_arr)
     simple = (shapely.get_type_id(merged) == 3) & shapely.is_valid(merged)  # 3 = Polygon
     out = []
     for nucleus, c, ok in zip(nuclei, merged, simple):

@@ -759,12 +759,14 @@ def keep_result(plan: ImagePlan, nuclei: Sequence[NucleusObject], *, seconds: fl
     import json
     from dataclasses import asdict
 
+    from pointnuc.geometry import object_area
     from pointnuc.io.geojson import write_nuclei_file, write_text_atomic
 
     assert plan.key is not None and plan.pixel_size_um is not None
     record_file(plan.result).unlink(missing_ok=True)
     # nuclei only, as detections: how they are written into the project is applied on each write
-    write_nuclei_file(plan.result, nuclei, object_type="detection", class_name="Nucleus", pixel_size_um=plan.pixel_size_um)
+    write_nuclei_file(plan.result, nuclei, object_type="detection", class_name="Nucleus", pixel_size_um=plan.pixel_size_um,
+                      clip_to=object_area(plan.image.width, plan.image.height, plan.region))
     st = plan.image.path.stat()
     record = {
         "key": asdict(plan.key),

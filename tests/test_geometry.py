@@ -119,10 +119,10 @@ def test_measurements_hand_computed():
     sq = box(0, 0, 4, 4)
     m = nucleus_measurements(sq, 0.5)
     assert m["Area µm^2"] == pytest.approx(4.0)  # 16 px² * 0.25
-    assert m["Perimeter µm"] == pytest.approx(8.0)
+    assert m["Length µm"] == pytest.approx(8.0)  # QuPath's name for an area's perimeter
     assert m["Circularity"] == pytest.approx(4 * math.pi * 16 / 256)
     mp = nucleus_measurements(sq, None)
-    assert mp["Area px^2"] == 16 and mp["Perimeter px"] == 16 and "Area µm^2" not in mp
+    assert mp["Area px^2"] == 16 and mp["Length px"] == 16 and "Area µm^2" not in mp
 
 
 def test_valid_polygon_fixes_bowtie_and_picks_largest():

@@ -119,7 +119,9 @@ def test_cells_have_nucleus_geometry_and_expansion(tmp_path: Path):
         nuc = Polygon(f["nucleusGeometry"]["coordinates"][0])
         assert nuc.equals(n.polygon) and cell.covers(nuc)
         assert cell.bounds[1] == pytest.approx(6.0)  # 2 µm = 4 px at 0.5 µm/px
-    assert feats[0]["properties"]["measurements"]["Area µm^2"] == 25.0  # nucleus area, 100 px² * 0.25
+    m = feats[0]["properties"]["measurements"]
+    assert m["Nucleus: Area µm^2"] == 25.0  # nucleus area, 100 px² * 0.25, named as QuPath names a cell's
+    assert m["Cell: Area µm^2"] > 25.0 and "Area µm^2" not in m
     path = write_nuclei_file(tmp_path / "c.geojson", nuclei, object_type="cell")
     assert [n.polygon.area for n in read_nuclei(path)] == [100.0, 100.0]
 

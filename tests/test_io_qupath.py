@@ -18,8 +18,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
+import shapely
 from click.testing import CliRunner
 from shapely import wkt
 from shapely.geometry import box, shape
@@ -300,50 +300,81 @@ def test_uri_to_path():
 
 
 # --------------------------------------------------------------------------- real paquo / QuPath
+# Always in child processes: importing paquo.projects starts a JVM that cannot be stopped or restarted.
 
 
-def _qupath_available() -> bool:
-    """Probe in a subprocess: importing paquo.projects starts a JVM that cannot be stopped."""
-    r = subprocess.run([sys.executable, "-c", "import paquo.projects"], capture_output=True, timeout=120)
-    return r.returncode == 0
+def _env_without_qupath(tmp_path: Path) -> dict[str, str]:
+    """An environment in which paquo finds no QuPath: no PAQUO_QUPATH_DIR, an empty home (no
+    ``~/QuPath*``, no user .paquo.toml)."""
+    import os
+
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAQUO_")}
+    root = str(Path(__file__).resolve().parents[1])
+    env.update(HOME=str(home), PYTHONPATH=root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""))
+    return env
 
 
-@pytest.fixture(scope="module")
-def qupath_available() -> bool:
-    return _qupath_available()
-
-
-def test_without_qupath_a_qpproj_gives_qupath_not_found(shared: Path, tmp_path: Path, qupath_available: bool):
-    if qupath_available:
-        pytest.skip("a QuPath installation is present")
+def test_without_qupath_a_qpproj_gives_qupath_not_found(shared: Path, tmp_path: Path):
+    env = _env_without_qupath(tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "import paquo.projects"], capture_output=True, timeout=120, env=env,
+                           cwd=tmp_path)
+    if probe.returncode == 0:
+        pytest.skip("paquo finds a QuPath installation in a default folder even without PAQUO_QUPATH_DIR")
     work = shutil.copytree(shared / "fixtures/qupath-0.6.0/points-project", tmp_path / "points-project")
-    with pytest.raises(QuPathNotFoundError) as err:
-        open_project(work)
-    msg = str(err.value)
+    code = (
+        "import sys\n"
+        "from pointnuc.errors import QuPathNotFoundError\n"
+        "from pointnuc.io.base import open_project\n"
+        "try:\n"
+        f"    open_project({str(work)!r})\n"
+        "except QuPathNotFoundError as err:\n"
+        "    print(err)\n"
+        "else:\n"
+        "    sys.exit('no error')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    msg = r.stdout.strip()
     assert "PAQUO_QUPATH_DIR" in msg and "GeoJSON" in msg and "\n" not in msg
-    from pointnuc.cli import main
-
-    res = CliRunner().invoke(main, ["inspect", str(work / "project.qpproj")])
-    assert res.exit_code != 0 and res.stderr.count("\n") == 1 and "QuPath was not found" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "pointnuc", "inspect", str(work / "project.qpproj")], capture_output=True,
+                         text=True, timeout=120, env=env, cwd=tmp_path)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1 and "QuPath was not found" in res.stderr, res.stderr
 
 
 @pytest.mark.qupath
-def test_real_qupath_reads_and_writes(shared: Path, tmp_path: Path, qupath_available: bool):
-    if not qupath_available:
-        pytest.skip("no QuPath installation for paquo")
+def test_real_qupath_reads_and_writes(shared: Path, tmp_path: Path, qupath_dir: Path):
+    from qupath_kit import kit, python_with_qupath
+
     work = shutil.copytree(shared / "fixtures/qupath-0.6.0/points-project", tmp_path / "points-project")
     expected = json.loads((shared / "fixtures/qupath-0.6.0/expected.json").read_text(encoding="utf-8"))
-    proj = open_project(work)
-    images = proj.images()
-    for im, exp in zip(images, expected["images"]):
-        ann = proj.annotations(im)
-        assert sorted(map(tuple, ann.points_xy.tolist())) == sorted(map(tuple, exp["nucleus_points_xy"]))
-        assert im.pixel_size_um == pytest.approx(0.25)
-    proj.write_nuclei({images[0].name: [NucleusObject(box(10, 10, 20, 20), 0.9)]})
-    proj.write_nuclei({images[0].name: [NucleusObject(box(10, 10, 20, 20), 0.9),
-                                        NucleusObject(box(40, 40, 50, 52), 0.8)]})
-    assert open_project(work).annotations(images[0]).n_pointnuc_objects == 2
-    assert np.isfinite(proj.annotations(images[0]).points_xy).all()
+    got = python_with_qupath(f"""
+from shapely.geometry import box
+from pointnuc.io.base import NucleusObject, open_project
+proj = open_project({str(work)!r})
+images = proj.images()
+out = {{"images": [{{"name": im.name, "pixel_size_um": im.pixel_size_um,
+                     "points": sorted(map(list, proj.annotations(im).points_xy.tolist()))}} for im in images]}}
+name = images[0].name
+proj.write_nuclei({{name: [NucleusObject(box(10, 10, 20, 20), 0.9)]}})
+proj.write_nuclei({{name: [NucleusObject(box(10, 10, 20, 20), 0.9), NucleusObject(box(40, 40, 50, 52), 0.8)]}})
+out["n_pointnuc_objects"] = open_project({str(work)!r}).annotations(images[0]).n_pointnuc_objects
+answer(out)
+""")
+    for im, exp in zip(got["images"], expected["images"]):
+        assert im["points"] == sorted(map(list, exp["nucleus_points_xy"]))
+        assert im["pixel_size_um"] == pytest.approx(0.25)
+    assert got["n_pointnuc_objects"] == 2
+    # what QuPath itself now holds: the second write replaced the first; the user's objects are as they were
+    dump = kit("dump-project", work)["images"]
+    dets = [o for o in dump[0]["objects"] if o["type"] == "detection"]
+    assert sorted(shapely.from_wkb(bytes.fromhex(o["wkb"])).bounds for o in dets) == [(10, 10, 20, 20), (40, 40, 50, 52)]
+    assert all(o["valid"] and o["class"] == "Nucleus" and POINTNUC_MARKER in o["measurements"] for o in dets)
+    assert sorted((o["type"], o["class"]) for o in dump[0]["objects"] if o["type"] != "detection") == [
+        ("annotation", "Nucleus")]
+    assert sorted((o["type"], o["class"]) for o in dump[1]["objects"]) == [
+        ("annotation", "Nucleus"), ("annotation", "Other"), ("annotation", "Region*")]
 
 
 def test_failed_first_write_of_a_moved_project_restores_every_image_folder(fake_project: Path, monkeypatch):

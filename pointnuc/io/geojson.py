@@ -15,9 +15,9 @@ Writing reproduces QuPath 0.6.0's own export text (``PathIO.exportObjectsAsGeoJS
   raw UTF-8 ``µ``;
 - random UUID4 ids; only valid polygons (QuPath rejects a whole file for one bad polygon).
 
-pointnuc's objects carry the measurement ``"pointnuc score"`` (:data:`POINTNUC_MARKER`);
-with a pixel size their areas are in µm (``Area µm^2``, ``Perimeter µm``), without one in
-pixels (``Area px^2``, ``Perimeter px``).
+pointnuc's objects carry the measurement ``"pointnuc score"`` (:data:`POINTNUC_MARKER`) and
+QuPath's shape measurements under QuPath's names: with a pixel size in µm (``Area µm^2``,
+``Length µm``; cells ``Nucleus: Area µm^2``, ``Cell: Area µm^2``, ...), without one in pixels.
 """
 
 from __future__ import annotations
@@ -35,7 +35,14 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc import fileio
 from pointnuc.errors import InputError
-from pointnuc.geometry import expand_cells, nucleus_measurements, valid_polygon
+from pointnuc.geometry import (
+    cell_measurements,
+    clip_polygons,
+    expand_cells,
+    is_shape_measurement,
+    measurements_many,
+    valid_polygon,
+)
 from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, NucleusObject
 from pointnuc.io.objects import QuPathObject
 
@@ -287,37 +294,50 @@ def nucleus_records(
     object_type: str = "detection",
     pixel_size_um: float | None = None,
     cell_expansion_um: float = CELL_EXPANSION_UM,
+    clip_to: BaseGeometry | None = None,
 ) -> list[tuple[BaseGeometry, BaseGeometry | None, dict[str, float]]]:
     """(geometry, nucleus geometry or None, measurements) per nucleus, ready to write.
 
-    Outlines are rounded to 0.01 px and made valid; empty ones are dropped. Measurements:
-    shape measurements (:func:`pointnuc.geometry.nucleus_measurements`), the nucleus' own,
-    and the marker ``pointnuc score``, all as 32-bit floats. ``object_type="cell"``: the
-    geometry is the nucleus grown by ``cell_expansion_um`` (as 4 px per µm when the pixel
-    size is unknown) and limited by its neighbours; the nucleus is the nucleus geometry.
+    ``clip_to`` is the area every object must stay inside (:func:`pointnuc.geometry.object_area`:
+    the image, and the ``--within`` region where given): nuclei are cut to it, cells end at it.
+    Outlines are rounded to 0.01 px and made valid; empty ones are dropped.
+    ``object_type="cell"``: the geometry is the nucleus grown by ``cell_expansion_um`` (as 4 px
+    per µm when the pixel size is unknown), limited by its neighbours; the nucleus is the nucleus
+    geometry.
+
+    Measurements, all as 32-bit floats: QuPath's shape measurements of the written outlines
+    (a detection's ``Area µm^2``, ``Length µm``, ``Circularity``; a cell's ``Nucleus: ...``,
+    ``Cell: ...`` and ``Nucleus/Cell area ratio``; see :mod:`pointnuc.geometry`), the nucleus'
+    other measurements, and the marker ``pointnuc score``.
     """
     if object_type not in OBJECT_TYPES:
         raise InputError(f"object type must be one of {', '.join(OBJECT_TYPES)}, not {object_type!r}")
+    polys = [n.polygon for n in nuclei]
+    if clip_to is not None:
+        polys = clip_polygons([p if p is not None else shapely.Polygon() for p in polys], clip_to)
     kept: list[tuple[NucleusObject, BaseGeometry]] = []
-    for n in nuclei:
-        poly = _rounded_polygon(n.polygon) if n.polygon is not None else None
+    for n, p in zip(nuclei, polys):
+        poly = _rounded_polygon(p) if p is not None else None
         if poly is not None:
             kept.append((n, poly))
-    cells: list[BaseGeometry | None] = [None] * len(kept)
-    if object_type == "cell" and kept:
+    if not kept:
+        return []
+    nuc = [p for _, p in kept]
+    if object_type == "cell":
         dist_px = cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
-        cells = [_rounded_polygon(c) for c in expand_cells([p for _, p in kept], dist_px)]
+        cells = [_rounded_polygon(c) for c in expand_cells(nuc, dist_px, within=clip_to)]
+        geoms = [c if c is not None and c.covers(p) else p for c, p in zip(cells, nuc)]
+        shape_meas = cell_measurements(geoms, nuc, pixel_size_um)
+    else:
+        geoms = nuc
+        shape_meas = measurements_many(np.asarray(nuc, dtype=object), pixel_size_um)
     out = []
-    for (n, poly), cell in zip(kept, cells):
-        meas: dict[str, float] = dict(nucleus_measurements(poly, pixel_size_um))
-        meas.update({k: v for k, v in n.measurements.items() if k != POINTNUC_MARKER})
+    for (n, poly), geom, meas in zip(kept, geoms, shape_meas):
+        # shape measurements are always those of the outlines written here (cut, rounded)
+        meas.update({k: v for k, v in n.measurements.items() if k != POINTNUC_MARKER and not is_shape_measurement(k)})
         meas[POINTNUC_MARKER] = float(n.score)
         meas = {k: float32(v) for k, v in meas.items() if v is not None and math.isfinite(float(v))}
-        if object_type == "cell":
-            geom = cell if cell is not None and cell.covers(poly) else poly
-            out.append((geom, poly, meas))
-        else:
-            out.append((poly, None, meas))
+        out.append((geom, poly if object_type == "cell" else None, meas))
     return out
 
 
@@ -329,12 +349,14 @@ def nuclei_features(
     pixel_size_um: float | None = None,
     color: tuple[int, int, int] | None = None,
     cell_expansion_um: float = CELL_EXPANSION_UM,
+    clip_to: BaseGeometry | None = None,
 ) -> list[dict[str, Any]]:
     """QuPath Features for pointnuc's nuclei (see :func:`nucleus_records`), each with a new UUID4."""
     rgb = list(color if color is not None else class_color(class_name))
     feats = []
     for geom, nucleus, meas in nucleus_records(
-        nuclei, object_type=object_type, pixel_size_um=pixel_size_um, cell_expansion_um=cell_expansion_um
+        nuclei, object_type=object_type, pixel_size_um=pixel_size_um, cell_expansion_um=cell_expansion_um,
+        clip_to=clip_to,
     ):
         f: dict[str, Any] = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": _geometry_dict(geom)}
         if nucleus is not None:
@@ -368,11 +390,12 @@ def write_nuclei_file(
     pixel_size_um: float | None = None,
     color: tuple[int, int, int] | None = None,
     cell_expansion_um: float = CELL_EXPANSION_UM,
+    clip_to: BaseGeometry | None = None,
 ) -> Path:
     """Write nuclei as a QuPath FeatureCollection (File > Import objects reads it)."""
     feats = nuclei_features(
         nuclei, object_type=object_type, class_name=class_name, pixel_size_um=pixel_size_um, color=color,
-        cell_expansion_um=cell_expansion_um,
+        cell_expansion_um=cell_expansion_um, clip_to=clip_to,
     )
     return write_features(path, feats)
 

@@ -28,6 +28,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError
 from pointnuc.fileio import backup_file
+from pointnuc.geometry import object_area
 from pointnuc.io.base import CELL_EXPANSION_UM, ImageAnnotations, ImageRef, NucleusObject
 from pointnuc.io.geojson import (
     merge_features,
@@ -172,9 +173,10 @@ class GeoJSONFolderProject:
         for name, nuclei in results.items():
             ref = refs[name]
             path = self.output_path(name)
-            new = nuclei_features(nuclei, object_type=object_type, class_name=class_name,
-                                  pixel_size_um=ref.pixel_size_um, cell_expansion_um=cell_expansion_um)
             area = (replace_within or {}).get(name)
+            new = nuclei_features(nuclei, object_type=object_type, class_name=class_name,
+                                  pixel_size_um=ref.pixel_size_um, cell_expansion_um=cell_expansion_um,
+                                  clip_to=object_area(ref.width, ref.height, area))
             previous = read_features(path) if path.is_file() else []
             feats = merge_features(previous, new, area, path)
             if path.is_file():  # the backup is written as atomically as the file: a full disk never truncates it

@@ -58,6 +58,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc import errors
 from pointnuc.errors import InputError, PointnucError, QuPathError, QuPathNotFoundError
+from pointnuc.geometry import object_area
 from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, ImageAnnotations, ImageRef, NucleusObject
 from pointnuc.io.geojson import class_color, inside, nucleus_records
 from pointnuc.io.objects import QuPathObject, summarise
@@ -818,7 +819,8 @@ class QuPathProjectFile:
             check_qpdata(d, n)
         records = {
             n: nucleus_records(nuc, object_type=object_type, pixel_size_um=refs[n].pixel_size_um,
-                               cell_expansion_um=cell_expansion_um)
+                               cell_expansion_um=cell_expansion_um,
+                               clip_to=object_area(refs[n].width, refs[n].height, (replace_within or {}).get(n)))
             for n, nuc in results.items()
         }
         backup = self._backup(names, dirs, all_dirs)
