@@ -132,3 +132,15 @@ def write_slide(path: Path, truth: SynthSlide, pixel_size_um: float, *, levels: 
                 subfiletype=1 if level else 0,
                 subifds=len(dims) - 1 if level == 0 else None,
             )
+
+
+def direct_and_zarr_reads(slide, boxes):
+    """``slide.read_region`` of each (x, y, w, h, downsample) box, read directly and through zarr."""
+    backend = slide._backend
+    direct = [slide.read_region(*b[:4], downsample=b[4]) for b in boxes]
+    fd, backend._fd = backend._fd, None  # the zarr path
+    try:
+        via_zarr = [slide.read_region(*b[:4], downsample=b[4]) for b in boxes]
+    finally:
+        backend._fd = fd
+    return direct, via_zarr

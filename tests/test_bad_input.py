@@ -30,6 +30,7 @@ from pointnuc.errors import ImageReadError, InputError, ModelFormatError
 from pointnuc.io.base import ImageRef, NucleusObject
 from pointnuc.io.slide import open_slide
 from synth import label_points, points_feature, render_nuclei, write_geojson_project
+from synth_slide import direct_and_zarr_reads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -479,12 +480,7 @@ def test_strips_read_directly_equal_zarr_reads(tmp_path: Path, compression: str 
         assert backend.tiles[0] is not None, "the plain stripped layout is read directly"
         assert s.problem() is None
         boxes = [(0, 0, 199, 157, 1.0), (5, 30, 100, 40, 1.0), (-10, 140, 60, 30, 1.0), (3, 7, 190, 150, 2.5)]
-        direct = [s.read_region(*b[:4], downsample=b[4]) for b in boxes]
-        fd, backend._fd = backend._fd, None  # the zarr path
-        try:
-            via_zarr = [s.read_region(*b[:4], downsample=b[4]) for b in boxes]
-        finally:
-            backend._fd = fd
+        direct, via_zarr = direct_and_zarr_reads(s, boxes)
     for a, b in zip(direct, via_zarr):
         assert np.array_equal(a, b)
 

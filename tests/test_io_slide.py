@@ -11,6 +11,7 @@ from PIL import Image
 
 from pointnuc.errors import ImageReadError, PixelSizeError
 from pointnuc.io.slide import open_slide, pixel_size_or_error
+from synth_slide import direct_and_zarr_reads
 
 
 @pytest.fixture
@@ -147,11 +148,6 @@ def test_direct_tile_reads_equal_zarr_reads(tmp_path: Path, compression: str | N
         assert all(t is not None for t in backend.tiles), "the plain tiled layout is read directly"
         boxes = [(0, 0, 401, 301, 1.0), (-20, 30, 200, 300, 1.0), (63, 64, 130, 70, 2.0), (10, 5, 380, 290, 4.0),
                  (7, 9, 301, 201, 3.3)]
-        direct = [s.read_region(*b[:4], downsample=b[4]) for b in boxes]
-        fd, backend._fd = backend._fd, None  # the zarr path
-        try:
-            via_zarr = [s.read_region(*b[:4], downsample=b[4]) for b in boxes]
-        finally:
-            backend._fd = fd
+        direct, via_zarr = direct_and_zarr_reads(s, boxes)
     for a, b in zip(direct, via_zarr):
         assert np.array_equal(a, b)

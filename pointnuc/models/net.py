@@ -8,7 +8,6 @@ initialisation with one line saying so. The model folder records which start it 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pointnuc.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ class EncoderStart:
         return d
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download(url: str, dest: Path, progress: bool) -> None:
     """torchvision's download (checks the hash prefix in the file name) to ``dest``, atomically."""
     name = dest.name
@@ -99,11 +92,11 @@ def resolve_encoder_start(
             from pointnuc.errors import InputError
 
             raise InputError(f"encoder weights file not found: {weights}")
-        return EncoderStart("imagenet", f"file given: {weights}", weights, _sha256(weights))
+        return EncoderStart("imagenet", f"file given: {weights}", weights, sha256_file(weights))
     url = imagenet_url(encoder)
     cached = _cache_file(url)
     if cached.is_file():
-        return EncoderStart("imagenet", "torchvision cache", cached, _sha256(cached))
+        return EncoderStart("imagenet", "torchvision cache", cached, sha256_file(cached))
     if offline:
         log.warning("--offline: no ImageNet weights for %s in %s; the encoder starts from random initialisation",
                     encoder, cached.parent)
@@ -112,11 +105,11 @@ def resolve_encoder_start(
                 encoder, cached.parent)
     try:
         _download(url, cached, progress)
-    except Exception as err:  # no network, proxy, hash mismatch: training goes on from random weights
+    except Exception as err:  # noqa: BLE001 (no network, proxy, hash mismatch: training goes on from random weights)
         log.warning("could not download the ImageNet weights (%s); the encoder starts from random initialisation",
                     str(err).splitlines()[0] if str(err) else err.__class__.__name__)
         return EncoderStart("random", f"download failed: {err.__class__.__name__}")
-    return EncoderStart("imagenet", f"downloaded from {url}", cached, _sha256(cached))
+    return EncoderStart("imagenet", f"downloaded from {url}", cached, sha256_file(cached))
 
 
 class _Up(nn.Module):
