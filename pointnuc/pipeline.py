@@ -760,7 +760,8 @@ def keep_result(plan: ImagePlan, nuclei: Sequence[NucleusObject], *, seconds: fl
     from dataclasses import asdict
 
     from pointnuc.geometry import object_area
-    from pointnuc.io.geojson import write_nuclei_file, write_text_atomic
+    from pointnuc.fileio import write_text_atomic
+    from pointnuc.io.geojson import write_nuclei_file
 
     assert plan.key is not None and plan.pixel_size_um is not None
     record_file(plan.result).unlink(missing_ok=True)

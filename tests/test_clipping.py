@@ -17,7 +17,7 @@ from shapely.geometry import Point, Polygon, box, shape
 
 from pointnuc.geometry import clip_polygons, expand_cells, object_area
 from pointnuc.io.base import NucleusObject
-from pointnuc.io.geojson import nucleus_records
+from pointnuc.io.records import nucleus_records
 from pointnuc.io.geojson_project import GeoJSONFolderProject
 from synth import write_geojson_project
 

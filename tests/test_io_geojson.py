@@ -16,8 +16,6 @@ from pointnuc.io.base import ImageRef, NucleusObject
 from pointnuc.io.geojson import (
     dumps_features,
     feature_text,
-    float32,
-    inside,
     nuclei_features,
     read_features,
     read_nuclei,
@@ -25,6 +23,7 @@ from pointnuc.io.geojson import (
     write_nuclei_file,
 )
 from pointnuc.io.objects import require_points, summarise
+from pointnuc.io.records import float32, inside
 
 
 def _fx(shared: Path) -> Path:
@@ -207,7 +206,7 @@ def test_inside_uses_centroid():
 def test_atomic_write_failure_keeps_the_old_file_and_no_tmp(tmp_path: Path, monkeypatch):
     import os
 
-    from pointnuc.io.geojson import write_text_atomic
+    from pointnuc.fileio import write_text_atomic
 
     target = tmp_path / "a.geojson"
     write_text_atomic(target, "old")

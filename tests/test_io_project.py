@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from shapely.geometry import box
 
 from pointnuc.errors import InputError, OutputExistsError
-from pointnuc.io.base import NucleusObject, open_project
+from pointnuc.io import NucleusObject, open_project
 from pointnuc.io.geojson import read_features
 from pointnuc.io.geojson_project import GeoJSONFolderProject, export_candidates
 from pointnuc.io.paths import prepare_output_dir

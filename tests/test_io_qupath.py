@@ -25,8 +25,9 @@ from shapely import wkt
 from shapely.geometry import box, shape
 
 from pointnuc.errors import InputError, QuPathNotFoundError
-from pointnuc.io.base import POINTNUC_MARKER, NucleusObject, open_project
-from pointnuc.io.qupath import QuPathProjectFile, uri_to_path
+from pointnuc.io import NucleusObject, open_project
+from pointnuc.io.base import POINTNUC_MARKER
+from pointnuc.io.qupath_project import QuPathProjectFile, uri_to_path
 
 
 # --------------------------------------------------------------------------- the stand-in
@@ -256,7 +257,7 @@ def test_failed_write_restores_project(fake_project: Path, monkeypatch):
 
 
 def test_cli_inspect_through_paquo_path(fake_project: Path, monkeypatch):
-    import pointnuc.io.qupath as q
+    import pointnuc.io.qupath_project as q
     from pointnuc.cli import main
 
     monkeypatch.setattr(q, "QuPathProcess", lambda qpproj: q.InProcess(qpproj, FAKE))
@@ -268,7 +269,7 @@ def test_cli_inspect_through_paquo_path(fake_project: Path, monkeypatch):
 
 
 def test_missing_image_files_are_one_clear_error(fake_project: Path, monkeypatch):
-    import pointnuc.io.qupath as q
+    import pointnuc.io.qupath_project as q
     from pointnuc.cli import main
 
     shutil.rmtree(fake_project / "images")
@@ -326,7 +327,7 @@ def test_without_qupath_a_qpproj_gives_qupath_not_found(shared: Path, tmp_path: 
     code = (
         "import sys\n"
         "from pointnuc.errors import QuPathNotFoundError\n"
-        "from pointnuc.io.base import open_project\n"
+        "from pointnuc.io import open_project\n"
         "try:\n"
         f"    open_project({str(work)!r})\n"
         "except QuPathNotFoundError as err:\n"
@@ -351,7 +352,7 @@ def test_real_qupath_reads_and_writes(shared: Path, tmp_path: Path, qupath_dir: 
     expected = json.loads((shared / "fixtures/qupath-0.6.0/expected.json").read_text(encoding="utf-8"))
     got = python_with_qupath(f"""
 from shapely.geometry import box
-from pointnuc.io.base import NucleusObject, open_project
+from pointnuc.io import NucleusObject, open_project
 proj = open_project({str(work)!r})
 images = proj.images()
 out = {{"images": [{{"name": im.name, "pixel_size_um": im.pixel_size_um,

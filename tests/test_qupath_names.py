@@ -25,7 +25,7 @@ import shapely
 from shapely.geometry import Point, box
 
 from pointnuc.io.base import POINTNUC_MARKER, NucleusObject
-from pointnuc.io.geojson import nucleus_records
+from pointnuc.io.records import nucleus_records
 
 DETECTION_NAMES = {0.5: ["Area µm^2", "Length µm", "Circularity"], None: ["Area px^2", "Length px", "Circularity"]}
 CELL_NAMES = {

@@ -201,7 +201,7 @@ def test_a_typo_d_pixel_size_is_refused_in_one_line(tmp_path: Path, monkeypatch:
     """--pixel-size 25 (the file reader's limit is 20 µm/px) and 4 (8x enlarged for a 0.5 µm/px model) stop
     before any work, the dry run too (was: 17,100 tiles planned for a 1000 x 1000 image, 10 silent minutes)."""
     from pointnuc.errors import PixelSizeError
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.pipeline import plan_segmentation
 
     model = _stand_in_model(tmp_path / "model", monkeypatch)
@@ -259,7 +259,7 @@ def _holder(root: Path, mode: str = "exclusive") -> subprocess.Popen:
 def test_a_second_writer_is_refused_and_a_killed_run_s_lock_is_taken_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.io.lock import LOCK_NAME, ProjectBusyError, project_lock
     from pointnuc.pipeline import merge_results, segment_project
 
@@ -291,7 +291,7 @@ def test_a_second_writer_is_refused_and_a_killed_run_s_lock_is_taken_over(
 @pytest.mark.skipif(sys.platform == "win32", reason="shared locks are POSIX only")
 def test_shard_runs_share_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shards of a job array run together; a run that writes into the project waits for none of them."""
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.io.lock import LOCK_NAME, ProjectBusyError, project_lock
     from pointnuc.pipeline import segment_project
 

@@ -20,7 +20,7 @@ def inspect_project(
 ) -> dict[str, Any]:
     """Per image: name, size, pixel size, points per class, training regions, pointnuc objects,
     and ``problem``: why its pixels cannot be used (:func:`image_problem`), or None."""
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
 
     project = open_project(project_path, pixel_size_um=pixel_size_um)
     images = []
@@ -41,7 +41,7 @@ def inspect_project(
         })
     return {
         "project": str(project_path),
-        "kind": getattr(project, "kind", type(project).__name__),
+        "kind": project.kind,
         "point_class": point_class,
         "region_class": region_class if region_class is not None else "Region*",
         "images": images,

@@ -72,7 +72,8 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     pointnuc-geojson/NAME.geojson; drag that file onto the image in QuPath.
     """
     from pointnuc.errors import InputError
-    from pointnuc.io.base import CELL_EXPANSION_UM, open_project
+    from pointnuc.io import open_project
+    from pointnuc.io.base import CELL_EXPANSION_UM
     from pointnuc.pipeline import merge_results, newest_model_dir, plan_segmentation, segment_project
 
     if cell_expansion is not None and object_type != "cell":
@@ -123,7 +124,7 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     if shard_kn:
         click.echo(f"Shard {shard} done; when all shards are done run: "
                    f"pointnuc segment {project} --model {model_dir} --merge{' --tta' if tta else ''}")
-    elif s.written and getattr(proj, "kind", "") == "qupath":
+    elif s.written and proj.kind == "qupath":
         click.echo("In QuPath: reopen the project to review the nuclei.")
     elif s.written:
         click.echo("In QuPath: open the image and drag its file above onto it (or File > Import objects from file).")

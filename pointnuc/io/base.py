@@ -1,8 +1,10 @@
 """The one interface the pipeline sees for a QuPath project.
 
 Two implementations: :mod:`pointnuc.io.geojson_project` (a folder of images with
-QuPath GeoJSON exports beside them, pure Python) and :mod:`pointnuc.io.qupath`
-(a ``.qpproj`` through paquo, the only module that imports paquo).
+QuPath GeoJSON exports beside them, pure Python) and :mod:`pointnuc.io.qupath_project`
+(a ``.qpproj`` through paquo, run in a child process by :mod:`pointnuc.io.qupath`, the only
+module that imports paquo). :func:`pointnuc.io.open_project` picks one; this module imports
+neither.
 
 Coordinates are always QuPath's: full-resolution pixels, origin at the top-left
 corner of the top-left pixel, x = column, y = row; pixel (r, c) has its centre at
@@ -11,9 +13,10 @@ corner of the top-left pixel, x = column, y = row; pixel (r, c) has its centre a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 from shapely.geometry.base import BaseGeometry
@@ -58,6 +61,7 @@ class Project(Protocol):
     """A QuPath project as pointnuc reads and writes it."""
 
     root: Path  #: folder of the project (where models and backups go by default)
+    kind: str  #: ``"qupath"`` (a .qpproj) or ``"geojson-folder"``, as ``inspect`` reports it
 
     def images(self) -> list[ImageRef]:
         """All images of the project, in project order."""
@@ -86,29 +90,3 @@ class Project(Protocol):
         how far each nucleus grows into its cell, for ``object_type="cell"``.
         """
         ...
-
-
-def open_project(path: Path, *, output_dir: Path | None = None, pixel_size_um: float | None = None) -> Project:
-    """Open PROJECT: a ``.qpproj`` (or its folder) via paquo, or a GeoJSON image folder.
-
-    ``output_dir``: where pointnuc's GeoJSON / backups go (default: the project folder).
-    ``pixel_size_um``: overrides every image's pixel size.
-    """
-    from pointnuc.errors import InputError
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise InputError(f"project not found: {path}")
-    if path.is_file():
-        if path.suffix.lower() == ".qpproj":
-            from pointnuc.io.qupath import QuPathProjectFile
-
-            return QuPathProjectFile(path, output_dir=output_dir, pixel_size_um=pixel_size_um)
-        raise InputError(f"{path} is a file; give a QuPath project (project.qpproj or its folder) or a folder of images")
-    if (path / "project.qpproj").is_file():
-        from pointnuc.io.qupath import QuPathProjectFile
-
-        return QuPathProjectFile(path / "project.qpproj", output_dir=output_dir, pixel_size_um=pixel_size_um)
-    from pointnuc.io.geojson_project import GeoJSONFolderProject
-
-    return GeoJSONFolderProject(path, output_dir=output_dir, pixel_size_um=pixel_size_um)

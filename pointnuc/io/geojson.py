@@ -25,52 +25,18 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-import numpy as np
-import shapely
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc import fileio
 from pointnuc.errors import InputError
-from pointnuc.geometry import (
-    cell_measurements,
-    clip_polygons,
-    expand_cells,
-    is_shape_measurement,
-    measurements_many,
-    valid_polygon,
-)
 from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, NucleusObject
 from pointnuc.io.objects import QuPathObject
-
-#: colours QuPath 0.6 shows for these classes (built-ins, and the one it derives for "Nucleus")
-CLASS_COLORS: dict[str, tuple[int, int, int]] = {
-    "Nucleus": (255, 228, 22),
-    "Tumor": (200, 0, 0),
-    "Stroma": (150, 200, 150),
-    "Immune cells": (160, 90, 160),
-    "Necrosis": (50, 50, 50),
-    "Other": (255, 200, 0),
-    "Region*": (0, 0, 180),
-    "Ignore*": (180, 180, 180),
-    "Positive": (200, 50, 50),
-    "Negative": (112, 112, 225),
-}
-OBJECT_TYPES = ("detection", "cell")
-
-
-def class_color(name: str) -> tuple[int, int, int]:
-    """The colour written for a class: QuPath's for known classes, else a stable colour from the name."""
-    if name in CLASS_COLORS:
-        return CLASS_COLORS[name]
-    h = 0
-    for ch in name:  # Java's String.hashCode, for a colour that does not change between runs
-        h = (31 * h + ord(ch)) & 0xFFFFFFFF
-    return (64 + (h >> 16) % 192, 64 + (h >> 8) % 192, 64 + h % 192)
-
+from pointnuc.io.records import class_color, inside, nucleus_records
 
 # --------------------------------------------------------------------------- reading
 
@@ -190,11 +156,6 @@ def read_nuclei(path: Path) -> list[NucleusObject]:
 # --------------------------------------------------------------------------- writing
 
 
-def float32(value: float) -> float:
-    """A value as QuPath stores measurements (32-bit float), back as a Python float."""
-    return float(np.float32(value))
-
-
 def _num(v: float) -> str:
     """A coordinate: at most 2 decimals, integers without '.0'."""
     r = round(float(v), 2)
@@ -279,68 +240,6 @@ def _listify(c: Any) -> Any:
     return [_listify(x) for x in c]
 
 
-def _rounded_polygon(poly: BaseGeometry) -> BaseGeometry | None:
-    """Round to the 2 decimals that will be written, and make sure the result is still valid."""
-    p = valid_polygon(poly)
-    if p is None:
-        return None
-    rounded = shapely.transform(p, lambda xy: np.round(xy, 2))
-    return rounded if rounded.is_valid and not rounded.is_empty else valid_polygon(rounded)
-
-
-def nucleus_records(
-    nuclei: Sequence[NucleusObject],
-    *,
-    object_type: str = "detection",
-    pixel_size_um: float | None = None,
-    cell_expansion_um: float = CELL_EXPANSION_UM,
-    clip_to: BaseGeometry | None = None,
-) -> list[tuple[BaseGeometry, BaseGeometry | None, dict[str, float]]]:
-    """(geometry, nucleus geometry or None, measurements) per nucleus, ready to write.
-
-    ``clip_to`` is the area every object must stay inside (:func:`pointnuc.geometry.object_area`:
-    the image, and the ``--within`` region where given): nuclei are cut to it, cells end at it.
-    Outlines are rounded to 0.01 px and made valid; empty ones are dropped.
-    ``object_type="cell"``: the geometry is the nucleus grown by ``cell_expansion_um`` (as 4 px
-    per µm when the pixel size is unknown), limited by its neighbours; the nucleus is the nucleus
-    geometry.
-
-    Measurements, all as 32-bit floats: QuPath's shape measurements of the written outlines
-    (a detection's ``Area µm^2``, ``Length µm``, ``Circularity``; a cell's ``Nucleus: ...``,
-    ``Cell: ...`` and ``Nucleus/Cell area ratio``; see :mod:`pointnuc.geometry`), the nucleus'
-    other measurements, and the marker ``pointnuc score``.
-    """
-    if object_type not in OBJECT_TYPES:
-        raise InputError(f"object type must be one of {', '.join(OBJECT_TYPES)}, not {object_type!r}")
-    polys = [n.polygon for n in nuclei]
-    if clip_to is not None:
-        polys = clip_polygons([p if p is not None else shapely.Polygon() for p in polys], clip_to)
-    kept: list[tuple[NucleusObject, BaseGeometry]] = []
-    for n, p in zip(nuclei, polys):
-        poly = _rounded_polygon(p) if p is not None else None
-        if poly is not None:
-            kept.append((n, poly))
-    if not kept:
-        return []
-    nuc = [p for _, p in kept]
-    if object_type == "cell":
-        dist_px = cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
-        cells = [_rounded_polygon(c) for c in expand_cells(nuc, dist_px, within=clip_to)]
-        geoms = [c if c is not None and c.covers(p) else p for c, p in zip(cells, nuc)]
-        shape_meas = cell_measurements(geoms, nuc, pixel_size_um)
-    else:
-        geoms = nuc
-        shape_meas = measurements_many(np.asarray(nuc, dtype=object), pixel_size_um)
-    out = []
-    for (n, poly), geom, meas in zip(kept, geoms, shape_meas):
-        # shape measurements are always those of the outlines written here (cut, rounded)
-        meas.update({k: v for k, v in n.measurements.items() if k != POINTNUC_MARKER and not is_shape_measurement(k)})
-        meas[POINTNUC_MARKER] = float(n.score)
-        meas = {k: float32(v) for k, v in meas.items() if v is not None and math.isfinite(float(v))}
-        out.append((geom, poly if object_type == "cell" else None, meas))
-    return out
-
-
 def nuclei_features(
     nuclei: Sequence[NucleusObject],
     *,
@@ -370,14 +269,9 @@ def nuclei_features(
     return feats
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so that a crash or a full disk never leaves half of it (:mod:`pointnuc.fileio`)."""
-    fileio.write_text_atomic(Path(path), text)
-
-
 def write_features(path: Path, features: Sequence[dict[str, Any]], layout: str = "collection") -> Path:
     """Write Features in QuPath's text form (atomically)."""
-    write_text_atomic(Path(path), dumps_features(features, layout))
+    fileio.write_text_atomic(Path(path), dumps_features(features, layout))
     return Path(path)
 
 
@@ -404,17 +298,6 @@ def feature_is_pointnuc(feature: dict[str, Any]) -> bool:
     """Whether a raw Feature was written by pointnuc."""
     m = (feature.get("properties") or {}).get("measurements")
     return isinstance(m, dict) and POINTNUC_MARKER in m
-
-
-def inside(geom: BaseGeometry, area: BaseGeometry | None) -> bool:
-    """Ownership rule for replacing earlier results: an object belongs to an area when its
-    centroid (representative point for odd shapes) lies in it; None = everywhere."""
-    if area is None:
-        return True
-    pt = geom.centroid if not geom.is_empty else None
-    if pt is None or pt.is_empty or not geom.contains(pt):
-        pt = geom.representative_point()
-    return bool(area.covers(pt))
 
 
 def merge_features(

@@ -21,8 +21,8 @@ one is kept as ``NAME.geojson.bak``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from shapely.geometry.base import BaseGeometry
 
