@@ -22,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, OutputExistsError, PointnucError, TrainingError
-from pointnuc.io.base import CELL_EXPANSION_UM, ImageRef, NucleusObject, Project
+from pointnuc.io.base import DEFAULT_WRITE, ImageRef, NucleusObject, Project, WriteOptions
 from pointnuc.io.paths import check_output_dir
 from pointnuc.train.samples import MIN_POINTS, TrainingImage, detection_samples, points_between
 
@@ -766,7 +766,7 @@ def keep_result(plan: ImagePlan, nuclei: Sequence[NucleusObject], *, seconds: fl
     assert plan.key is not None and plan.pixel_size_um is not None
     record_file(plan.result).unlink(missing_ok=True)
     # nuclei only, as detections: how they are written into the project is applied on each write
-    write_nuclei_file(plan.result, nuclei, object_type="detection", class_name="Nucleus", pixel_size_um=plan.pixel_size_um,
+    write_nuclei_file(plan.result, nuclei, pixel_size_um=plan.pixel_size_um,
                       clip_to=object_area(plan.image.width, plan.image.height, plan.region))
     st = plan.image.path.stat()
     record = {
@@ -790,23 +790,21 @@ def segment_project(
     within_class: str | None = None,
     device: str = "auto",
     pixel_size_um: float | None = None,
-    object_type: str = "detection",
-    class_name: str = "Nucleus",
+    write_options: WriteOptions = DEFAULT_WRITE,
     shard: tuple[int, int] | None = None,
     write: bool = True,
     redo: bool = False,
     batch_size: int | None = None,
     progress: bool = True,
     tta: bool = False,
-    cell_expansion_um: float = CELL_EXPANSION_UM,
 ) -> SegmentSummary:
     """Segment the planned images; per-image results are kept so a re-run continues.
 
     A kept result is reused only when it was made with everything that changes it unchanged
     (:class:`ResultKey`); otherwise it is recomputed and ``summary.recomputed`` says why. With
     ``write`` (no shard), each image's nuclei go into the project as soon as it is done,
-    replacing pointnuc's earlier objects in that area only. ``cell_expansion_um``: how far
-    cells reach beyond their nuclei (``object_type="cell"``). The project is locked for the
+    replacing pointnuc's earlier objects in that area only, as ``write_options`` says (detections
+    or cells, their class). The project is locked for the
     run (:mod:`pointnuc.io.lock`): a second writer is refused; ``--shard`` runs share the lock.
     """
     from pointnuc.io.lock import project_lock
@@ -814,15 +812,15 @@ def segment_project(
     with project_lock(project.root, "segment", shared=shard is not None):
         return _segment_locked(
             project, model_dir, image_names=image_names, within_class=within_class, device=device,
-            pixel_size_um=pixel_size_um, object_type=object_type, class_name=class_name, shard=shard, write=write,
-            redo=redo, batch_size=batch_size, progress=progress, tta=tta, cell_expansion_um=cell_expansion_um,
+            pixel_size_um=pixel_size_um, write_options=write_options, shard=shard, write=write,
+            redo=redo, batch_size=batch_size, progress=progress, tta=tta,
         )
 
 
 def _segment_locked(
     project: Project, model_dir: Path, *, image_names: Sequence[str], within_class: str | None, device: str,
-    pixel_size_um: float | None, object_type: str, class_name: str, shard: tuple[int, int] | None, write: bool,
-    redo: bool, batch_size: int | None, progress: bool, tta: bool, cell_expansion_um: float,
+    pixel_size_um: float | None, write_options: WriteOptions, shard: tuple[int, int] | None, write: bool,
+    redo: bool, batch_size: int | None, progress: bool, tta: bool,
 ) -> SegmentSummary:
     from pointnuc.io.geojson import read_nuclei
     from pointnuc.io.slide import pixel_size_or_error
@@ -870,8 +868,7 @@ def _segment_locked(
         summary.nuclei[name] = len(nuclei)
         if write and shard is None:
             summary.written += project.write_nuclei(
-                {name: nuclei}, object_type=object_type, class_name=class_name, replace_within={name: plan.region},
-                cell_expansion_um=cell_expansion_um,
+                {name: nuclei}, options=write_options, replace_within={name: plan.region},
             )
     return summary
 
@@ -907,8 +904,8 @@ def _segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: to
 
 
 def merge_results(
-    project: Project, model_dir: Path, *, object_type: str = "detection", class_name: str = "Nucleus",
-    within_class: str | None = None, tta: bool = False, cell_expansion_um: float = CELL_EXPANSION_UM,
+    project: Project, model_dir: Path, *, write_options: WriteOptions = DEFAULT_WRITE,
+    within_class: str | None = None, tta: bool = False,
 ) -> SegmentSummary:
     """Write every current per-image result of ``model_dir`` (e.g. from --shard runs, with ``tta`` as they
     ran) into the project. Images without one, or whose kept result no longer fits (another pixel size, a
@@ -934,6 +931,5 @@ def merge_results(
             why = "; ".join(f"{n}: {w.removeprefix('not merged: ')}" for n, w in list(summary.failed.items())[:3])
             raise InputError(f"no current results to merge in {out_dir} ({why}); "
                              f"run `pointnuc segment --shard K/N{' --tta' if tta else ''}` first")
-        summary.written = project.write_nuclei(batch, object_type=object_type, class_name=class_name,
-                                               replace_within=within, cell_expansion_um=cell_expansion_um)
+        summary.written = project.write_nuclei(batch, options=write_options, replace_within=within)
     return summary

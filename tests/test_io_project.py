@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from shapely.geometry import box
 
 from pointnuc.errors import InputError, OutputExistsError
-from pointnuc.io import NucleusObject, open_project
+from pointnuc.io import NucleusObject, WriteOptions, open_project
 from pointnuc.io.geojson import read_features
 from pointnuc.io.geojson_project import GeoJSONFolderProject, export_candidates
 from pointnuc.io.paths import prepare_output_dir
@@ -112,7 +112,7 @@ def test_write_nuclei_replaces_own_objects_only(shared: Path, tmp_path: Path):
     assert ann.n_pointnuc_objects == 3 and len(ann.points_xy) == 31
     # cells, to another output folder
     proj2 = open_project(folder, output_dir=tmp_path / "elsewhere")
-    [out2] = proj2.write_nuclei({name: new}, object_type="cell")
+    [out2] = proj2.write_nuclei({name: new}, options=WriteOptions("cell"))
     assert out2.parent == tmp_path / "elsewhere" / "pointnuc-geojson"
     assert all("nucleusGeometry" in f for f in read_features(out2))
     with pytest.raises(InputError, match="no image named"):

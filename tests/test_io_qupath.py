@@ -25,7 +25,7 @@ from shapely import wkt
 from shapely.geometry import box, shape
 
 from pointnuc.errors import InputError, QuPathNotFoundError
-from pointnuc.io import NucleusObject, open_project
+from pointnuc.io import NucleusObject, WriteOptions, open_project
 from pointnuc.io.base import POINTNUC_MARKER
 from pointnuc.io.qupath_project import QuPathProjectFile, uri_to_path
 
@@ -235,7 +235,7 @@ def test_writing_replaces_marked_detections_and_keeps_backup(fake_project: Path)
     assert sorted(round(d["measurements"].get(POINTNUC_MARKER, -1), 3) for d in dets) == [-1, 0.7, 0.8]
     assert proj.annotations(proj.images()[0]).n_pointnuc_objects == 2
     # cells carry their nucleus
-    proj.write_nuclei({B0: [NucleusObject(box(100, 100, 110, 110), 0.5)]}, object_type="cell")
+    proj.write_nuclei({B0: [NucleusObject(box(100, 100, 110, 110), 0.5)]}, options=WriteOptions("cell"))
     [cell] = json.loads((fake_project / "data/2/data.qpdata").read_text())["detections"]
     assert wkt.loads(cell["roi"]).covers(wkt.loads(cell["nucleus"]))
 

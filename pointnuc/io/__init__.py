@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pointnuc.io.base import ImageAnnotations, ImageRef, NucleusObject, Project
+from pointnuc.io.base import ImageAnnotations, ImageRef, NucleusObject, Project, WriteOptions
 
-__all__ = ["ImageAnnotations", "ImageRef", "NucleusObject", "Project", "open_project"]
+__all__ = ["ImageAnnotations", "ImageRef", "NucleusObject", "Project", "WriteOptions", "open_project"]
 
 
 def open_project(path: Path, *, output_dir: Path | None = None, pixel_size_um: float | None = None) -> Project:

@@ -21,10 +21,14 @@ from typing import Protocol
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
+from pointnuc.errors import InputError
+
 #: Measurement name that marks an object as written by pointnuc (QuPath shows it as a column).
 POINTNUC_MARKER = "pointnuc score"
 #: default growth of a nucleus into its cell (µm) for object_type="cell", as QuPath's cell expansion
 CELL_EXPANSION_UM = 2.0
+#: what pointnuc writes each nucleus as: a detection (its outline), or a cell (outline grown, nucleus inside)
+OBJECT_TYPES = ("detection", "cell")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,26 @@ class NucleusObject:
     measurements: dict[str, float] = field(default_factory=dict)  #: extra measurements (Area µm^2, ...)
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """How nuclei are written into a project (``pointnuc segment --objects --class --cell-expansion``)."""
+
+    object_type: str = "detection"  #: ``"detection"`` (the nucleus outline) or ``"cell"``
+    class_name: str = "Nucleus"  #: QuPath class of the written objects
+    #: how far each nucleus grows into its cell (µm), for ``object_type="cell"``
+    cell_expansion_um: float = CELL_EXPANSION_UM
+
+    def __post_init__(self) -> None:
+        if self.object_type not in OBJECT_TYPES:
+            raise InputError(f"object type must be one of {', '.join(OBJECT_TYPES)}, not {self.object_type!r}")
+        if not self.cell_expansion_um >= 0:
+            raise InputError(f"cell expansion must be 0 µm or more, not {self.cell_expansion_um!r}")
+
+
+#: what every writer does unless told otherwise: detections of class ``Nucleus``
+DEFAULT_WRITE = WriteOptions()
+
+
 class Project(Protocol):
     """A QuPath project as pointnuc reads and writes it."""
 
@@ -77,16 +101,13 @@ class Project(Protocol):
         self,
         results: dict[str, Sequence[NucleusObject]],
         *,
-        object_type: str = "detection",
-        class_name: str = "Nucleus",
+        options: WriteOptions = DEFAULT_WRITE,
         replace_within: dict[str, BaseGeometry | None] | None = None,
-        cell_expansion_um: float = CELL_EXPANSION_UM,
     ) -> list[Path]:
-        """Write nuclei per image name, replacing pointnuc's own earlier objects.
+        """Write nuclei per image name as ``options`` says, replacing pointnuc's own earlier objects.
 
         ``replace_within[name]``: only earlier pointnuc objects inside this area are
         replaced (None = the whole image). User objects are never touched. Keeps a
-        backup of what is replaced; returns the files written. ``cell_expansion_um``:
-        how far each nucleus grows into its cell, for ``object_type="cell"``.
+        backup of what is replaced; returns the files written.
         """
         ...

@@ -34,7 +34,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc import fileio
 from pointnuc.errors import InputError
-from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, NucleusObject
+from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, NucleusObject, WriteOptions
 from pointnuc.io.objects import QuPathObject
 from pointnuc.io.records import class_color, inside, nucleus_records
 
@@ -243,26 +243,22 @@ def _listify(c: Any) -> Any:
 def nuclei_features(
     nuclei: Sequence[NucleusObject],
     *,
-    object_type: str = "detection",
-    class_name: str = "Nucleus",
+    options: WriteOptions = DEFAULT_WRITE,
     pixel_size_um: float | None = None,
     color: tuple[int, int, int] | None = None,
-    cell_expansion_um: float = CELL_EXPANSION_UM,
     clip_to: BaseGeometry | None = None,
 ) -> list[dict[str, Any]]:
-    """QuPath Features for pointnuc's nuclei (see :func:`nucleus_records`), each with a new UUID4."""
-    rgb = list(color if color is not None else class_color(class_name))
+    """QuPath Features for pointnuc's nuclei (see :func:`~pointnuc.io.records.nucleus_records`), each with
+    a new UUID4, of type and class ``options`` says (``color``: the class colour, QuPath's by default)."""
+    rgb = list(color if color is not None else class_color(options.class_name))
     feats = []
-    for geom, nucleus, meas in nucleus_records(
-        nuclei, object_type=object_type, pixel_size_um=pixel_size_um, cell_expansion_um=cell_expansion_um,
-        clip_to=clip_to,
-    ):
+    for geom, nucleus, meas in nucleus_records(nuclei, options=options, pixel_size_um=pixel_size_um, clip_to=clip_to):
         f: dict[str, Any] = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": _geometry_dict(geom)}
         if nucleus is not None:
             f["nucleusGeometry"] = _geometry_dict(nucleus)
         f["properties"] = {
-            "objectType": object_type,
-            "classification": {"name": class_name, "color": rgb},
+            "objectType": options.object_type,
+            "classification": {"name": options.class_name, "color": rgb},
             "measurements": meas,
         }
         feats.append(f)
@@ -279,18 +275,13 @@ def write_nuclei_file(
     path: Path,
     nuclei: Sequence[NucleusObject],
     *,
-    object_type: str = "detection",
-    class_name: str = "Nucleus",
+    options: WriteOptions = DEFAULT_WRITE,
     pixel_size_um: float | None = None,
     color: tuple[int, int, int] | None = None,
-    cell_expansion_um: float = CELL_EXPANSION_UM,
     clip_to: BaseGeometry | None = None,
 ) -> Path:
     """Write nuclei as a QuPath FeatureCollection (File > Import objects reads it)."""
-    feats = nuclei_features(
-        nuclei, object_type=object_type, class_name=class_name, pixel_size_um=pixel_size_um, color=color,
-        cell_expansion_um=cell_expansion_um, clip_to=clip_to,
-    )
+    feats = nuclei_features(nuclei, options=options, pixel_size_um=pixel_size_um, color=color, clip_to=clip_to)
     return write_features(path, feats)
 
 

@@ -30,7 +30,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError
 from pointnuc.geometry import object_area
-from pointnuc.io.base import CELL_EXPANSION_UM, ImageAnnotations, ImageRef, NucleusObject
+from pointnuc.io.base import DEFAULT_WRITE, ImageAnnotations, ImageRef, NucleusObject, WriteOptions
 from pointnuc.io.objects import QuPathObject, summarise
 from pointnuc.io.qupath import QPDATA, InProcess
 from pointnuc.io.qupath_backup import BACKUP_FOLDER, backup_project, prune_backups, restore_project
@@ -231,15 +231,14 @@ class QuPathProjectFile:
         self,
         results: dict[str, Sequence[NucleusObject]],
         *,
-        object_type: str = "detection",
-        class_name: str = "Nucleus",
+        options: WriteOptions = DEFAULT_WRITE,
         replace_within: dict[str, BaseGeometry | None] | None = None,
-        cell_expansion_um: float = CELL_EXPANSION_UM,
     ) -> list[Path]:
         """Add the nuclei as detections (or cells) to each image's hierarchy, replacing pointnuc's own.
 
         Returns the ``data.qpdata`` files written. On failure or interruption the project is restored.
         """
+        class_name = options.class_name
         if ":" in class_name or "\n" in class_name:
             raise InputError(f"class name {class_name!r} cannot contain ':' (QuPath's derived classes are not supported)")
         refs = {r.name: r for r in self.images()}
@@ -253,8 +252,7 @@ class QuPathProjectFile:
         for n, d in zip(names, dirs):
             check_qpdata(d, n)
         records = {
-            n: nucleus_records(nuc, object_type=object_type, pixel_size_um=refs[n].pixel_size_um,
-                               cell_expansion_um=cell_expansion_um,
+            n: nucleus_records(nuc, options=options, pixel_size_um=refs[n].pixel_size_um,
                                clip_to=object_area(refs[n].width, refs[n].height, (replace_within or {}).get(n)))
             for n, nuc in results.items()
         }

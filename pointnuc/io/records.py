@@ -15,7 +15,6 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from pointnuc.errors import InputError
 from pointnuc.geometry import (
     cell_measurements,
     clip_polygons,
@@ -24,7 +23,7 @@ from pointnuc.geometry import (
     measurements_many,
     valid_polygon,
 )
-from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, NucleusObject
+from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, NucleusObject, WriteOptions
 
 #: one written object: geometry, the nucleus geometry of a cell (None for a detection), measurements
 Record = tuple[BaseGeometry, BaseGeometry | None, dict[str, float]]
@@ -42,7 +41,6 @@ CLASS_COLORS: dict[str, tuple[int, int, int]] = {
     "Positive": (200, 50, 50),
     "Negative": (112, 112, 225),
 }
-OBJECT_TYPES = ("detection", "cell")
 
 
 def class_color(name: str) -> tuple[int, int, int]:
@@ -72,9 +70,8 @@ def _rounded_polygon(poly: BaseGeometry) -> BaseGeometry | None:
 def nucleus_records(
     nuclei: Sequence[NucleusObject],
     *,
-    object_type: str = "detection",
+    options: WriteOptions = DEFAULT_WRITE,
     pixel_size_um: float | None = None,
-    cell_expansion_um: float = CELL_EXPANSION_UM,
     clip_to: BaseGeometry | None = None,
 ) -> list[Record]:
     """(geometry, nucleus geometry or None, measurements) per nucleus, ready to write.
@@ -82,17 +79,16 @@ def nucleus_records(
     ``clip_to`` is the area every object must stay inside (:func:`pointnuc.geometry.object_area`:
     the image, and the ``--within`` region where given): nuclei are cut to it, cells end at it.
     Outlines are rounded to 0.01 px and made valid; empty ones are dropped.
-    ``object_type="cell"``: the geometry is the nucleus grown by ``cell_expansion_um`` (as 4 px
-    per µm when the pixel size is unknown), limited by its neighbours; the nucleus is the nucleus
-    geometry.
+    ``options.object_type="cell"``: the geometry is the nucleus grown by ``options.cell_expansion_um``
+    (as 4 px per µm when the pixel size is unknown), limited by its neighbours; the nucleus is the
+    nucleus geometry. (``options.class_name`` is the writer's business.)
 
     Measurements, all as 32-bit floats: QuPath's shape measurements of the written outlines
     (a detection's ``Area µm^2``, ``Length µm``, ``Circularity``; a cell's ``Nucleus: ...``,
     ``Cell: ...`` and ``Nucleus/Cell area ratio``; see :mod:`pointnuc.geometry`), the nucleus'
     other measurements, and the marker ``pointnuc score``.
     """
-    if object_type not in OBJECT_TYPES:
-        raise InputError(f"object type must be one of {', '.join(OBJECT_TYPES)}, not {object_type!r}")
+    cell = options.object_type == "cell"
     polys = [n.polygon for n in nuclei]
     if clip_to is not None:
         polys = clip_polygons([p if p is not None else shapely.Polygon() for p in polys], clip_to)
@@ -104,8 +100,8 @@ def nucleus_records(
     if not kept:
         return []
     nuc = [p for _, p in kept]
-    if object_type == "cell":
-        dist_px = cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
+    if cell:
+        dist_px = options.cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
         cells = [_rounded_polygon(c) for c in expand_cells(nuc, dist_px, within=clip_to)]
         geoms = [c if c is not None and c.covers(p) else p for c, p in zip(cells, nuc)]
         shape_meas = cell_measurements(geoms, nuc, pixel_size_um)
@@ -118,7 +114,7 @@ def nucleus_records(
         meas.update({k: v for k, v in n.measurements.items() if k != POINTNUC_MARKER and not is_shape_measurement(k)})
         meas[POINTNUC_MARKER] = float(n.score)
         meas = {k: float32(v) for k, v in meas.items() if v is not None and math.isfinite(float(v))}
-        out.append((geom, poly if object_type == "cell" else None, meas))
+        out.append((geom, poly if cell else None, meas))
     return out
 
 
