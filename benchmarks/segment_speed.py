@@ -95,7 +95,9 @@ def machine() -> str:
 
 
 def speed(args: argparse.Namespace) -> dict:
-    from pointnuc.infer.wsi import DEFAULT_BATCH, DEFAULT_TILE, _predict_batch, plan_slide, read_tile, segment_slide
+    from pointnuc.infer.predict import predict_batch as _predict_batch
+    from pointnuc.infer.slide_tiles import plan_slide, read_tile
+    from pointnuc.infer.wsi import DEFAULT_BATCH, DEFAULT_TILE, segment_slide
     from pointnuc.io.slide import open_slide
 
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else (args.device if args.device != "auto" else "cpu"))

@@ -97,7 +97,7 @@ def _block_mean(img: np.ndarray, k: int) -> np.ndarray:
 def test_tissue_mask_keeps_fat_on_a_large_slide_and_drops_its_glass(thumb_ds: int) -> None:
     """A large slide: fat on the left, glass (with noise and dust) on the right. The plan covers every
     nucleus of the fat, however coarse the thumbnail, and still leaves out most of the glass."""
-    from pointnuc.infer.wsi import plan_slide
+    from pointnuc.infer.slide_tiles import plan_slide
 
     fat, c = fat_tile(seed=1)
     n = 4
@@ -144,7 +144,7 @@ def test_real_crops_are_looked_at_whole(shared: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     from pointnuc.infer.tissue import tissue_mask
-    from pointnuc.infer.wsi import read_thumbnail
+    from pointnuc.io.slide import read_thumbnail
     from pointnuc.io.slide import open_slide
 
     src = shared / "data" / "monuseg" / "train" / "TCGA-18-5592-01Z-00-DX1.png"

@@ -81,8 +81,3 @@ def tissue_mask(
     if grow > 0 and mask.any():
         mask = ndi.binary_dilation(mask, structure=ndi.generate_binary_structure(2, 1), iterations=grow)
     return mask
-
-
-def tissue_fraction(mask: np.ndarray) -> float:
-    """Share of the thumbnail that is tissue."""
-    return float(np.mean(mask)) if mask.size else 0.0

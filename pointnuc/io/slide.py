@@ -22,7 +22,7 @@ import logging
 import math
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -37,8 +37,29 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".
 #: image file endings a project folder may hold
 IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp")
 WHITE = 255
+#: longest side of a thumbnail (the whole slide at a glance: tissue mask, colour)...
+THUMBNAIL_SIZE = 2048
+#: ...which needs no finer pixels than this (µm/px): a 20x/40x slide is looked at with 4 µm pixels
+THUMBNAIL_UM = 4.0
 
 log = logging.getLogger(__name__)
+
+
+class RegionReader(Protocol):
+    """Anything pixels are read from by box (a :class:`Slide`, or a stand-in in tests)."""
+
+    def read_region(self, x: float, y: float, w: float, h: float, downsample: float = 1.0) -> np.ndarray:
+        """uint8 RGB (round(h/ds), round(w/ds), 3) of the full-resolution box (x, y, w, h); white outside."""
+        ...
+
+
+class SlideLike(RegionReader, Protocol):
+    """What whole-slide inference uses of a slide (a :class:`Slide` has it all)."""
+
+    width: int  #: full-resolution pixels
+    height: int
+    pixel_size_um: float | None  #: µm per full-resolution pixel, None when unknown
+    level_downsamples: list[float]  #: full-resolution pixels per level pixel, per pyramid level
 
 
 def checked_pixel_size(um: float, what: str = "--pixel-size") -> float:
@@ -142,7 +163,7 @@ class Slide:
                 best = i
         return best
 
-    def read_region(self, x: int, y: int, w: int, h: int, downsample: float = 1.0) -> np.ndarray:
+    def read_region(self, x: float, y: float, w: float, h: float, downsample: float = 1.0) -> np.ndarray:
         """uint8 RGB (round(h/ds), round(w/ds), 3) of the full-res box (x, y, w, h).
 
         Parts of the box outside the image are white.
@@ -198,10 +219,9 @@ class Slide:
             return _describe(err)
         return None
 
-    def read_thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
-        """The whole image with its longer side at most ``max_size`` px, and its downsample."""
-        ds = max(1.0, max(self.width, self.height) / float(max_size))
-        return self.read_region(0, 0, self.width, self.height, downsample=ds), ds
+    def read_thumbnail(self, max_size: int = THUMBNAIL_SIZE) -> tuple[np.ndarray, float]:
+        """The whole image with its longer side at most ``max_size`` px, and its downsample (:func:`read_thumbnail`)."""
+        return read_thumbnail(self, max_size)
 
     def close(self) -> None:
         self._backend.close()
@@ -218,6 +238,33 @@ class Slide:
 def _describe(err: BaseException) -> str:
     """An exception as one line: pointnuc's own message as it is, others with their class."""
     return str(err) if isinstance(err, ImageReadError) else f"{err.__class__.__name__}: {err}"
+
+
+def read_thumbnail(
+    slide: SlideLike, max_size: int = THUMBNAIL_SIZE, *, pixel_size_um: float | None = None,
+    min_pixel_um: float = THUMBNAIL_UM, chunk_px: int = 1024,
+) -> tuple[np.ndarray, float]:
+    """The slide at an integer downsample, longer side <= ``max_size``, read chunk by chunk; and that downsample.
+
+    With ``pixel_size_um`` (of the slide) the pixels are at least ``min_pixel_um`` µm. Memory stays
+    bounded whatever the slide's pyramid: each chunk reads at most about ``chunk_px``² pixels of
+    the level it comes from.
+    """
+    ds = max(1, math.ceil(max(slide.width, slide.height) / max_size))
+    if pixel_size_um:
+        ds = max(ds, int(min_pixel_um // pixel_size_um))
+    best_level = getattr(slide, "best_level", None)  # (a stand-in slide may have no pyramid)
+    level_ds = slide.level_downsamples[best_level(ds)] if best_level is not None else 1.0
+    step = ds * max(1, int(chunk_px * level_ds) // ds)  # full-res chunk side, a multiple of ds
+    tw, th = math.ceil(slide.width / ds), math.ceil(slide.height / ds)
+    out = np.empty((th, tw, 3), np.uint8)
+    for y in range(0, slide.height, step):
+        for x in range(0, slide.width, step):
+            w, h = min(step, slide.width - x), min(step, slide.height - y)
+            w, h = math.ceil(w / ds) * ds, math.ceil(h / ds) * ds
+            part = np.asarray(slide.read_region(x, y, w, h, downsample=ds))[..., :3]
+            out[y // ds : y // ds + part.shape[0], x // ds : x // ds + part.shape[1]] = part[: th - y // ds, : tw - x // ds]
+    return out, float(ds)
 
 
 def open_slide(path: Path, pixel_size_um: float | None = None) -> Slide:
