@@ -23,7 +23,7 @@ import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, OutputExistsError, PointnucError, TrainingError
 from pointnuc.io.base import DEFAULT_WRITE, ImageRef, NucleusObject, Project, WriteOptions
-from pointnuc.io.paths import check_output_dir
+from pointnuc.io.paths import check_output_dir, safe_file_name
 from pointnuc.train.samples import MIN_POINTS, TrainingImage, detection_samples, points_between
 
 if TYPE_CHECKING:
@@ -588,10 +588,6 @@ def _region_digest(region: BaseGeometry | None) -> str | None:
     return None if region is None else hashlib.sha1(region.wkb).hexdigest()[:8]
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
-
-
 def result_file(out_dir: Path, image_name: str, region: BaseGeometry | None) -> Path:
     """Where one image's result is kept: its name made safe for any file system, then ``~`` and a
     digest of the exact name, so that two images never share one (``slide a.tif`` and ``slide_a.tif``,
@@ -599,7 +595,7 @@ def result_file(out_dir: Path, image_name: str, region: BaseGeometry | None) -> 
     so a result is never reused for another area."""
     import hashlib
 
-    stem = f"{_safe(image_name)}~{hashlib.sha1(image_name.encode('utf-8')).hexdigest()[:10]}"
+    stem = f"{safe_file_name(image_name)}~{hashlib.sha1(image_name.encode('utf-8')).hexdigest()[:10]}"
     region_digest = _region_digest(region)
     return out_dir / (f"{stem}.geojson" if region_digest is None else f"{stem}.within-{region_digest}.geojson")
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pointnuc.io.paths import safe_file_name
 from pointnuc.models.bundle import ModelLayout
 from pointnuc.train.samples import TrainingImage
 
@@ -233,8 +234,7 @@ def write_report(layout: ModelLayout, samples: Sequence[TrainingImage], det: Any
                  f"clicked" + ("" if (y0, x0, y1, x1) == (0, 0, *s.image.shape[:2]) else " (whole image; crop shown)"))
         im = review_figure(s.image[y0:y1, x0:x1], lab[y0:y1, x0:x1], train_xy=_in(s.points, y0, x0, y1, x1)[0],
                            holdout_xy=hold, found=_found(lab, s.holdout, s.points)[keep], zoom=zoom, title=title)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s.name)
-        p = out / f"review_{k:02d}_{safe}.png"
+        p = out / f"review_{k:02d}_{safe_file_name(s.name)}.png"
         im.save(p)
         files.append(p)
         k += 1

@@ -212,3 +212,12 @@ def test_example_folder_reads_without_shared_data(tmp_path: Path):
     assert ann.regions[0].bounds == (0.0, 0.0, 500.0, 1000.0)
     [out] = proj.write_nuclei({im.name: [NucleusObject(box(1, 1, 9, 9), 0.5)]})
     assert out.parent == tmp_path / "pointnuc-geojson"
+
+
+def test_safe_file_name_keeps_letters_digits_and_dashes() -> None:
+    """One rule for every file pointnuc names after an image (kept results, review figures)."""
+    from pointnuc.io.paths import safe_file_name
+
+    assert safe_file_name("TCGA-A7 slide:1/2.tif") == "TCGA-A7_slide_1_2.tif"
+    assert safe_file_name("Schnitt µ 1.svs") == "Schnitt_µ_1.svs"  # letters of any script are kept
+    assert safe_file_name("x" * 100) == "x" * 80 and safe_file_name("abc", max_chars=2) == "ab"
