@@ -24,12 +24,12 @@ import tifffile
 from click.testing import CliRunner
 from PIL import Image
 from shapely.geometry import box
+from synth import label_points, points_feature, render_nuclei, write_geojson_project
 
 from pointnuc.cli import main
 from pointnuc.errors import ImageReadError, InputError, ModelFormatError
 from pointnuc.io.base import ImageRef, NucleusObject
 from pointnuc.io.slide import open_slide
-from synth import label_points, points_feature, render_nuclei, write_geojson_project
 
 REPO = Path(__file__).resolve().parents[1]
 

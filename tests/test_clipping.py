@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import shapely
 from shapely.geometry import Point, Polygon, box, shape
+from synth import write_geojson_project
 
 from pointnuc.geometry import clip_polygons, expand_cells, object_area
 from pointnuc.io.base import NucleusObject, WriteOptions
 from pointnuc.io.geojson_project import GeoJSONFolderProject
 from pointnuc.io.records import nucleus_records
-from synth import write_geojson_project
 
 W, H = 64, 48
 

@@ -29,7 +29,6 @@ from pointnuc.io import NucleusObject, WriteOptions, open_project
 from pointnuc.io.base import POINTNUC_MARKER
 from pointnuc.io.qupath_project import QuPathProjectFile, uri_to_path
 
-
 # --------------------------------------------------------------------------- the stand-in
 
 

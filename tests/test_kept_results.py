@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from synth import label_points, render_nuclei, write_geojson_project
 
 from pointnuc.cli import main
-from synth import label_points, render_nuclei, write_geojson_project
 
 #: two images whose sanitised names are the same, with different nuclei (and counts)
 IMAGES = {"slide a": (30, 21), "slide_a": (50, 22)}

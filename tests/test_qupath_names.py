@@ -77,8 +77,9 @@ def test_shape_measurements_are_recomputed_not_carried_over() -> None:
 @pytest.mark.qupath
 @pytest.mark.parametrize("px", [0.5, None])
 def test_names_and_values_are_qupaths_shape_features(qupath_dir: Path, tmp_path: Path, px: float | None) -> None:
-    from pointnuc.geometry import object_area
     from qupath_kit import kit
+
+    from pointnuc.geometry import object_area
 
     ours, objects = [], []
     for object_type in ("detection", "cell"):

@@ -24,10 +24,10 @@ from typing import Callable
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from shapely.geometry import box
-
 from conftest import shared_dir
+from shapely.geometry import box
 from test_io_qupath import fake_project  # noqa: F401  (the stand-in project fixture)
+
 from pointnuc.errors import InputError, Interrupted
 from pointnuc.io.base import NucleusObject
 from pointnuc.io.qupath_backup import BACKUP_FOLDER, BACKUPS_PER_IMAGE

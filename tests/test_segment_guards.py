@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from synth import write_tiff
+from test_wsi import DarknessNet
 
 from pointnuc.cli import main
 from pointnuc.config import profile_config
 from pointnuc.models.bundle import ModelInfo
-from synth import write_tiff
-from test_wsi import DarknessNet
 
 PX = 0.25  # the images' µm/px; the model works at 0.5
 
@@ -144,8 +144,7 @@ def test_real_crops_are_looked_at_whole(shared: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     from pointnuc.infer.tissue import tissue_mask
-    from pointnuc.io.slide import read_thumbnail
-    from pointnuc.io.slide import open_slide
+    from pointnuc.io.slide import open_slide, read_thumbnail
 
     src = shared / "data" / "monuseg" / "train" / "TCGA-18-5592-01Z-00-DX1.png"
     if not src.is_file():

@@ -16,8 +16,8 @@ from torch import nn
 
 from pointnuc.config import profile_config
 from pointnuc.errors import InputError, PixelSizeError
-from pointnuc.infer.tiling import make_grid
 from pointnuc.infer.slide_tiles import plan_slide, working_halo
+from pointnuc.infer.tiling import make_grid
 from pointnuc.infer.wsi import segment_slide
 from pointnuc.models.bundle import ModelInfo
 from pointnuc.models.net import IMAGENET_MEAN, IMAGENET_STD
@@ -340,8 +340,8 @@ def test_pointnuc_segment_cli_on_a_pyramidal_tiff(
 
 def test_colour_normalisation_on_device_matches_reader_threads(slide_file: tuple[Path, SynthSlide]) -> None:
     """The GPU path normalises the batch with torch: same pixels (±1) and the same nuclei as numpy."""
-    from pointnuc.stain import colour_apply_torch as normalise_tiles_torch
     from pointnuc.io.slide import open_slide
+    from pointnuc.stain import colour_apply_torch as normalise_tiles_torch
     from pointnuc.stain import lab_stats
 
     rng = np.random.default_rng(1)

@@ -143,6 +143,9 @@ def read_tile(slide: RegionReader, plan: SlidePlan, tile: Tile) -> np.ndarray:
     ds = plan.downsample
     t = plan.grid.tile_size
     wy, wx = tile.window.y0 + plan.origin[0], tile.window.x0 + plan.origin[1]
+    x: float
+    y: float
+    side: float
     if float(ds).is_integer():
         x, y, side = int(wx * ds), int(wy * ds), int(t * ds)
     else:

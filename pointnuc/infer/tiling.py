@@ -108,7 +108,7 @@ class TileGrid:
 
 def round_halo(halo_px: float) -> int:
     """Smallest valid halo (a multiple of 16, so that ``tile_size - 2*halo`` stays a multiple of 32) >= ``halo_px``."""
-    return max(0, int(math.ceil(halo_px / (NET_STRIDE // 2))) * (NET_STRIDE // 2))
+    return max(0, math.ceil(halo_px / (NET_STRIDE // 2)) * (NET_STRIDE // 2))
 
 
 def make_grid(height: int, width: int, *, tile_size: int, halo: int) -> TileGrid:
@@ -123,7 +123,7 @@ def make_grid(height: int, width: int, *, tile_size: int, halo: int) -> TileGrid
     if core < NET_STRIDE:
         raise InputError(f"tile size {tile_size} leaves no core with a halo of {halo} px; use larger tiles")
     image = Box(0, 0, height, width)
-    tiles = []
+    tiles: list[Tile] = []
     for r in range(math.ceil(height / core)):
         for c in range(math.ceil(width / core)):
             cb = Box(r * core, c * core, min((r + 1) * core, height), min((c + 1) * core, width))
@@ -191,10 +191,10 @@ def tiles_intersecting(
     mh, mw = mask.shape
     keep = []
     for t in tiles:
-        y0 = min(max(int(math.floor((t.core.y0 + origin[0]) / scale)), 0), mh - 1)
-        x0 = min(max(int(math.floor((t.core.x0 + origin[1]) / scale)), 0), mw - 1)
-        y1 = max(int(math.ceil((t.core.y1 + origin[0]) / scale)), y0 + 1)
-        x1 = max(int(math.ceil((t.core.x1 + origin[1]) / scale)), x0 + 1)
+        y0 = min(max(math.floor((t.core.y0 + origin[0]) / scale), 0), mh - 1)
+        x0 = min(max(math.floor((t.core.x0 + origin[1]) / scale), 0), mw - 1)
+        y1 = max(math.ceil((t.core.y1 + origin[0]) / scale), y0 + 1)
+        x1 = max(math.ceil((t.core.x1 + origin[1]) / scale), x0 + 1)
         if mask[y0:y1, x0:x1].any():
             keep.append(t)
     return keep

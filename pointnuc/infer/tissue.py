@@ -54,7 +54,7 @@ def tissue_mask(
     vmax = rgb.max(axis=-1).astype(np.int16)  # small integer work: a few bytes per thumbnail pixel
     vmin = rgb.min(axis=-1).astype(np.int16)
     # saturation (vmax - vmin) / vmax >= s  <=>  (vmax - vmin) * 1000 >= s * 1000 * vmax, in integers
-    coloured = (vmax - vmin).astype(np.int32) * 1000 >= int(round(min_saturation * 1000)) * vmax.astype(np.int32)
+    coloured = (vmax - vmin).astype(np.int32) * 1000 >= round(min_saturation * 1000) * vmax.astype(np.int32)
     padding = vmax <= 0.08 * 255
     glassy = ~coloured & (vmax >= max_brightness * 255) & ~padding
     mask = ~glassy & ~padding

@@ -231,7 +231,7 @@ class SlideSegmenter:
     def tile_context(self, plan: SlidePlan, region: BaseGeometry | None) -> TileContext:
         """What post-processing needs besides each tile: instances are looked for within a nucleus of the core."""
         r1_px = self.info.config.data.nucleus_radius_um / self.info.pixel_size_um
-        margin = min(plan.grid.halo, int(math.ceil(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px)) + 4)
+        margin = min(plan.grid.halo, math.ceil(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px) + 4)
         return TileContext(plan.origin, plan.downsample, plan.pixel_size_um, instance_params(self.info), region,
                            keep_margin=margin)
 

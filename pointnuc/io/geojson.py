@@ -88,6 +88,7 @@ def _classification(props: dict[str, Any]) -> str | None:
 def _measurements(props: dict[str, Any]) -> dict[str, float]:
     m = props.get("measurements")
     out: dict[str, float] = {}
+    items: Iterable[tuple[Any, Any]]
     if isinstance(m, dict):
         items = m.items()
     elif isinstance(m, list):  # QuPath <= 0.3: [{"name": ..., "value": ...}]
@@ -105,7 +106,7 @@ def _measurements(props: dict[str, Any]) -> dict[str, float]:
 def _shape(geom: Any, path: Path, i: int) -> BaseGeometry:
     try:
         return shape(geom)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - shapely raises many kinds for a malformed geometry
         raise InputError(f"{path}: feature {i} has an unreadable geometry ({err})") from None
 
 

@@ -62,7 +62,7 @@ def load_paquo(extra_java_opts: Sequence[str] = ()) -> tuple[Any, Any]:
         from paquo.classes import QuPathPathClass
         from paquo.java import LogManager
         from paquo.projects import QuPathProject
-    except Exception as err:  # ValueError (none found), FileNotFoundError (incompatible), JVM start errors
+    except Exception as err:  # noqa: BLE001 - ValueError (none found), FileNotFoundError (incompatible), JVM errors
         log.debug("paquo could not start QuPath: %s: %s", err.__class__.__name__, err)
         raise QuPathNotFoundError(QUPATH_NOT_FOUND) from None
     if LogManager is not None:
@@ -96,14 +96,14 @@ class PaquoSession:
         if self._reader is None:
             try:
                 self._reader = self._Project(self.qpproj, mode="r")
-            except Exception as err:  # Java exceptions too: QuPath could not load it
+            except Exception as err:  # noqa: BLE001 - Java exceptions too: QuPath could not load it
                 raise InputError(f"QuPath cannot open {self.qpproj} as a project ({_java_message(err)})") from None
         return self._reader
 
     def _hierarchy(self, entry: Any, name: str) -> Any:
         try:
             return entry.hierarchy
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - Java exceptions of a damaged data.qpdata
             raise InputError(
                 f"QuPath cannot read the objects of image {name!r} ({Path(entry.entry_path) / QPDATA}: "
                 f"{_java_message(err)}); the file is damaged: restore it from a backup"
@@ -227,10 +227,11 @@ def serve(qpproj: Path, idle_exit_s: float, error_dir: str, parent: int) -> None
         if request is None:  # the parent closed the pipe (or left)
             os._exit(0)
         op, kwargs = request
+        reply: tuple[Any, ...]
         try:
             reply = ("ok", getattr(session, op)(**kwargs))
         except PointnucError as err:
             reply = ("error", type(err).__name__, str(err))
-        except Exception:
+        except Exception:  # noqa: BLE001 - any other failure goes back to the parent with its traceback
             reply = ("bug", traceback.format_exc())
         send_frame(replies, reply)

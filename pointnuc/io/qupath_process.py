@@ -175,11 +175,13 @@ class QuPathProcess:
         cmd = [sys.executable, "-c", _CHILD, root, str(self.qpproj), repr(self.idle_exit_s), self._error_dir,
                str(os.getpid())]
         # its own session / process group: the terminal's Ctrl-C goes to pointnuc, which stops the child itself
-        group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platform == "win32" else \
-            {"start_new_session": True}
-        self._proc = proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **group,  # type: ignore[arg-type]
-        )
+        pipe = subprocess.PIPE
+        if sys.platform == "win32":
+            proc = subprocess.Popen(cmd, stdin=pipe, stdout=pipe, stderr=pipe,
+                                    creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
+        else:
+            proc = subprocess.Popen(cmd, stdin=pipe, stdout=pipe, stderr=pipe, start_new_session=True)
+        self._proc = proc
         self._finalizer = weakref.finalize(self, _stop, proc, self._error_dir)
         self._replies = queue.Queue()
         threading.Thread(target=read_frames, args=(proc.stdout, self._replies), name="pointnuc-qupath-replies",

@@ -22,7 +22,7 @@ import logging
 import math
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 from PIL import Image
@@ -137,11 +137,11 @@ class Slide:
             if self.path.suffix.lower() in TIFF_SUFFIXES:
                 try:
                     backend = TiffBackend(self.path)
-                except Exception:  # not a TIFF tiffslide understands: maybe Pillow does
+                except Exception:  # noqa: BLE001 - not a TIFF tiffslide understands: maybe Pillow does
                     backend = None
             if backend is None:
                 backend = _PillowBackend(self.path)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - decoders raise many kinds: one line naming the file
             raise ImageReadError(f"cannot read image {self.path}: {err.__class__.__name__}: {err}") from None
         self._backend = backend
         self.level_dimensions: list[tuple[int, int]] = backend.level_dimensions
@@ -170,7 +170,8 @@ class Slide:
         """
         if w < 1 or h < 1 or not downsample > 0:
             raise ValueError(f"bad region {w}x{h} at downsample {downsample}")
-        out_w, out_h = max(1, int(round(w / downsample))), max(1, int(round(h / downsample)))
+        # (int: numpy < 2 rounds its scalars to floats, and a box may come from numpy arithmetic)
+        out_w, out_h = max(1, int(round(w / downsample))), max(1, int(round(h / downsample)))  # noqa: RUF046
         level = self.best_level(downsample)
         lw, lh = self.level_dimensions[level]
         sx, sy = self.width / lw, self.height / lh
@@ -184,7 +185,7 @@ class Slide:
         if cx1 > cx0 and cy1 > cy0:
             try:
                 part = self._backend.read(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - decoders raise many kinds: one line naming the file
                 raise ImageReadError(f"cannot read pixels of {self.path}: {_describe(err)}") from None
         if part is not None and part.shape[:2] == (iy1 - iy0, ix1 - ix0):
             buf = part  # the box lies inside the level: no white margin to add
@@ -215,7 +216,7 @@ class Slide:
             return f"{self.colour_problem}; pointnuc reads RGB brightfield images only"
         try:
             self._backend.check()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any decoder failure is the image's problem
             return _describe(err)
         return None
 
@@ -226,7 +227,7 @@ class Slide:
     def close(self) -> None:
         self._backend.close()
 
-    def __enter__(self) -> Slide:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

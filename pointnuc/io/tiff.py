@@ -38,18 +38,18 @@ class TiffBackend:
 
         self.path = path
         self.slide = tiffslide.TiffSlide(str(path))
-        self.level_dimensions: list[tuple[int, int]] = [tuple(map(int, d)) for d in self.slide.level_dimensions]
+        self.level_dimensions: list[tuple[int, int]] = [(int(w), int(h)) for w, h in self.slide.level_dimensions]
         mpp = self.slide.properties.get("tiffslide.mpp-x")
         self.pixel_size_um = plausible_um(mpp)
         # level arrays (H, W[, S]) addressed in their own pixels: no rounding through level-0 coordinates
         self.arrays: list[Any] | None = None
         try:
             group = self.slide.zarr_group
-            arrays = [group[str(i)] for i in range(len(self.level_dimensions))]
+            arrays: list[Any] = [group[str(i)] for i in range(len(self.level_dimensions))]
             if all(a.shape[:2] == (hh, ww) and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)))
                    for a, (ww, hh) in zip(arrays, self.level_dimensions)):
                 self.arrays = arrays
-        except Exception:  # another layout (e.g. planar): fall back to tiffslide's read_region
+        except Exception:  # noqa: BLE001 - another layout (e.g. planar): tiffslide's read_region
             self.arrays = None
         # levels whose tiles are decoded here directly (see TileReader); None: through zarr
         self.tiles: list[TileReader | None] = [None] * len(self.level_dimensions)
@@ -58,7 +58,7 @@ class TiffBackend:
         self.pages: list[Any] = [None] * len(self.level_dimensions)
         try:
             self._find_pages()
-        except Exception:  # an unusual layout: no page metadata, zarr reads every level
+        except Exception:  # noqa: BLE001 - an unusual layout: no page metadata, zarr reads every level
             self.pages = [None] * len(self.level_dimensions)
         page0 = self.pages[0]
         self.colour_problem: str | None = _tiff_colour_problem(page0) if page0 is not None else None
@@ -66,7 +66,7 @@ class TiffBackend:
         if self.arrays is not None:
             try:
                 self._open_tiles(path)
-            except Exception:  # anything unusual: zarr reads every level
+            except Exception:  # noqa: BLE001 - anything unusual: zarr reads every level
                 self.tiles = [None] * len(self.level_dimensions)
 
     def _find_pages(self) -> None:
@@ -93,14 +93,14 @@ class TiffBackend:
 
     def read_raw(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Samples of level ``level`` as stored, in its own coordinates; the box lies inside the level."""
-        tiles = self.tiles[level] if self._fd is not None else None
-        if tiles is not None:
+        tiles = self.tiles[level]
+        if tiles is not None and self._fd is not None:
             return tiles.read(self._fd, x, y, w, h)
         if self.arrays is not None:
             return np.asarray(self.arrays[level][y : y + h, x : x + w])
         ds = self.level_dimensions[0][0] / self.level_dimensions[level][0]
         dsy = self.level_dimensions[0][1] / self.level_dimensions[level][1]
-        loc = (int(round(x * ds)), int(round(y * dsy)))
+        loc = (round(x * ds), round(y * dsy))
         return np.asarray(self.slide.read_region(loc, level, (w, h), as_array=True))
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
