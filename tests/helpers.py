@@ -15,9 +15,10 @@ from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 from skimage.color import lab2rgb, rgb2lab
 
-from pointnuc.geometry import measurements_many, trace_mask, valid_polygon
+from pointnuc.geometry import trace_mask, valid_polygon
 from pointnuc.infer.instances import _distance, _remove_small, _split, fill_small_holes
 from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, owned_labels
+from pointnuc.measurements import measurements_many
 
 # --------------------------------------------------------------------------- tiling (pointnuc.infer.tiling)
 

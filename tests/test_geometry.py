@@ -161,7 +161,7 @@ def test_all_outlines_at_once_equal_one_by_one(seed: int) -> None:
     on touching instances, holes, several pieces, diagonal pinches; measurements_many = nucleus_measurements."""
     from helpers import labels_to_polygons_each as _labels_to_polygons_each
 
-    from pointnuc.geometry import measurements_many
+    from pointnuc.measurements import measurements_many
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:200, :240]

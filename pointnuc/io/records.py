@@ -15,15 +15,9 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from pointnuc.geometry import (
-    cell_measurements,
-    clip_polygons,
-    expand_cells,
-    is_shape_measurement,
-    measurements_many,
-    valid_polygon,
-)
+from pointnuc.geometry import clip_polygons, expand_cells, valid_polygon
 from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, NucleusObject, WriteOptions
+from pointnuc.measurements import cell_measurements, is_shape_measurement, measurements_many
 
 #: one written object: geometry, the nucleus geometry of a cell (None for a detection), measurements
 Record = tuple[BaseGeometry, BaseGeometry | None, dict[str, float]]
@@ -85,7 +79,7 @@ def nucleus_records(
 
     Measurements, all as 32-bit floats: QuPath's shape measurements of the written outlines
     (a detection's ``Area µm^2``, ``Length µm``, ``Circularity``; a cell's ``Nucleus: ...``,
-    ``Cell: ...`` and ``Nucleus/Cell area ratio``; see :mod:`pointnuc.geometry`), the nucleus'
+    ``Cell: ...`` and ``Nucleus/Cell area ratio``; see :mod:`pointnuc.measurements`), the nucleus'
     other measurements, and the marker ``pointnuc score``.
     """
     cell = options.object_type == "cell"
