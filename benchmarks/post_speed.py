@@ -39,11 +39,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
+    from helpers import canonical_labels, watershed_reference
     from segment_speed import NORM_REF, make_slide
     from pointnuc.config import profile_config
     from pointnuc.infer import instances as inst
     from pointnuc.infer.polygons import TileContext, pack_nuclei, tile_nuclei, unpack_nuclei
-    from pointnuc.infer.wsi import instance_params, normalise_tile, plan_slide, read_tile, working_halo
+    from pointnuc.infer.slide_tiles import plan_slide, read_tile, working_halo
+    from pointnuc.infer.wsi import instance_params
+    from pointnuc.stain import colour_apply as normalise_tile
     from pointnuc.io.slide import open_slide
     from pointnuc.models.bundle import ModelInfo
 
@@ -68,10 +71,9 @@ def main() -> None:
     t_cc, lab_cc = best(lambda: inst.instances_from_probability(prob, method="cc", **kw), args.repeats)
     t_ws, lab_ws = best(lambda: inst.instances_from_probability(prob, method="watershed", **kw), args.repeats)
     print(f"instances cc: {t_cc * 1e3:.0f} ms ({lab_cc.max()});  watershed: {t_ws * 1e3:.0f} ms ({lab_ws.max()})")
-    if hasattr(inst, "_watershed_reference"):
-        t_ref, lab_ref = best(lambda: inst._watershed_reference(prob, **kw), args.repeats)
-        same = lab_ref.max() == lab_ws.max() and np.array_equal(inst.canonical_labels(lab_ref), inst.canonical_labels(lab_ws))
-        print(f"instances watershed, old whole-tile path: {t_ref * 1e3:.0f} ms ({lab_ref.max()}); same instances: {same}")
+    t_ref, lab_ref = best(lambda: watershed_reference(prob, **kw), args.repeats)
+    same = lab_ref.max() == lab_ws.max() and np.array_equal(canonical_labels(lab_ref), canonical_labels(lab_ws))
+    print(f"instances watershed, old whole-tile path: {t_ref * 1e3:.0f} ms ({lab_ref.max()}); same instances: {same}")
     ctx = TileContext(plan.origin, plan.downsample, plan.pixel_size_um, params, None, keep_margin=None)
     t_tile, (nuc, _) = best(lambda: tile_nuclei(prob, tile, ctx), args.repeats)
     print(f"tile_nuclei (instances + ownership + polygons + measurements): {t_tile * 1e3:.0f} ms, "

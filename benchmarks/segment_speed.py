@@ -95,7 +95,9 @@ def machine() -> str:
 
 
 def speed(args: argparse.Namespace) -> dict:
-    from pointnuc.infer.wsi import DEFAULT_BATCH, DEFAULT_TILE, _predict_batch, plan_slide, read_tile, segment_slide
+    from pointnuc.infer.predict import predict_batch
+    from pointnuc.infer.slide_tiles import plan_slide, read_tile
+    from pointnuc.infer.wsi import DEFAULT_BATCH, DEFAULT_TILE, segment_slide
     from pointnuc.io.slide import open_slide
 
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else (args.device if args.device != "auto" else "cpu"))
@@ -118,7 +120,7 @@ def speed(args: argparse.Namespace) -> dict:
             tiles = list(plan.tiles)
             core_mp = sum(t.core.height * t.core.width for t in tiles) / 1e6
             images = [read_tile(slide, plan, t) for t in tiles]  # the same tiles, held in memory for the bare run
-            _predict_batch(net, np.stack(images[:batch]), dev, amp)  # warm-up
+            predict_batch(net, np.stack(images[:batch]), dev, amp)  # warm-up
             bare, e2e, start, res = [], [], [], None
             bare_cpu, e2e_cpu = [], []
             for _ in range(args.repeats):
@@ -127,7 +129,7 @@ def speed(args: argparse.Namespace) -> dict:
                 c0 = cpu_seconds()
                 t0 = time.perf_counter()
                 for i in range(0, len(images), batch):
-                    _predict_batch(net, np.stack(images[i : i + batch]), dev, amp)
+                    predict_batch(net, np.stack(images[i : i + batch]), dev, amp)
                 if kind == "cuda":
                     torch.cuda.synchronize()
                 bare.append(time.perf_counter() - t0)

@@ -34,7 +34,8 @@ from stage1 import machine_line, mo_samples  # noqa: E402
 from stage2 import METRICS, upsample  # noqa: E402
 
 from pointnuc.config import profile_config  # noqa: E402
-from pointnuc.infer.instances import _remove_small, fill_small_holes, instances_from_probability, nucleus_probability  # noqa: E402
+from pointnuc.infer.instances import _remove_small, fill_small_holes, instances_from_probability  # noqa: E402
+from pointnuc.infer.predict import nucleus_probability  # noqa: E402
 from pointnuc.metrics import mean_scores, segmentation_scores  # noqa: E402
 from pointnuc.models.net import build_network  # noqa: E402
 from pointnuc.train.detect import detect, predict_probabilities  # noqa: E402

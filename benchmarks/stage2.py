@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage1 import FULL_RES_UM, load_image, machine_line, mo_samples, parse_set, shared_dir  # noqa: E402
 
 from pointnuc.config import TrainConfig, profile_config  # noqa: E402
-from pointnuc.infer.instances import instances_from_probability, nucleus_probability  # noqa: E402
+from pointnuc.infer.instances import instances_from_probability  # noqa: E402
+from pointnuc.infer.predict import nucleus_probability  # noqa: E402
 from pointnuc.labels.voronoi import BACKGROUND, NUCLEUS  # noqa: E402
 from pointnuc.metrics import aji, mean_scores, segmentation_scores  # noqa: E402
 from pointnuc.models.bundle import ModelLayout  # noqa: E402

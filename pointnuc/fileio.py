@@ -45,7 +45,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
 def write_text_atomic(path: Path, text: str) -> Path:
     """Replace ``path`` with ``text`` (UTF-8), all or nothing."""
     data = text.encode("utf-8")
-    return atomic_write(path, lambda f: f.write(data))
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    return atomic_write(path, write)
 
 
 def backup_file(src: Path, dest: Path) -> Path:

@@ -8,8 +8,7 @@ the largest (4-connected) is kept, so every polygon is a single valid shell.
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import shapely
@@ -92,14 +91,6 @@ def trace_mask(mask: np.ndarray) -> np.ndarray:
     return ring
 
 
-def mask_to_polygon(mask: np.ndarray) -> Polygon | None:
-    """The pixel-corner outline of a boolean mask's largest piece (holes filled), or None."""
-    if not np.any(mask):
-        return None
-    ring = trace_mask(mask)
-    return Polygon(ring) if len(ring) >= 4 else None
-
-
 def labels_to_polygons(
     labels: np.ndarray,
     *,
@@ -115,7 +106,7 @@ def labels_to_polygons(
 
     All outlines are traced at once (:func:`_trace_all`) and turned into polygons by
     shapely's array functions; instances with holes, several pieces or a diagonal pinch go
-    through :func:`trace_mask` one by one. The result is that of :func:`_labels_to_polygons_each`
+    through :func:`trace_mask` one by one. The result is that of ``labels_to_polygons_each`` (``tests/helpers.py``)
     (vertex for vertex without simplification; with it, the same outline, which may start at
     another of its vertices).
     """
@@ -250,41 +241,6 @@ def _trace_all(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return ids.astype(np.int64), coords, ring_of.astype(np.int64), odd.astype(np.int64)
 
 
-def _labels_to_polygons_each(
-    labels: np.ndarray,
-    *,
-    offset_xy: tuple[float, float] = (0.0, 0.0),
-    scale: float = 1.0,
-    simplify_px: float = 0.0,
-) -> dict[int, Polygon]:
-    """:func:`labels_to_polygons` one instance at a time (the reference for tests)."""
-    labels = np.asarray(labels)
-    out: dict[int, Polygon] = {}
-    ox, oy = float(offset_xy[0]), float(offset_xy[1])
-    if labels.dtype.kind not in "iu" or labels.dtype.itemsize > 8:
-        labels = labels.astype(np.int64)
-    for i, sl in enumerate(ndi.find_objects(labels)):
-        if sl is None:
-            continue
-        lab = i + 1
-        ring = trace_mask(labels[sl] == lab)
-        if len(ring) < 4:
-            continue
-        ring[:, 0] += sl[1].start
-        ring[:, 1] += sl[0].start
-        if simplify_px > 0:
-            poly = valid_polygon(Polygon(ring).simplify(simplify_px, preserve_topology=True))
-            if poly is None:
-                continue
-            ring = np.asarray(poly.exterior.coords)
-        if scale != 1.0:
-            ring = ring * scale
-        if ox or oy:
-            ring = ring + np.array([ox, oy])
-        out[lab] = Polygon(ring)
-    return out
-
-
 def polygon_pixels(
     geom: BaseGeometry, shape: tuple[int, int], *, origin_xy: tuple[float, float] = (0.0, 0.0), scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -341,71 +297,6 @@ def valid_polygon(geom: BaseGeometry | None) -> Polygon | None:
     if not polys:
         return None
     return max(polys, key=lambda p: p.area)
-
-
-#: measurement names as QuPath 0.6.0 gives them (``ObjectMeasurements.addShapeMeasurements``, i.e.
-#: *Add shape features*, and the StarDist/InstanSeg extensions): a detection's plain, a cell's with
-#: ``Nucleus: `` / ``Cell: `` prefixes (tests/test_qupath_names.py checks them against QuPath itself)
-NUCLEUS_PREFIX, CELL_PREFIX = "Nucleus: ", "Cell: "
-AREA_RATIO = "Nucleus/Cell area ratio"
-
-
-def shape_names(pixel_size_um: float | None) -> tuple[str, str, str]:
-    """QuPath's names for area, perimeter and circularity: in µm with a pixel size, else in px."""
-    unit = "µm" if pixel_size_um else "px"
-    return f"Area {unit}^2", f"Length {unit}", "Circularity"
-
-
-def is_shape_measurement(name: str) -> bool:
-    """Whether ``name`` is one of the shape measurements pointnuc computes itself (any unit, any
-    prefix, and the names of earlier pointnuc versions): these are recomputed, never carried over."""
-    base = name.removeprefix(NUCLEUS_PREFIX).removeprefix(CELL_PREFIX)
-    if name == AREA_RATIO or base == "Circularity":
-        return True
-    quantity, _, unit = base.partition(" ")
-    return quantity in ("Area", "Length", "Perimeter") and unit in ("µm", "µm^2", "px", "px^2")
-
-
-def _shape_columns(polygons: np.ndarray, pixel_size_um: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Area, perimeter (µm² / µm with a pixel size, else px² / px) and circularity 4πA/P² of polygons."""
-    area = shapely.area(polygons)
-    perim = shapely.length(polygons)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        circ = np.where(perim > 0, 4.0 * math.pi * area / (perim * perim), 0.0)
-    if pixel_size_um:
-        s = float(pixel_size_um)
-        area, perim = area * s * s, perim * s
-    return area, perim, circ
-
-
-def nucleus_measurements(polygon: BaseGeometry, pixel_size_um: float | None) -> dict[str, float]:
-    """QuPath's shape measurements of one detection polygon (full-resolution px coordinates).
-
-    With a pixel size: ``Area µm^2``, ``Length µm`` (the perimeter); without: ``Area px^2``,
-    ``Length px``. Always ``Circularity`` = 4πA/P² (1 for a circle; unit-free).
-    """
-    return measurements_many(np.asarray([polygon], dtype=object), pixel_size_um)[0]
-
-
-def measurements_many(polygons: np.ndarray, pixel_size_um: float | None) -> list[dict[str, float]]:
-    """:func:`nucleus_measurements` of an array of polygons at once (the same numbers)."""
-    keys = shape_names(pixel_size_um)
-    cols = _shape_columns(np.asarray(polygons, dtype=object), pixel_size_um)
-    return [dict(zip(keys, row)) for row in zip(*(c.tolist() for c in cols))]
-
-
-def cell_measurements(cells: Sequence[BaseGeometry], nuclei: Sequence[BaseGeometry],
-                      pixel_size_um: float | None) -> list[dict[str, float]]:
-    """QuPath's shape measurements of cells: ``Nucleus: Area µm^2``, ``Nucleus: Length µm``,
-    ``Nucleus: Circularity``, the same for ``Cell: ``, and ``Nucleus/Cell area ratio`` (at most 1),
-    in QuPath's order; px units without a pixel size."""
-    names = shape_names(pixel_size_um)
-    keys = [NUCLEUS_PREFIX + k for k in names] + [CELL_PREFIX + k for k in names] + [AREA_RATIO]
-    nuc = _shape_columns(np.asarray(list(nuclei), dtype=object), pixel_size_um)
-    cell = _shape_columns(np.asarray(list(cells), dtype=object), pixel_size_um)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(cell[0] > 0, np.minimum(nuc[0] / cell[0], 1.0), 0.0)
-    return [dict(zip(keys, row)) for row in zip(*(c.tolist() for c in (*nuc, *cell, ratio)))]
 
 
 def object_area(width: float, height: float, within: BaseGeometry | None = None) -> BaseGeometry:

@@ -22,8 +22,8 @@ from shapely.geometry.base import BaseGeometry
 import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, OutputExistsError, PointnucError, TrainingError
-from pointnuc.io.base import CELL_EXPANSION_UM, ImageRef, NucleusObject, Project
-from pointnuc.io.paths import check_output_dir
+from pointnuc.io.base import DEFAULT_WRITE, ImageRef, NucleusObject, Project, WriteOptions
+from pointnuc.io.paths import check_output_dir, safe_file_name
 from pointnuc.train.samples import MIN_POINTS, TrainingImage, detection_samples, points_between
 
 if TYPE_CHECKING:
@@ -588,10 +588,6 @@ def _region_digest(region: BaseGeometry | None) -> str | None:
     return None if region is None else hashlib.sha1(region.wkb).hexdigest()[:8]
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
-
-
 def result_file(out_dir: Path, image_name: str, region: BaseGeometry | None) -> Path:
     """Where one image's result is kept: its name made safe for any file system, then ``~`` and a
     digest of the exact name, so that two images never share one (``slide a.tif`` and ``slide_a.tif``,
@@ -599,7 +595,7 @@ def result_file(out_dir: Path, image_name: str, region: BaseGeometry | None) -> 
     so a result is never reused for another area."""
     import hashlib
 
-    stem = f"{_safe(image_name)}~{hashlib.sha1(image_name.encode('utf-8')).hexdigest()[:10]}"
+    stem = f"{safe_file_name(image_name)}~{hashlib.sha1(image_name.encode('utf-8')).hexdigest()[:10]}"
     region_digest = _region_digest(region)
     return out_dir / (f"{stem}.geojson" if region_digest is None else f"{stem}.within-{region_digest}.geojson")
 
@@ -760,12 +756,13 @@ def keep_result(plan: ImagePlan, nuclei: Sequence[NucleusObject], *, seconds: fl
     from dataclasses import asdict
 
     from pointnuc.geometry import object_area
-    from pointnuc.io.geojson import write_nuclei_file, write_text_atomic
+    from pointnuc.fileio import write_text_atomic
+    from pointnuc.io.geojson import write_nuclei_file
 
     assert plan.key is not None and plan.pixel_size_um is not None
     record_file(plan.result).unlink(missing_ok=True)
     # nuclei only, as detections: how they are written into the project is applied on each write
-    write_nuclei_file(plan.result, nuclei, object_type="detection", class_name="Nucleus", pixel_size_um=plan.pixel_size_um,
+    write_nuclei_file(plan.result, nuclei, pixel_size_um=plan.pixel_size_um,
                       clip_to=object_area(plan.image.width, plan.image.height, plan.region))
     st = plan.image.path.stat()
     record = {
@@ -789,23 +786,21 @@ def segment_project(
     within_class: str | None = None,
     device: str = "auto",
     pixel_size_um: float | None = None,
-    object_type: str = "detection",
-    class_name: str = "Nucleus",
+    write_options: WriteOptions = DEFAULT_WRITE,
     shard: tuple[int, int] | None = None,
     write: bool = True,
     redo: bool = False,
     batch_size: int | None = None,
     progress: bool = True,
     tta: bool = False,
-    cell_expansion_um: float = CELL_EXPANSION_UM,
 ) -> SegmentSummary:
     """Segment the planned images; per-image results are kept so a re-run continues.
 
     A kept result is reused only when it was made with everything that changes it unchanged
     (:class:`ResultKey`); otherwise it is recomputed and ``summary.recomputed`` says why. With
     ``write`` (no shard), each image's nuclei go into the project as soon as it is done,
-    replacing pointnuc's earlier objects in that area only. ``cell_expansion_um``: how far
-    cells reach beyond their nuclei (``object_type="cell"``). The project is locked for the
+    replacing pointnuc's earlier objects in that area only, as ``write_options`` says (detections
+    or cells, their class). The project is locked for the
     run (:mod:`pointnuc.io.lock`): a second writer is refused; ``--shard`` runs share the lock.
     """
     from pointnuc.io.lock import project_lock
@@ -813,15 +808,15 @@ def segment_project(
     with project_lock(project.root, "segment", shared=shard is not None):
         return _segment_locked(
             project, model_dir, image_names=image_names, within_class=within_class, device=device,
-            pixel_size_um=pixel_size_um, object_type=object_type, class_name=class_name, shard=shard, write=write,
-            redo=redo, batch_size=batch_size, progress=progress, tta=tta, cell_expansion_um=cell_expansion_um,
+            pixel_size_um=pixel_size_um, write_options=write_options, shard=shard, write=write,
+            redo=redo, batch_size=batch_size, progress=progress, tta=tta,
         )
 
 
 def _segment_locked(
     project: Project, model_dir: Path, *, image_names: Sequence[str], within_class: str | None, device: str,
-    pixel_size_um: float | None, object_type: str, class_name: str, shard: tuple[int, int] | None, write: bool,
-    redo: bool, batch_size: int | None, progress: bool, tta: bool, cell_expansion_um: float,
+    pixel_size_um: float | None, write_options: WriteOptions, shard: tuple[int, int] | None, write: bool,
+    redo: bool, batch_size: int | None, progress: bool, tta: bool,
 ) -> SegmentSummary:
     from pointnuc.io.geojson import read_nuclei
     from pointnuc.io.slide import pixel_size_or_error
@@ -869,8 +864,7 @@ def _segment_locked(
         summary.nuclei[name] = len(nuclei)
         if write and shard is None:
             summary.written += project.write_nuclei(
-                {name: nuclei}, object_type=object_type, class_name=class_name, replace_within={name: plan.region},
-                cell_expansion_um=cell_expansion_um,
+                {name: nuclei}, options=write_options, replace_within={name: plan.region},
             )
     return summary
 
@@ -906,8 +900,8 @@ def _segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: to
 
 
 def merge_results(
-    project: Project, model_dir: Path, *, object_type: str = "detection", class_name: str = "Nucleus",
-    within_class: str | None = None, tta: bool = False, cell_expansion_um: float = CELL_EXPANSION_UM,
+    project: Project, model_dir: Path, *, write_options: WriteOptions = DEFAULT_WRITE,
+    within_class: str | None = None, tta: bool = False,
 ) -> SegmentSummary:
     """Write every current per-image result of ``model_dir`` (e.g. from --shard runs, with ``tta`` as they
     ran) into the project. Images without one, or whose kept result no longer fits (another pixel size, a
@@ -933,6 +927,5 @@ def merge_results(
             why = "; ".join(f"{n}: {w.removeprefix('not merged: ')}" for n, w in list(summary.failed.items())[:3])
             raise InputError(f"no current results to merge in {out_dir} ({why}); "
                              f"run `pointnuc segment --shard K/N{' --tta' if tta else ''}` first")
-        summary.written = project.write_nuclei(batch, object_type=object_type, class_name=class_name,
-                                               replace_within=within, cell_expansion_um=cell_expansion_um)
+        summary.written = project.write_nuclei(batch, options=write_options, replace_within=within)
     return summary

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pointnuc.io.paths import safe_file_name
 from pointnuc.models.bundle import ModelLayout
 from pointnuc.train.samples import TrainingImage
 
@@ -79,42 +80,46 @@ def plot_curves(curves: dict[str, tuple[list[float], int | None]], path: Path, t
     dr = ImageDraw.Draw(im)
     dr.text((8, 6), title, fill="black")
     for k, (name, (vals, best)) in enumerate(curves.items()):
-        ox, oy = (k % cols) * PANEL_W, 24 + (k // cols) * PANEL_H
-        x0, y0, x1, y1 = ox + PAD, oy + 20, ox + PANEL_W - 12, oy + PANEL_H - 28
-        dr.rectangle([x0, y0, x1, y1], outline="gray")
-        dr.text((ox + PAD, oy + 4), name, fill="black")
-        v = np.asarray([x for x in vals if np.isfinite(x)], float)
-        if len(v) == 0:
-            continue
-        lo, hi = float(v.min()), float(v.max())
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        dr.text((ox + 2, y0 - 4), f"{hi:.3g}", fill="black")
-        dr.text((ox + 2, y1 - 8), f"{lo:.3g}", fill="black")
-        m = len(vals)
-        span = max(m - 1, 1)  # a one-epoch stage is one point at epoch 1, not a point in mid-air
-
-        def xy(i: int, val: float) -> tuple[float, float]:
-            return x0 + 6 + i / span * (x1 - x0 - 12), y1 - 6 - (val - lo) / (hi - lo) * (y1 - y0 - 12)
-
-        for e in sorted({1, m, (m + 1) // 2}):  # epoch ticks
-            tx = xy(e - 1, lo)[0]
-            dr.line([(tx, y1), (tx, y1 + 3)], fill="gray")
-            dr.text((tx - 3, y1 + 4), str(e), fill="black")
-
-        pts = [xy(i, val) for i, val in enumerate(vals) if np.isfinite(val)]
-        if len(pts) > 1:
-            dr.line(pts, fill=(30, 90, 200), width=2)
-        for p in pts:
-            dr.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(30, 90, 200))
-        if best is not None and 1 <= best <= m and np.isfinite(vals[best - 1]):
-            bx, by = xy(best - 1, vals[best - 1])
-            dr.ellipse([bx - 5, by - 5, bx + 5, by + 5], outline=(220, 30, 30), width=2)
-        label = (f"epoch (1 epoch, loss {vals[0]:.3g})" if m == 1 else "epoch") + (f", selected {best}" if best else "")
-        dr.text((x0 + (x1 - x0) // 2 - 40, y1 + 14), label, fill="black")
+        _panel(dr, (k % cols) * PANEL_W, 24 + (k // cols) * PANEL_H, name, vals, best)
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
     return path
+
+
+def _panel(dr: ImageDraw.ImageDraw, ox: int, oy: int, name: str, vals: list[float], best: int | None) -> None:
+    """One curve's panel, its top-left corner at (ox, oy)."""
+    x0, y0, x1, y1 = ox + PAD, oy + 20, ox + PANEL_W - 12, oy + PANEL_H - 28
+    dr.rectangle([x0, y0, x1, y1], outline="gray")
+    dr.text((ox + PAD, oy + 4), name, fill="black")
+    v = np.asarray([x for x in vals if np.isfinite(x)], float)
+    if len(v) == 0:
+        return
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    dr.text((ox + 2, y0 - 4), f"{hi:.3g}", fill="black")
+    dr.text((ox + 2, y1 - 8), f"{lo:.3g}", fill="black")
+    m = len(vals)
+    span = max(m - 1, 1)  # a one-epoch stage is one point at epoch 1, not a point in mid-air
+
+    def xy(i: int, val: float) -> tuple[float, float]:
+        return x0 + 6 + i / span * (x1 - x0 - 12), y1 - 6 - (val - lo) / (hi - lo) * (y1 - y0 - 12)
+
+    for e in sorted({1, m, (m + 1) // 2}):  # epoch ticks
+        tx = xy(e - 1, lo)[0]
+        dr.line([(tx, y1), (tx, y1 + 3)], fill="gray")
+        dr.text((tx - 3, y1 + 4), str(e), fill="black")
+
+    pts = [xy(i, val) for i, val in enumerate(vals) if np.isfinite(val)]
+    if len(pts) > 1:
+        dr.line(pts, fill=(30, 90, 200), width=2)
+    for p in pts:
+        dr.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(30, 90, 200))
+    if best is not None and 1 <= best <= m and np.isfinite(vals[best - 1]):
+        bx, by = xy(best - 1, vals[best - 1])
+        dr.ellipse([bx - 5, by - 5, bx + 5, by + 5], outline=(220, 30, 30), width=2)
+    label = (f"epoch (1 epoch, loss {vals[0]:.3g})" if m == 1 else "epoch") + (f", selected {best}" if best else "")
+    dr.text((x0 + (x1 - x0) // 2 - 40, y1 + 14), label, fill="black")
 
 
 def _legend(dr: ImageDraw.ImageDraw, x: int, y: int) -> None:
@@ -147,7 +152,7 @@ def review_figure(
 
     rgb = Image.fromarray(np.asarray(image, np.uint8))
     if zoom > 1:
-        rgb = rgb.resize((rgb.width * zoom, rgb.height * zoom), Image.BICUBIC)
+        rgb = rgb.resize((rgb.width * zoom, rgb.height * zoom), Image.Resampling.BICUBIC)
         labels = np.repeat(np.repeat(labels, zoom, axis=0), zoom, axis=1)
     arr = np.asarray(rgb).copy()
     arr[find_boundaries(labels, mode="inner")] = OUTLINE
@@ -226,15 +231,14 @@ def write_report(layout: ModelLayout, samples: Sequence[TrainingImage], det: Any
         check.add(s.name, found_n, total, added, c["instances"])
         if s.name not in chosen:
             continue
-        zoom = max(1, int(round(s.scale)))  # back to the image's own resolution
+        zoom = max(1, round(s.scale))  # back to the image's own resolution
         y0, y1, x0, x1 = _tile_around(s, max(MAX_REVIEW_PX // zoom, 64))
         hold, keep = _in(s.holdout, y0, x0, y1, x1)
         title = (f"{s.name}: {found_n} of {total} held-back points found, {added} nuclei outlined where no one "
                  f"clicked" + ("" if (y0, x0, y1, x1) == (0, 0, *s.image.shape[:2]) else " (whole image; crop shown)"))
         im = review_figure(s.image[y0:y1, x0:x1], lab[y0:y1, x0:x1], train_xy=_in(s.points, y0, x0, y1, x1)[0],
                            holdout_xy=hold, found=_found(lab, s.holdout, s.points)[keep], zoom=zoom, title=title)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s.name)
-        p = out / f"review_{k:02d}_{safe}.png"
+        p = out / f"review_{k:02d}_{safe_file_name(s.name)}.png"
         im.save(p)
         files.append(p)
         k += 1

@@ -24,13 +24,13 @@ import tifffile
 from click.testing import CliRunner
 from PIL import Image
 from shapely.geometry import box
+from synth import label_points, points_feature, render_nuclei, write_geojson_project
+from synth_slide import direct_and_zarr_reads
 
 from pointnuc.cli import main
 from pointnuc.errors import ImageReadError, InputError, ModelFormatError
 from pointnuc.io.base import ImageRef, NucleusObject
 from pointnuc.io.slide import open_slide
-from synth import label_points, points_feature, render_nuclei, write_geojson_project
-from synth_slide import direct_and_zarr_reads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def _lines(text: str) -> list[str]:
 
 
 def test_full_scale_rule_by_hand() -> None:
-    from pointnuc.io.slide import full_scale
+    from pointnuc.io.pixels import full_scale
 
     never = lambda: pytest.fail("the data maximum is not needed")  # noqa: E731
     assert full_scale(np.uint8, never) == 255
@@ -419,7 +419,7 @@ def test_interrupted_training_prints_a_command_that_resumes_it(tmp_path: Path, m
 
 def test_resume_of_an_empty_folder_starts_and_of_changed_points_is_refused(tmp_path: Path) -> None:
     from pointnuc.config import profile_config
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.models.bundle import ModelInfo, save_info
     from pointnuc.pipeline import check_model_dir, train_project
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import shapely
 from shapely.geometry import Point, Polygon, box, shape
+from synth import write_geojson_project
 
 from pointnuc.geometry import clip_polygons, expand_cells, object_area
-from pointnuc.io.base import NucleusObject
-from pointnuc.io.geojson import nucleus_records
+from pointnuc.io.base import NucleusObject, WriteOptions
 from pointnuc.io.geojson_project import GeoJSONFolderProject
-from synth import write_geojson_project
+from pointnuc.io.records import nucleus_records
 
 W, H = 64, 48
 
@@ -45,7 +45,7 @@ def test_objects_written_to_a_folder_project_stay_in_the_image(tmp_path: Path, o
     write_geojson_project(tmp_path, "img", rng.integers(0, 255, (H, W, 3), np.uint8), np.array([[10.5, 10.5]]),
                           pixel_size_um=0.5)
     proj = GeoJSONFolderProject(tmp_path)
-    [path] = proj.write_nuclei({"img.tif": _border_nuclei()}, object_type=object_type, cell_expansion_um=2.0)
+    [path] = proj.write_nuclei({"img.tif": _border_nuclei()}, options=WriteOptions(object_type, cell_expansion_um=2.0))
     feats = json.loads(path.read_text(encoding="utf-8"))["features"]
     assert len(feats) == 5
     image = box(0, 0, W, H)
@@ -71,7 +71,7 @@ def test_objects_stay_inside_the_within_region(tmp_path: Path) -> None:
     region = Polygon([(2, 2), (40, 2), (40, 30), (2, 46)])  # a slanted edge, not on the pixel grid
     nuclei = [NucleusObject(box(30, 20, 36, 26), 0.5), NucleusObject(box(36, 10, 44, 16), 0.5)]  # the 2nd crosses x = 40
     for object_type in ("detection", "cell"):
-        [path] = proj.write_nuclei({"img.tif": nuclei}, object_type=object_type, cell_expansion_um=3.0,
+        [path] = proj.write_nuclei({"img.tif": nuclei}, options=WriteOptions(object_type, cell_expansion_um=3.0),
                                    replace_within={"img.tif": region})
         feats = json.loads(path.read_text(encoding="utf-8"))["features"]
         assert len(feats) == 2
@@ -83,7 +83,7 @@ def test_objects_stay_inside_the_within_region(tmp_path: Path) -> None:
 
 def test_nucleus_records_clip_and_keep_cells_around_their_nuclei() -> None:
     area = object_area(W, H)
-    recs = nucleus_records(_border_nuclei(), object_type="cell", pixel_size_um=0.5, cell_expansion_um=2.0,
+    recs = nucleus_records(_border_nuclei(), options=WriteOptions("cell", cell_expansion_um=2.0), pixel_size_um=0.5,
                            clip_to=area)
     for cell, nucleus, meas in recs:
         assert cell.is_valid and nucleus.is_valid and cell.covers(nucleus) and _inside(cell, area)
@@ -92,7 +92,7 @@ def test_nucleus_records_clip_and_keep_cells_around_their_nuclei() -> None:
         assert meas["Cell: Area µm^2"] == pytest.approx(cell.area * 0.25, rel=1e-6)
     assert recs[3][1].bounds[0] == 0 and recs[3][1].area == pytest.approx(Point(0, 40).buffer(4).area / 2, rel=0.02)
     # without clip_to nothing is cut (callers that know the image always pass it)
-    free = nucleus_records(_border_nuclei(), object_type="cell", pixel_size_um=0.5, cell_expansion_um=2.0)
+    free = nucleus_records(_border_nuclei(), options=WriteOptions("cell", cell_expansion_um=2.0), pixel_size_um=0.5)
     assert free[0][0].bounds[0] == pytest.approx(-4)
 
 

@@ -9,16 +9,10 @@ import time
 import numpy as np
 import pytest
 import shapely
+from helpers import mask_to_polygon, nucleus_measurements
 from shapely.geometry import Polygon, box
 
-from pointnuc.geometry import (
-    expand_cells,
-    labels_to_polygons,
-    mask_to_polygon,
-    nucleus_measurements,
-    trace_mask,
-    valid_polygon,
-)
+from pointnuc.geometry import expand_cells, labels_to_polygons, trace_mask, valid_polygon
 
 
 def test_single_pixel_is_unit_square_on_corners():
@@ -165,7 +159,9 @@ def test_polygon_pixels_by_centres_with_holes_origin_and_scale():
 def test_all_outlines_at_once_equal_one_by_one(seed: int) -> None:
     """labels_to_polygons (all rings traced together) = the per-instance tracer, vertex for vertex,
     on touching instances, holes, several pieces, diagonal pinches; measurements_many = nucleus_measurements."""
-    from pointnuc.geometry import _labels_to_polygons_each, measurements_many
+    from helpers import labels_to_polygons_each as _labels_to_polygons_each
+
+    from pointnuc.measurements import measurements_many
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:200, :240]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import canonical_labels
 
 from pointnuc.errors import InputError
-from pointnuc.infer.instances import canonical_labels, instances_from_probability
+from pointnuc.infer.instances import instances_from_probability
 
 
 def _two_touching_discs(gap: int = 0) -> np.ndarray:
@@ -71,7 +72,10 @@ def _clumps(seed: int, size: int = 256) -> np.ndarray:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("h_px", [0.5, 1.5])
 def test_per_component_watershed_equals_the_whole_tile_one(seed: int, h_px: float) -> None:
-    from pointnuc.infer.instances import _watershed, _watershed_reference, _watershed_tile, fill_small_holes
+    from helpers import watershed_reference as _watershed_reference
+    from helpers import watershed_tile as _watershed_tile
+
+    from pointnuc.infer.instances import _watershed, fill_small_holes
 
     p = _clumps(seed)
     fast = instances_from_probability(p, method="watershed", min_area_px=5, h_px=h_px)

@@ -12,12 +12,10 @@ import pytest
 from shapely.geometry import Polygon, box
 
 from pointnuc.errors import InputError, TrainingError
-from pointnuc.io.base import ImageRef, NucleusObject
+from pointnuc.io.base import ImageRef, NucleusObject, WriteOptions
 from pointnuc.io.geojson import (
     dumps_features,
     feature_text,
-    float32,
-    inside,
     nuclei_features,
     read_features,
     read_nuclei,
@@ -25,6 +23,7 @@ from pointnuc.io.geojson import (
     write_nuclei_file,
 )
 from pointnuc.io.objects import require_points, summarise
+from pointnuc.io.records import float32, inside
 
 
 def _fx(shared: Path) -> Path:
@@ -111,7 +110,7 @@ def test_written_detections_match_qupath_layout(shared: Path, tmp_path: Path):
 
 def test_cells_have_nucleus_geometry_and_expansion(tmp_path: Path):
     nuclei = [NucleusObject(box(10, 10, 20, 20), 0.5), NucleusObject(box(40, 10, 50, 20), 0.75)]
-    feats = nuclei_features(nuclei, object_type="cell", pixel_size_um=0.5, cell_expansion_um=2.0)
+    feats = nuclei_features(nuclei, options=WriteOptions("cell", cell_expansion_um=2.0), pixel_size_um=0.5)
     for f, n in zip(feats, nuclei):
         assert list(f) == ["type", "id", "geometry", "nucleusGeometry", "properties"]
         assert f["properties"]["objectType"] == "cell"
@@ -122,7 +121,7 @@ def test_cells_have_nucleus_geometry_and_expansion(tmp_path: Path):
     m = feats[0]["properties"]["measurements"]
     assert m["Nucleus: Area µm^2"] == 25.0  # nucleus area, 100 px² * 0.25, named as QuPath names a cell's
     assert m["Cell: Area µm^2"] > 25.0 and "Area µm^2" not in m
-    path = write_nuclei_file(tmp_path / "c.geojson", nuclei, object_type="cell")
+    path = write_nuclei_file(tmp_path / "c.geojson", nuclei, options=WriteOptions("cell"))
     assert [n.polygon.area for n in read_nuclei(path)] == [100.0, 100.0]
 
 
@@ -207,7 +206,7 @@ def test_inside_uses_centroid():
 def test_atomic_write_failure_keeps_the_old_file_and_no_tmp(tmp_path: Path, monkeypatch):
     import os
 
-    from pointnuc.io.geojson import write_text_atomic
+    from pointnuc.fileio import write_text_atomic
 
     target = tmp_path / "a.geojson"
     write_text_atomic(target, "old")
@@ -219,3 +218,14 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_tmp(tmp_path: Path, monk
     with pytest.raises(OSError, match="simulated"):
         write_text_atomic(target, "new")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.geojson"]
+
+
+def test_write_options_are_checked_when_made() -> None:
+    """The output options (``segment --objects --class --cell-expansion``) refuse what no writer can write."""
+    assert WriteOptions() == WriteOptions("detection", "Nucleus", 2.0)
+    with pytest.raises(InputError, match="object type must be one of detection, cell"):
+        WriteOptions(object_type="annotation")
+    with pytest.raises(InputError, match="cell expansion"):
+        WriteOptions("cell", cell_expansion_um=-1.0)
+    with pytest.raises(InputError, match="cell expansion"):
+        WriteOptions("cell", cell_expansion_um=float("nan"))

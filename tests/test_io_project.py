@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from shapely.geometry import box
 
 from pointnuc.errors import InputError, OutputExistsError
-from pointnuc.io.base import NucleusObject, open_project
+from pointnuc.io import NucleusObject, WriteOptions, open_project
 from pointnuc.io.geojson import read_features
 from pointnuc.io.geojson_project import GeoJSONFolderProject, export_candidates
 from pointnuc.io.paths import prepare_output_dir
@@ -112,7 +112,7 @@ def test_write_nuclei_replaces_own_objects_only(shared: Path, tmp_path: Path):
     assert ann.n_pointnuc_objects == 3 and len(ann.points_xy) == 31
     # cells, to another output folder
     proj2 = open_project(folder, output_dir=tmp_path / "elsewhere")
-    [out2] = proj2.write_nuclei({name: new}, object_type="cell")
+    [out2] = proj2.write_nuclei({name: new}, options=WriteOptions("cell"))
     assert out2.parent == tmp_path / "elsewhere" / "pointnuc-geojson"
     assert all("nucleusGeometry" in f for f in read_features(out2))
     with pytest.raises(InputError, match="no image named"):
@@ -212,3 +212,12 @@ def test_example_folder_reads_without_shared_data(tmp_path: Path):
     assert ann.regions[0].bounds == (0.0, 0.0, 500.0, 1000.0)
     [out] = proj.write_nuclei({im.name: [NucleusObject(box(1, 1, 9, 9), 0.5)]})
     assert out.parent == tmp_path / "pointnuc-geojson"
+
+
+def test_safe_file_name_keeps_letters_digits_and_dashes() -> None:
+    """One rule for every file pointnuc names after an image (kept results, review figures)."""
+    from pointnuc.io.paths import safe_file_name
+
+    assert safe_file_name("TCGA-A7 slide:1/2.tif") == "TCGA-A7_slide_1_2.tif"
+    assert safe_file_name("Schnitt µ 1.svs") == "Schnitt_µ_1.svs"  # letters of any script are kept
+    assert safe_file_name("x" * 100) == "x" * 80 and safe_file_name("abc", max_chars=2) == "ab"

@@ -25,9 +25,9 @@ from shapely import wkt
 from shapely.geometry import box, shape
 
 from pointnuc.errors import InputError, QuPathNotFoundError
-from pointnuc.io.base import POINTNUC_MARKER, NucleusObject, open_project
-from pointnuc.io.qupath import QuPathProjectFile, uri_to_path
-
+from pointnuc.io import NucleusObject, WriteOptions, open_project
+from pointnuc.io.base import POINTNUC_MARKER
+from pointnuc.io.qupath_project import QuPathProjectFile, uri_to_path
 
 # --------------------------------------------------------------------------- the stand-in
 
@@ -234,7 +234,7 @@ def test_writing_replaces_marked_detections_and_keeps_backup(fake_project: Path)
     assert sorted(round(d["measurements"].get(POINTNUC_MARKER, -1), 3) for d in dets) == [-1, 0.7, 0.8]
     assert proj.annotations(proj.images()[0]).n_pointnuc_objects == 2
     # cells carry their nucleus
-    proj.write_nuclei({B0: [NucleusObject(box(100, 100, 110, 110), 0.5)]}, object_type="cell")
+    proj.write_nuclei({B0: [NucleusObject(box(100, 100, 110, 110), 0.5)]}, options=WriteOptions("cell"))
     [cell] = json.loads((fake_project / "data/2/data.qpdata").read_text())["detections"]
     assert wkt.loads(cell["roi"]).covers(wkt.loads(cell["nucleus"]))
 
@@ -256,7 +256,7 @@ def test_failed_write_restores_project(fake_project: Path, monkeypatch):
 
 
 def test_cli_inspect_through_paquo_path(fake_project: Path, monkeypatch):
-    import pointnuc.io.qupath as q
+    import pointnuc.io.qupath_project as q
     from pointnuc.cli import main
 
     monkeypatch.setattr(q, "QuPathProcess", lambda qpproj: q.InProcess(qpproj, FAKE))
@@ -268,7 +268,7 @@ def test_cli_inspect_through_paquo_path(fake_project: Path, monkeypatch):
 
 
 def test_missing_image_files_are_one_clear_error(fake_project: Path, monkeypatch):
-    import pointnuc.io.qupath as q
+    import pointnuc.io.qupath_project as q
     from pointnuc.cli import main
 
     shutil.rmtree(fake_project / "images")
@@ -326,7 +326,7 @@ def test_without_qupath_a_qpproj_gives_qupath_not_found(shared: Path, tmp_path: 
     code = (
         "import sys\n"
         "from pointnuc.errors import QuPathNotFoundError\n"
-        "from pointnuc.io.base import open_project\n"
+        "from pointnuc.io import open_project\n"
         "try:\n"
         f"    open_project({str(work)!r})\n"
         "except QuPathNotFoundError as err:\n"
@@ -351,7 +351,7 @@ def test_real_qupath_reads_and_writes(shared: Path, tmp_path: Path, qupath_dir: 
     expected = json.loads((shared / "fixtures/qupath-0.6.0/expected.json").read_text(encoding="utf-8"))
     got = python_with_qupath(f"""
 from shapely.geometry import box
-from pointnuc.io.base import NucleusObject, open_project
+from pointnuc.io import NucleusObject, open_project
 proj = open_project({str(work)!r})
 images = proj.images()
 out = {{"images": [{{"name": im.name, "pixel_size_um": im.pixel_size_um,

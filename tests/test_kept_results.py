@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from synth import label_points, render_nuclei, write_geojson_project
 
 from pointnuc.cli import main
-from synth import label_points, render_nuclei, write_geojson_project
 
 #: two images whose sanitised names are the same, with different nuclei (and counts)
 IMAGES = {"slide a": (30, 21), "slide_a": (50, 22)}
@@ -99,7 +99,7 @@ def test_images_with_alike_names_keep_their_own_nuclei(trained, tmp_path: Path) 
 def test_a_kept_result_of_another_image_is_never_reused(trained, tmp_path: Path) -> None:
     """A kept result (with its record) that lies where another image's belongs is recomputed, and so is one
     without a record of how it was made (e.g. from an older pointnuc)."""
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.pipeline import plan_segmentation, record_file
 
     proj, model, centres = trained

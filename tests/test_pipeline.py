@@ -36,7 +36,6 @@ def _region_feature(geom) -> dict:
 
 def _project_with_region(tmp_path: Path, pixel_size_um: float) -> Path:
     from shapely.geometry import box
-
     from synth import write_geojson_project
 
     region = box(10, 10, 30, 30).difference(box(14, 14, 20, 20))  # a square with a square hole
@@ -48,7 +47,7 @@ def _project_with_region(tmp_path: Path, pixel_size_um: float) -> Path:
 
 
 def test_region_mask_takes_pixel_centres_and_holes(tmp_path: Path) -> None:
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.pipeline import load_training_images
 
     config = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.holdout_fraction": 0.0})
@@ -63,7 +62,7 @@ def test_region_mask_takes_pixel_centres_and_holes(tmp_path: Path) -> None:
 
 
 def test_region_mask_at_half_resolution(tmp_path: Path) -> None:
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.pipeline import load_training_images
 
     config = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.holdout_fraction": 0.0})
@@ -77,11 +76,11 @@ def test_region_mask_at_half_resolution(tmp_path: Path) -> None:
 
 def test_segment_checks_every_pixel_size_before_any_work(tmp_path: Path) -> None:
     import pytest
+    from synth import write_geojson_project
 
     from pointnuc.errors import PixelSizeError
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.pipeline import RESULTS_FOLDER, segment_project
-    from synth import write_geojson_project
 
     img = np.full((16, 16, 3), 200, np.uint8)
     proj = write_geojson_project(tmp_path / "p", "a", img, np.zeros((0, 2)), pixel_size_um=0.5)
@@ -93,10 +92,10 @@ def test_segment_checks_every_pixel_size_before_any_work(tmp_path: Path) -> None
 
 def test_overlapping_regions_never_train_on_a_held_back_point(tmp_path: Path) -> None:
     from shapely.geometry import box
-
-    from pointnuc.io.base import open_project
-    from pointnuc.pipeline import load_training_images
     from synth import write_geojson_project
+
+    from pointnuc.io import open_project
+    from pointnuc.pipeline import load_training_images
 
     img = np.full((40, 40, 3), 200, np.uint8)
     img[::3] = 90

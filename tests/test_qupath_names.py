@@ -24,8 +24,8 @@ import pytest
 import shapely
 from shapely.geometry import Point, box
 
-from pointnuc.io.base import POINTNUC_MARKER, NucleusObject
-from pointnuc.io.geojson import nucleus_records
+from pointnuc.io.base import POINTNUC_MARKER, NucleusObject, WriteOptions
+from pointnuc.io.records import nucleus_records
 
 DETECTION_NAMES = {0.5: ["Area µm^2", "Length µm", "Circularity"], None: ["Area px^2", "Length px", "Circularity"]}
 CELL_NAMES = {
@@ -48,7 +48,7 @@ def _nuclei() -> list[NucleusObject]:
 def test_measurement_names(px: float | None) -> None:
     [det, *_] = nucleus_records(_nuclei(), pixel_size_um=px)
     assert list(det[2]) == DETECTION_NAMES[px] + [POINTNUC_MARKER]
-    [cell, *_] = nucleus_records(_nuclei(), object_type="cell", pixel_size_um=px)
+    [cell, *_] = nucleus_records(_nuclei(), options=WriteOptions("cell"), pixel_size_um=px)
     assert list(cell[2]) == CELL_NAMES[px] + [POINTNUC_MARKER]
     m = cell[2]
     s2 = (px or 1.0) ** 2
@@ -66,7 +66,7 @@ def test_shape_measurements_are_recomputed_not_carried_over() -> None:
     [(_, _, det)] = nucleus_records([n], pixel_size_um=0.5)
     assert list(det) == DETECTION_NAMES[0.5] + ["Hematoxylin OD mean", POINTNUC_MARKER]
     assert det["Area µm^2"] == 25.0
-    [(_, _, cell)] = nucleus_records([n], object_type="cell", pixel_size_um=0.5)
+    [(_, _, cell)] = nucleus_records([n], options=WriteOptions("cell"), pixel_size_um=0.5)
     assert list(cell) == CELL_NAMES[0.5] + ["Hematoxylin OD mean", POINTNUC_MARKER]
     assert cell["Nucleus: Area µm^2"] == 25.0
 
@@ -77,12 +77,13 @@ def test_shape_measurements_are_recomputed_not_carried_over() -> None:
 @pytest.mark.qupath
 @pytest.mark.parametrize("px", [0.5, None])
 def test_names_and_values_are_qupaths_shape_features(qupath_dir: Path, tmp_path: Path, px: float | None) -> None:
-    from pointnuc.geometry import object_area
     from qupath_kit import kit
+
+    from pointnuc.geometry import object_area
 
     ours, objects = [], []
     for object_type in ("detection", "cell"):
-        for geom, nucleus, meas in nucleus_records(_nuclei(), object_type=object_type, pixel_size_um=px,
+        for geom, nucleus, meas in nucleus_records(_nuclei(), options=WriteOptions(object_type), pixel_size_um=px,
                                                    clip_to=object_area(64, 64)):
             ours.append(meas)
             objects.append({"type": object_type, "wkb": shapely.to_wkb(geom, hex=True),

@@ -1,7 +1,7 @@
 """How pointnuc runs QuPath's JVM, and how it stops (issue #24 items 2-8, issue #29 item 8).
 
 pointnuc never starts QuPath's JVM in its own process: a child process does all paquo work
-(``pointnuc.io.qupath``). Tests marked ``qupath`` drive a real QuPath 0.6.0, assembled once per
+(``pointnuc.io.qupath_process``). Tests marked ``qupath`` drive a real QuPath 0.6.0, assembled once per
 session from ``../shared/qupath-0.6.0`` into ``.qupath/`` (skipped without it); their projects
 are built by paquo in a subprocess, never in this process. The others run everywhere: the
 stand-in for paquo of ``test_io_qupath.py``, the CLI's messages, and real signals on
@@ -24,13 +24,14 @@ from typing import Callable
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from shapely.geometry import box
-
 from conftest import shared_dir
+from shapely.geometry import box
 from test_io_qupath import fake_project  # noqa: F401  (the stand-in project fixture)
+
 from pointnuc.errors import InputError, Interrupted
 from pointnuc.io.base import NucleusObject
-from pointnuc.io.qupath import BACKUP_FOLDER, BACKUPS_PER_IMAGE, QPDATA_END, QuPathProjectFile, check_qpdata, relocated
+from pointnuc.io.qupath_backup import BACKUP_FOLDER, BACKUPS_PER_IMAGE
+from pointnuc.io.qupath_project import QPDATA_END, QuPathProjectFile, check_qpdata, relocated
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -346,7 +347,7 @@ def qp_project(qupath_base: Path, tmp_path: Path) -> Path:
 @pytest.mark.qupath
 def test_reading_runs_qupath_in_a_child_and_stdout_is_pointnuc_s(qp_project: Path, qupath_env, tmp_path: Path) -> None:
     # #2: no JVM in pointnuc's own process (nothing unsafe to fork); #7: QuPath's log never on stdout
-    script = ("import json, sys; from pointnuc.io.base import open_project; p = open_project(sys.argv[1]); "
+    script = ("import json, sys; from pointnuc.io import open_project; p = open_project(sys.argv[1]); "
               "n = [len(p.annotations(im).points_xy) for im in p.images()]; jp = sys.modules.get('jpype'); "
               "print(json.dumps({'points': n, 'jvm': bool(jp and jp.isJVMStarted())}))")
     r = subprocess.run([sys.executable, "-c", script, str(qp_project)], env=qupath_env, capture_output=True,
@@ -366,7 +367,7 @@ def test_reading_runs_qupath_in_a_child_and_stdout_is_pointnuc_s(qp_project: Pat
 _CHILD_LIFE = r"""
 import json, os, signal, sys, time
 from pointnuc.errors import QuPathError
-from pointnuc.io.qupath import QuPathProcess
+from pointnuc.io.qupath_process import QuPathProcess
 
 q = QuPathProcess(sys.argv[1], idle_exit_s=1.5)
 name = q.call("entries", what="the image list")[0]["name"]
@@ -431,7 +432,7 @@ def test_a_project_moved_with_its_sibling_images_folder(qupath_env, tmp_path: Pa
     assert [im["path"] for im in json.loads(r.stdout)["images"]] == [
         str(tmp_path / "new" / "images" / f"synth-{i}.tif") for i in range(2)]
     assert _snapshot(proj) == before  # reading changed nothing
-    script = ("import sys; from shapely.geometry import box; from pointnuc.io.base import open_project, NucleusObject; "
+    script = ("import sys; from shapely.geometry import box; from pointnuc.io import open_project, NucleusObject; "
               "p = open_project(sys.argv[1]); im = p.images()[1]; "
               "p.write_nuclei({im.name: [NucleusObject(box(5, 5, 15, 15), 0.9)]}); "
               "print(open_project(sys.argv[1]).annotations(im).n_pointnuc_objects)")

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from synth import write_tiff
+from test_wsi import DarknessNet
 
 from pointnuc.cli import main
 from pointnuc.config import profile_config
 from pointnuc.models.bundle import ModelInfo
-from synth import write_tiff
-from test_wsi import DarknessNet
 
 PX = 0.25  # the images' µm/px; the model works at 0.5
 
@@ -97,7 +97,7 @@ def _block_mean(img: np.ndarray, k: int) -> np.ndarray:
 def test_tissue_mask_keeps_fat_on_a_large_slide_and_drops_its_glass(thumb_ds: int) -> None:
     """A large slide: fat on the left, glass (with noise and dust) on the right. The plan covers every
     nucleus of the fat, however coarse the thumbnail, and still leaves out most of the glass."""
-    from pointnuc.infer.wsi import plan_slide
+    from pointnuc.infer.slide_tiles import plan_slide
 
     fat, c = fat_tile(seed=1)
     n = 4
@@ -144,8 +144,7 @@ def test_real_crops_are_looked_at_whole(shared: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     from pointnuc.infer.tissue import tissue_mask
-    from pointnuc.infer.wsi import read_thumbnail
-    from pointnuc.io.slide import open_slide
+    from pointnuc.io.slide import open_slide, read_thumbnail
 
     src = shared / "data" / "monuseg" / "train" / "TCGA-18-5592-01Z-00-DX1.png"
     if not src.is_file():
@@ -201,7 +200,7 @@ def test_a_typo_d_pixel_size_is_refused_in_one_line(tmp_path: Path, monkeypatch:
     """--pixel-size 25 (the file reader's limit is 20 µm/px) and 4 (8x enlarged for a 0.5 µm/px model) stop
     before any work, the dry run too (was: 17,100 tiles planned for a 1000 x 1000 image, 10 silent minutes)."""
     from pointnuc.errors import PixelSizeError
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.pipeline import plan_segmentation
 
     model = _stand_in_model(tmp_path / "model", monkeypatch)
@@ -259,7 +258,7 @@ def _holder(root: Path, mode: str = "exclusive") -> subprocess.Popen:
 def test_a_second_writer_is_refused_and_a_killed_run_s_lock_is_taken_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.io.lock import LOCK_NAME, ProjectBusyError, project_lock
     from pointnuc.pipeline import merge_results, segment_project
 
@@ -291,7 +290,7 @@ def test_a_second_writer_is_refused_and_a_killed_run_s_lock_is_taken_over(
 @pytest.mark.skipif(sys.platform == "win32", reason="shared locks are POSIX only")
 def test_shard_runs_share_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shards of a job array run together; a run that writes into the project waits for none of them."""
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.io.lock import LOCK_NAME, ProjectBusyError, project_lock
     from pointnuc.pipeline import segment_project
 

@@ -5,21 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import label_tiles, read_window, stitch_labels, tiled_predict, untiled_reference
 from scipy import ndimage as ndi
 
 from pointnuc.errors import InputError
-from pointnuc.infer.tiling import (
-    Box,
-    make_grid,
-    owned_labels,
-    read_window,
-    round_halo,
-    stitch_labels,
-    tiled_predict,
-    label_tiles,
-    tiles_intersecting,
-    untiled_reference,
-)
+from pointnuc.infer.tiling import Box, make_grid, owned_labels, round_halo, tiles_intersecting
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:

@@ -16,10 +16,12 @@ from torch import nn
 
 from pointnuc.config import profile_config
 from pointnuc.errors import InputError, PixelSizeError
+from pointnuc.infer.slide_tiles import plan_slide, working_halo
 from pointnuc.infer.tiling import make_grid
-from pointnuc.infer.wsi import normalise_tile, plan_slide, segment_slide, working_halo
+from pointnuc.infer.wsi import segment_slide
 from pointnuc.models.bundle import ModelInfo
 from pointnuc.models.net import IMAGENET_MEAN, IMAGENET_STD
+from pointnuc.stain import colour_apply as normalise_tile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_slide import SynthSlide, random_discs, render, write_slide  # noqa: E402
@@ -338,8 +340,8 @@ def test_pointnuc_segment_cli_on_a_pyramidal_tiff(
 
 def test_colour_normalisation_on_device_matches_reader_threads(slide_file: tuple[Path, SynthSlide]) -> None:
     """The GPU path normalises the batch with torch: same pixels (±1) and the same nuclei as numpy."""
-    from pointnuc.infer.wsi import normalise_tiles_torch
     from pointnuc.io.slide import open_slide
+    from pointnuc.stain import colour_apply_torch as normalise_tiles_torch
     from pointnuc.stain import lab_stats
 
     rng = np.random.default_rng(1)
@@ -404,7 +406,7 @@ def test_inference_colour_stats_are_the_training_stats_on_a_small_image(tmp_path
     (full working-resolution pixels), not a blurred thumbnail's."""
     from PIL import Image
 
-    from pointnuc.infer.wsi import sampled_colour_stats
+    from pointnuc.infer.slide_tiles import sampled_colour_stats
     from pointnuc.io.slide import open_slide
     from pointnuc.stain import colour_stats, lab_stats
 
@@ -427,7 +429,7 @@ def test_inference_colour_stats_are_the_training_stats_on_a_small_image(tmp_path
 
 
 def test_fast_normalise_tile_within_one_grey_level_of_scikit_image() -> None:
-    from pointnuc.stain import _reinhard_apply_skimage as _normalise_tile_skimage
+    from helpers import reinhard_apply_skimage as _normalise_tile_skimage
 
     rng = np.random.default_rng(5)
     img = rng.integers(0, 256, (128, 96, 3), dtype=np.uint8)
@@ -446,7 +448,7 @@ def test_colour_normalisation_on_cuda_matches_numpy() -> None:
 
     CPU and CUDA float arithmetic round differently; the stain stretch widens that in dark pixels
     (up to 3 grey levels between torch on the CPU and on an H200), so both get numpy's bound."""
-    from pointnuc.infer.wsi import normalise_tiles_torch
+    from pointnuc.stain import colour_apply_torch as normalise_tiles_torch
     from pointnuc.stain import lab_stats
 
     rng = np.random.default_rng(2)
@@ -462,7 +464,7 @@ def test_colour_normalisation_on_cuda_matches_numpy() -> None:
 
 def test_tile_batch_flip_tta() -> None:
     """``tta``: the mean of the four flipped predictions, each flipped back; so a flipped batch gives the flipped result."""
-    from pointnuc.infer.wsi import _predict_batch
+    from pointnuc.infer.predict import predict_batch as _predict_batch
     from pointnuc.models.net import build_network
 
     torch.manual_seed(0)

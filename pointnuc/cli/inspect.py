@@ -20,14 +20,14 @@ def inspect_project(
 ) -> dict[str, Any]:
     """Per image: name, size, pixel size, points per class, training regions, pointnuc objects,
     and ``problem``: why its pixels cannot be used (:func:`image_problem`), or None."""
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
 
     project = open_project(project_path, pixel_size_um=pixel_size_um)
-    images = []
+    images: list[dict[str, Any]] = []
     for image in project.images():
         ann = project.annotations(image, point_class=point_class, region_class=region_class)
         problem = image_problem(image.path)
-        points = {point_class: int(len(ann.points_xy)), **{k: int(v) for k, v in ann.other_point_counts.items()}}
+        points = {point_class: len(ann.points_xy), **{k: int(v) for k, v in ann.other_point_counts.items()}}
         images.append({
             "name": image.name,
             "path": str(image.path),
@@ -41,7 +41,7 @@ def inspect_project(
         })
     return {
         "project": str(project_path),
-        "kind": getattr(project, "kind", type(project).__name__),
+        "kind": project.kind,
         "point_class": point_class,
         "region_class": region_class if region_class is not None else "Region*",
         "images": images,

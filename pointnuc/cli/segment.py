@@ -72,12 +72,14 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     pointnuc-geojson/NAME.geojson; drag that file onto the image in QuPath.
     """
     from pointnuc.errors import InputError
-    from pointnuc.io.base import CELL_EXPANSION_UM, open_project
+    from pointnuc.io import WriteOptions, open_project
+    from pointnuc.io.base import CELL_EXPANSION_UM
     from pointnuc.pipeline import merge_results, newest_model_dir, plan_segmentation, segment_project
 
     if cell_expansion is not None and object_type != "cell":
         raise InputError("--cell-expansion sets how far cells reach; add --objects cell, or leave it out for detections")
-    expansion = CELL_EXPANSION_UM if cell_expansion is None else cell_expansion
+    write_options = WriteOptions(object_type=object_type, class_name=class_name,
+                                 cell_expansion_um=CELL_EXPANSION_UM if cell_expansion is None else cell_expansion)
     proj = open_project(project, pixel_size_um=pixel_size)
     model_dir = model_dir or newest_model_dir(proj)
     from pointnuc.models.bundle import load_info
@@ -85,8 +87,7 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     info = load_info(model_dir)
     shard_kn = _parse_shard(shard)
     if merge:
-        s = merge_results(proj, model_dir, object_type=object_type, class_name=class_name, within_class=within, tta=tta,
-                          cell_expansion_um=expansion)
+        s = merge_results(proj, model_dir, write_options=write_options, within_class=within, tta=tta)
         click.echo(f"Merged {sum(s.nuclei.values())} nuclei from {len(s.nuclei)} image(s) into {proj.root}")
         for p in s.written:
             click.echo(f"  wrote {p}")
@@ -112,8 +113,8 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
         click.echo(f"{n_seg} image(s) to segment ({sum(bool(p.why) for p in plans)} of them again), {kept_txt}{bad_txt}.")
         return
     s = segment_project(proj, model_dir, image_names=images, within_class=within, device=device,
-                        pixel_size_um=pixel_size, object_type=object_type, class_name=class_name, shard=shard_kn,
-                        redo=redo, batch_size=batch_size, progress=not no_progress, tta=tta, cell_expansion_um=expansion)
+                        pixel_size_um=pixel_size, write_options=write_options, shard=shard_kn,
+                        redo=redo, batch_size=batch_size, progress=not no_progress, tta=tta)
     click.echo(f"Model: {model_dir}")
     for name, n in s.nuclei.items():
         click.echo(f"  {name}: {n} nuclei{_how(s, name, within is not None)}")
@@ -123,7 +124,7 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     if shard_kn:
         click.echo(f"Shard {shard} done; when all shards are done run: "
                    f"pointnuc segment {project} --model {model_dir} --merge{' --tta' if tta else ''}")
-    elif s.written and getattr(proj, "kind", "") == "qupath":
+    elif s.written and proj.kind == "qupath":
         click.echo("In QuPath: reopen the project to review the nuclei.")
     elif s.written:
         click.echo("In QuPath: open the image and drag its file above onto it (or File > Import objects from file).")

@@ -73,7 +73,7 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     from pointnuc.cli import note_model_dir
     from pointnuc.config import profile_config
     from pointnuc.errors import InputError
-    from pointnuc.io.base import open_project
+    from pointnuc.io import open_project
     from pointnuc.pipeline import default_model_dir, train_project
     from pointnuc.train.fit import resolve_device
 

@@ -14,12 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from typing import TYPE_CHECKING
-
 from pointnuc.errors import InputError
-
-if TYPE_CHECKING:
-    import torch
 
 METHODS = ("cc", "watershed")
 
@@ -89,7 +84,7 @@ def _watershed(mask: np.ndarray, h_px: float) -> np.ndarray:
     (more than one plateau of local maxima, or 8- but not 4-connected, which the 4-connected
     watershed would cut) go through ``h_maxima`` + ``watershed``; every other one is its
     own instance, as the watershed would leave it. Same instances as the whole-tile
-    computation on the same distance map (:func:`_watershed_tile`), a fraction of the cost.
+    computation on the same distance map (``watershed_tile`` in ``tests/helpers.py``), a fraction of the cost.
     """
     eight = np.ones((3, 3), bool)
     lab8, n = ndi.label(mask, structure=eight)
@@ -144,47 +139,3 @@ def _split(dist: np.ndarray, mask: np.ndarray, h_px: float) -> np.ndarray:
     # components the markers missed (too thin for a maximum of depth h) keep their own label
     rest, _ = ndi.label(mask & (lab == 0), structure=eight)
     return np.where(lab == 0, np.where(rest > 0, rest + lab.max(), 0), lab)
-
-
-def _watershed_tile(mask: np.ndarray, h_px: float) -> np.ndarray:
-    """:func:`_watershed` computed over the whole tile at once (reference for tests)."""
-    return _split(_distance(mask), mask, h_px)
-
-
-def _watershed_reference(prob_fg: np.ndarray, *, threshold: float = 0.5, min_area_px: float = 20.0,
-                         max_hole_px: float | None = None, h_px: float = 1.5) -> np.ndarray:
-    """The whole-tile watershed as it was before per-component splitting (the distance map not
-    zeroed outside the mask: a component's maxima could be weighed against a neighbour's
-    through the smoothed background). Kept for tests and ``benchmarks/post_speed.py``."""
-    p = np.asarray(prob_fg, dtype=np.float32)
-    mask = fill_small_holes(p >= threshold, 4 * min_area_px if max_hole_px is None else max_hole_px)
-    dist = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
-    return _remove_small(_split(dist, mask, h_px).astype(np.int64), min_area_px)
-
-
-def nucleus_probability(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    *,
-    device: str | torch.device = "cpu",
-    tta: bool = False,
-    window: int = 512,
-    margin: int = 32,
-) -> np.ndarray:
-    """Nucleus probability (H, W) of a segmenter on a colour-normalised uint8 RGB image.
-
-    ``tta``: average over the four flips (horizontal, vertical, both, none).
-    """
-    from pointnuc.infer.predict import predict_channel
-
-    return predict_channel(model, image, 1, activation="softmax", tta=tta, window=window, margin=margin, device=device)
-
-
-def canonical_labels(lab: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..n by each instance's first pixel in raster order (same partition <=> same array)."""
-    flat = lab.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    first, ids = first[ids > 0], ids[ids > 0]
-    lut = np.zeros(int(flat.max(initial=0)) + 1, np.int64)
-    lut[ids[np.argsort(first)]] = np.arange(1, len(ids) + 1)
-    return lut[lab]

@@ -59,8 +59,9 @@ def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext) -> tuple[list
     measurements) and the number of objects dropped because they are centred in the
     core but cut by the tile's edge (larger than the halo: not nuclei).
     """
-    from pointnuc.geometry import labels_to_polygons, measurements_many
+    from pointnuc.geometry import labels_to_polygons
     from pointnuc.infer.instances import instances_from_probability
+    from pointnuc.measurements import measurements_many
 
     p = ctx.params
     tile = search_box(tile, ctx.keep_margin)
@@ -137,11 +138,13 @@ def init_worker(ctx: TileContext) -> None:
     _CTX = ctx
     if ctx.region is not None:
         shapely.prepare(ctx.region)
-    import pointnuc.geometry  # noqa: F401  (here, not in the first tile's time)
-    import pointnuc.infer.instances  # noqa: F401
+    # what the jobs use, imported here rather than in the first tile's time
+    import pointnuc.geometry
+    import pointnuc.infer.instances
+    import pointnuc.measurements  # noqa: F401
 
     if ctx.params.method == "watershed":
-        import skimage.morphology  # noqa: F401
+        import skimage.morphology
         import skimage.segmentation  # noqa: F401
 
 

@@ -1,16 +1,47 @@
-"""Network prediction on an image that fits in memory (sliding window).
+"""Network prediction: the forward step both paths share, and the two paths.
 
-Windows overlap by ``margin`` pixels on each side; only each window's centre is kept,
-so the result does not depend on the window grid (up to the network's receptive
-field beyond ``margin``).
+- :func:`predict_image`: an image that fits in memory (training, validation, the report), by
+  sliding windows that overlap by ``margin`` pixels on each side, the image mirrored at its
+  border; only each window's centre is kept, so the result does not depend on the window
+  grid (up to the network's receptive field beyond ``margin``).
+- :func:`predict_batch`: a batch of whole-slide tiles (:mod:`pointnuc.infer.wsi`), each already
+  holding its halo of slide pixels (white beyond the slide), colour-normalised on the device.
+
+Both run :func:`probabilities`. They are not one path: at an image's border the first sees the
+mirrored image, the second the white of glass (what a slide has there), so their numbers
+differ within the network's receptive field of the border and agree elsewhere.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from pointnuc.models.net import preprocess
+from pointnuc.stain import colour_apply_torch
+
+
+def probabilities(
+    model: torch.nn.Module, x: torch.Tensor, *, activation: str, amp: bool, channels_last: bool = False
+) -> torch.Tensor:
+    """Probabilities (B, C, H, W) float32 of a preprocessed batch on its device.
+
+    ``activation``: ``sigmoid``, ``softmax``, or ``auto`` (sigmoid for one output channel).
+    ``amp``: autocast (float16 on CUDA, bfloat16 on the CPU). ``channels_last``: the batch in
+    that memory format (for a network converted to it).
+    """
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
+    with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=amp):
+        logits = model(x)
+    logits = logits.float()
+    if activation == "auto":
+        activation = "sigmoid" if logits.shape[1] == 1 else "softmax"
+    return torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
 
 
 def _starts(length: int, window: int, step: int) -> list[int]:
@@ -53,10 +84,7 @@ def predict_image(
         chunk = boxes[i : i + batch_size]
         batch = np.stack([padded[y : y + win, x : x + win] for y, x in chunk])
         t = preprocess(batch).to(device)
-        with torch.autocast(device_type=device.type, enabled=use_amp):
-            logits = model(t).float()
-        prob = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
-        prob = prob.cpu().numpy()
+        prob = probabilities(model, t, activation=activation, amp=use_amp).cpu().numpy()
         if out is None:
             out = np.zeros((prob.shape[1], ph, pw), np.float32)
         for (y, x), p in zip(chunk, prob):
@@ -95,3 +123,52 @@ def predict_channel(
         p = p[::-1] if fy else p
         acc += p[:, ::-1] if fx else p
     return acc / (len(FLIPS) if tta else 1)
+
+
+def nucleus_probability(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    device: str | torch.device = "cpu",
+    tta: bool = False,
+    window: int = 512,
+    margin: int = 32,
+) -> np.ndarray:
+    """Nucleus probability (H, W) of a segmenter on a colour-normalised uint8 RGB image.
+
+    ``tta``: average over the four flips (horizontal, vertical, both, none).
+    """
+    return predict_channel(model, image, 1, activation="softmax", tta=tta, window=window, margin=margin, device=device)
+
+
+@torch.no_grad()
+def predict_batch(
+    network: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool,
+    norm: tuple[Sequence[Any], Mapping[str, Sequence[float]]] | None = None, half: bool = False, tta: bool = False,
+) -> np.ndarray:
+    """Foreground probability (B, T, T) float32 of a batch of uint8 RGB windows (B, T, T, 3).
+
+    ``norm`` = (source stats, reference): Reinhard-normalise the batch on the device first.
+    ``half``: float16 instead, rounded on the device (half the copy back).
+    ``tta``: the mean over the four flips (none, left-right, up-down, both).
+    """
+    x = torch.from_numpy(batch)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    if norm is not None:
+        x = colour_apply_torch(x, *norm)
+    t = preprocess(x)
+
+    def foreground(inp: torch.Tensor) -> torch.Tensor:
+        p = probabilities(network, inp, activation="auto", amp=amp, channels_last=device.type == "cuda")
+        return p[:, 0] if p.shape[1] == 1 else p[:, 1]
+
+    fg = foreground(t)
+    if tta:  # the flips of predict_channel; image dims 2, 3 of (B, C, H, W) are dims 1, 2 of the (B, H, W) output
+        for fy, fx in FLIPS[1:]:
+            dims = [d for d, flip in ((2, fy), (3, fx)) if flip]
+            fg += foreground(t.flip(dims)).flip([d - 1 for d in dims])
+        fg /= len(FLIPS)
+    if half:
+        fg = fg.half()
+    return fg.cpu().numpy()

@@ -1,4 +1,4 @@
-"""Tiles with a halo, the rule that gives every instance to exactly one tile, and stitching.
+"""Tiles with a halo, and the rule that gives every instance to exactly one tile.
 
 Pure numpy, model-free. Coordinates are (row, col) pixel indices of the image being
 tiled (the working resolution), boxes half-open ``[y0, y1) x [x0, x1)``.
@@ -24,8 +24,8 @@ do see it identically.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -56,11 +56,11 @@ class Box:
     def empty(self) -> bool:
         return self.y1 <= self.y0 or self.x1 <= self.x0
 
-    def intersect(self, other: "Box") -> "Box":
+    def intersect(self, other: Box) -> Box:
         """The common part of two boxes (possibly empty)."""
         return Box(max(self.y0, other.y0), max(self.x0, other.x0), min(self.y1, other.y1), min(self.x1, other.x1))
 
-    def shift(self, dy: int, dx: int) -> "Box":
+    def shift(self, dy: int, dx: int) -> Box:
         return Box(self.y0 + dy, self.x0 + dx, self.y1 + dy, self.x1 + dx)
 
     def slices(self) -> tuple[slice, slice]:
@@ -108,7 +108,7 @@ class TileGrid:
 
 def round_halo(halo_px: float) -> int:
     """Smallest valid halo (a multiple of 16, so that ``tile_size - 2*halo`` stays a multiple of 32) >= ``halo_px``."""
-    return max(0, int(math.ceil(halo_px / (NET_STRIDE // 2))) * (NET_STRIDE // 2))
+    return max(0, math.ceil(halo_px / (NET_STRIDE // 2)) * (NET_STRIDE // 2))
 
 
 def make_grid(height: int, width: int, *, tile_size: int, halo: int) -> TileGrid:
@@ -123,7 +123,7 @@ def make_grid(height: int, width: int, *, tile_size: int, halo: int) -> TileGrid
     if core < NET_STRIDE:
         raise InputError(f"tile size {tile_size} leaves no core with a halo of {halo} px; use larger tiles")
     image = Box(0, 0, height, width)
-    tiles = []
+    tiles: list[Tile] = []
     for r in range(math.ceil(height / core)):
         for c in range(math.ceil(width / core)):
             cb = Box(r * core, c * core, min((r + 1) * core, height), min((c + 1) * core, width))
@@ -132,17 +132,6 @@ def make_grid(height: int, width: int, *, tile_size: int, halo: int) -> TileGrid
             edges = (val.y0 == 0, val.x0 == 0, val.y1 == height, val.x1 == width)
             tiles.append(Tile(len(tiles), r, c, cb, win, val, edges))
     return TileGrid(height, width, tile_size, halo, tuple(tiles))
-
-
-def read_window(image: np.ndarray, window: Box, pad_value: float | int = 0) -> np.ndarray:
-    """The ``window`` of ``image`` (H, W, ...), padded with ``pad_value`` where it sticks out."""
-    h, w = image.shape[:2]
-    out = np.full((window.height, window.width) + image.shape[2:], pad_value, dtype=image.dtype)
-    src = window.intersect(Box(0, 0, h, w))
-    if not src.empty:
-        dst = src.shift(-window.y0, -window.x0)
-        out[dst.slices()] = image[src.slices()]
-    return out
 
 
 def owned_labels(labels: np.ndarray, tile: Tile) -> np.ndarray:
@@ -191,77 +180,6 @@ def owned_labels(labels: np.ndarray, tile: Tile) -> np.ndarray:
     return np.flatnonzero(inside)
 
 
-def keep_owned(labels: np.ndarray, tile: Tile) -> np.ndarray:
-    """``labels`` with every instance the tile does not own set to 0."""
-    ids = owned_labels(labels, tile)
-    keep = np.zeros(int(labels.max(initial=0)) + 1, bool)
-    keep[ids] = True
-    return np.where(keep[labels], labels, 0)
-
-
-def stitch_labels(grid: TileGrid, tile_labels: Iterable[tuple[Tile, np.ndarray]]) -> np.ndarray:
-    """One int32 label image from per-tile labels (each over its tile's ``valid`` box).
-
-    Each tile contributes only the instances it owns, relabelled consecutively.
-    """
-    out = np.zeros((grid.height, grid.width), np.int32)
-    next_id = 1
-    for tile, lab in tile_labels:
-        ids = owned_labels(lab, tile)
-        if ids.size == 0:
-            continue
-        lut = np.zeros(int(lab.max()) + 1, np.int32)
-        lut[ids] = np.arange(next_id, next_id + ids.size, dtype=np.int32)
-        next_id += ids.size
-        new = lut[lab]
-        sl = out[tile.valid.slices()]
-        np.copyto(sl, new, where=new > 0)
-    return out
-
-
-def tiled_predict(
-    image: np.ndarray,
-    predict: Callable[[np.ndarray], np.ndarray],
-    *,
-    tile_size: int,
-    halo: int,
-    pad_value: float | int = 0,
-    batch_size: int = 4,
-) -> np.ndarray:
-    """Per-pixel prediction (C, H, W) of an image (H, W, ...) tile by tile, keeping each core.
-
-    ``predict`` maps a batch of windows (B, tile_size, tile_size, ...) to (B, C, tile_size, tile_size).
-    """
-    grid = make_grid(image.shape[0], image.shape[1], tile_size=tile_size, halo=halo)
-    out: np.ndarray | None = None
-    tiles = list(grid)
-    for i in range(0, len(tiles), batch_size):
-        chunk = tiles[i : i + batch_size]
-        pred = np.asarray(predict(np.stack([read_window(image, t.window, pad_value) for t in chunk])))
-        if out is None:
-            out = np.zeros((pred.shape[1], grid.height, grid.width), pred.dtype)
-        for t, p in zip(chunk, pred):
-            src = t.core.shift(-t.window.y0, -t.window.x0)
-            out[(slice(None),) + t.core.slices()] = p[(slice(None),) + src.slices()]
-    assert out is not None
-    return out
-
-
-def untiled_reference(
-    image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], *, tile_size: int, halo: int, pad_value: float | int = 0
-) -> np.ndarray:
-    """What :func:`tiled_predict` approximates: one prediction over the image padded like the grid.
-
-    The image is padded by ``halo`` on the top/left and up to the grid's extent on the
-    bottom/right (so the window phases agree), predicted once, and cropped back.
-    """
-    grid = make_grid(image.shape[0], image.shape[1], tile_size=tile_size, halo=halo)
-    rows, cols = grid.shape
-    big = Box(-halo, -halo, rows * grid.core_size + halo, cols * grid.core_size + halo)
-    pred = np.asarray(predict(read_window(image, big, pad_value)[None]))[0]
-    return pred[:, halo : halo + grid.height, halo : halo + grid.width]
-
-
 def tiles_intersecting(
     tiles: Iterable[Tile], mask: np.ndarray, scale: float, origin: tuple[int, int] = (0, 0)
 ) -> list[Tile]:
@@ -273,34 +191,12 @@ def tiles_intersecting(
     mh, mw = mask.shape
     keep = []
     for t in tiles:
-        y0 = min(max(int(math.floor((t.core.y0 + origin[0]) / scale)), 0), mh - 1)
-        x0 = min(max(int(math.floor((t.core.x0 + origin[1]) / scale)), 0), mw - 1)
-        y1 = max(int(math.ceil((t.core.y1 + origin[0]) / scale)), y0 + 1)
-        x1 = max(int(math.ceil((t.core.x1 + origin[1]) / scale)), x0 + 1)
+        y0 = min(max(math.floor((t.core.y0 + origin[0]) / scale), 0), mh - 1)
+        x0 = min(max(math.floor((t.core.x0 + origin[1]) / scale), 0), mw - 1)
+        y1 = max(math.ceil((t.core.y1 + origin[0]) / scale), y0 + 1)
+        x1 = max(math.ceil((t.core.x1 + origin[1]) / scale), x0 + 1)
         if mask[y0:y1, x0:x1].any():
             keep.append(t)
     return keep
 
 
-def label_tiles(labels: np.ndarray, grid: TileGrid) -> Iterator[tuple[Tile, np.ndarray]]:
-    """Each tile with the part of ``labels`` in its valid box (the 'cut' half of the round trip)."""
-    for t in grid:
-        yield t, labels[t.valid.slices()]
-
-
-__all__: Sequence[str] = (
-    "Box",
-    "Tile",
-    "TileGrid",
-    "NET_STRIDE",
-    "round_halo",
-    "make_grid",
-    "read_window",
-    "owned_labels",
-    "keep_owned",
-    "stitch_labels",
-    "tiled_predict",
-    "untiled_reference",
-    "tiles_intersecting",
-    "label_tiles",
-)

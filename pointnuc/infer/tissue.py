@@ -54,7 +54,7 @@ def tissue_mask(
     vmax = rgb.max(axis=-1).astype(np.int16)  # small integer work: a few bytes per thumbnail pixel
     vmin = rgb.min(axis=-1).astype(np.int16)
     # saturation (vmax - vmin) / vmax >= s  <=>  (vmax - vmin) * 1000 >= s * 1000 * vmax, in integers
-    coloured = (vmax - vmin).astype(np.int32) * 1000 >= int(round(min_saturation * 1000)) * vmax.astype(np.int32)
+    coloured = (vmax - vmin).astype(np.int32) * 1000 >= round(min_saturation * 1000) * vmax.astype(np.int32)
     padding = vmax <= 0.08 * 255
     glassy = ~coloured & (vmax >= max_brightness * 255) & ~padding
     mask = ~glassy & ~padding
@@ -81,8 +81,3 @@ def tissue_mask(
     if grow > 0 and mask.any():
         mask = ndi.binary_dilation(mask, structure=ndi.generate_binary_structure(2, 1), iterations=grow)
     return mask
-
-
-def tissue_fraction(mask: np.ndarray) -> float:
-    """Share of the thumbnail that is tissue."""
-    return float(np.mean(mask)) if mask.size else 0.0

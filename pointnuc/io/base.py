@@ -1,8 +1,10 @@
 """The one interface the pipeline sees for a QuPath project.
 
 Two implementations: :mod:`pointnuc.io.geojson_project` (a folder of images with
-QuPath GeoJSON exports beside them, pure Python) and :mod:`pointnuc.io.qupath`
-(a ``.qpproj`` through paquo, the only module that imports paquo).
+QuPath GeoJSON exports beside them, pure Python) and :mod:`pointnuc.io.qupath_project`
+(a ``.qpproj`` through paquo, run in a child process by :mod:`pointnuc.io.qupath`, the only
+module that imports paquo). :func:`pointnuc.io.open_project` picks one; this module imports
+neither.
 
 Coordinates are always QuPath's: full-resolution pixels, origin at the top-left
 corner of the top-left pixel, x = column, y = row; pixel (r, c) has its centre at
@@ -11,17 +13,22 @@ corner of the top-left pixel, x = column, y = row; pixel (r, c) has its centre a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 from shapely.geometry.base import BaseGeometry
+
+from pointnuc.errors import InputError
 
 #: Measurement name that marks an object as written by pointnuc (QuPath shows it as a column).
 POINTNUC_MARKER = "pointnuc score"
 #: default growth of a nucleus into its cell (µm) for object_type="cell", as QuPath's cell expansion
 CELL_EXPANSION_UM = 2.0
+#: what pointnuc writes each nucleus as: a detection (its outline), or a cell (outline grown, nucleus inside)
+OBJECT_TYPES = ("detection", "cell")
 
 
 @dataclass(frozen=True)
@@ -54,10 +61,31 @@ class NucleusObject:
     measurements: dict[str, float] = field(default_factory=dict)  #: extra measurements (Area µm^2, ...)
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """How nuclei are written into a project (``pointnuc segment --objects --class --cell-expansion``)."""
+
+    object_type: str = "detection"  #: ``"detection"`` (the nucleus outline) or ``"cell"``
+    class_name: str = "Nucleus"  #: QuPath class of the written objects
+    #: how far each nucleus grows into its cell (µm), for ``object_type="cell"``
+    cell_expansion_um: float = CELL_EXPANSION_UM
+
+    def __post_init__(self) -> None:
+        if self.object_type not in OBJECT_TYPES:
+            raise InputError(f"object type must be one of {', '.join(OBJECT_TYPES)}, not {self.object_type!r}")
+        if not self.cell_expansion_um >= 0:
+            raise InputError(f"cell expansion must be 0 µm or more, not {self.cell_expansion_um!r}")
+
+
+#: what every writer does unless told otherwise: detections of class ``Nucleus``
+DEFAULT_WRITE = WriteOptions()
+
+
 class Project(Protocol):
     """A QuPath project as pointnuc reads and writes it."""
 
     root: Path  #: folder of the project (where models and backups go by default)
+    kind: str  #: ``"qupath"`` (a .qpproj) or ``"geojson-folder"``, as ``inspect`` reports it
 
     def images(self) -> list[ImageRef]:
         """All images of the project, in project order."""
@@ -73,42 +101,13 @@ class Project(Protocol):
         self,
         results: dict[str, Sequence[NucleusObject]],
         *,
-        object_type: str = "detection",
-        class_name: str = "Nucleus",
+        options: WriteOptions = DEFAULT_WRITE,
         replace_within: dict[str, BaseGeometry | None] | None = None,
-        cell_expansion_um: float = CELL_EXPANSION_UM,
     ) -> list[Path]:
-        """Write nuclei per image name, replacing pointnuc's own earlier objects.
+        """Write nuclei per image name as ``options`` says, replacing pointnuc's own earlier objects.
 
         ``replace_within[name]``: only earlier pointnuc objects inside this area are
         replaced (None = the whole image). User objects are never touched. Keeps a
-        backup of what is replaced; returns the files written. ``cell_expansion_um``:
-        how far each nucleus grows into its cell, for ``object_type="cell"``.
+        backup of what is replaced; returns the files written.
         """
         ...
-
-
-def open_project(path: Path, *, output_dir: Path | None = None, pixel_size_um: float | None = None) -> Project:
-    """Open PROJECT: a ``.qpproj`` (or its folder) via paquo, or a GeoJSON image folder.
-
-    ``output_dir``: where pointnuc's GeoJSON / backups go (default: the project folder).
-    ``pixel_size_um``: overrides every image's pixel size.
-    """
-    from pointnuc.errors import InputError
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise InputError(f"project not found: {path}")
-    if path.is_file():
-        if path.suffix.lower() == ".qpproj":
-            from pointnuc.io.qupath import QuPathProjectFile
-
-            return QuPathProjectFile(path, output_dir=output_dir, pixel_size_um=pixel_size_um)
-        raise InputError(f"{path} is a file; give a QuPath project (project.qpproj or its folder) or a folder of images")
-    if (path / "project.qpproj").is_file():
-        from pointnuc.io.qupath import QuPathProjectFile
-
-        return QuPathProjectFile(path / "project.qpproj", output_dir=output_dir, pixel_size_um=pixel_size_um)
-    from pointnuc.io.geojson_project import GeoJSONFolderProject
-
-    return GeoJSONFolderProject(path, output_dir=output_dir, pixel_size_um=pixel_size_um)

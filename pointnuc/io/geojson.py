@@ -25,52 +25,18 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-import numpy as np
-import shapely
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc import fileio
 from pointnuc.errors import InputError
-from pointnuc.geometry import (
-    cell_measurements,
-    clip_polygons,
-    expand_cells,
-    is_shape_measurement,
-    measurements_many,
-    valid_polygon,
-)
-from pointnuc.io.base import CELL_EXPANSION_UM, POINTNUC_MARKER, NucleusObject
+from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, NucleusObject, WriteOptions
 from pointnuc.io.objects import QuPathObject
-
-#: colours QuPath 0.6 shows for these classes (built-ins, and the one it derives for "Nucleus")
-CLASS_COLORS: dict[str, tuple[int, int, int]] = {
-    "Nucleus": (255, 228, 22),
-    "Tumor": (200, 0, 0),
-    "Stroma": (150, 200, 150),
-    "Immune cells": (160, 90, 160),
-    "Necrosis": (50, 50, 50),
-    "Other": (255, 200, 0),
-    "Region*": (0, 0, 180),
-    "Ignore*": (180, 180, 180),
-    "Positive": (200, 50, 50),
-    "Negative": (112, 112, 225),
-}
-OBJECT_TYPES = ("detection", "cell")
-
-
-def class_color(name: str) -> tuple[int, int, int]:
-    """The colour written for a class: QuPath's for known classes, else a stable colour from the name."""
-    if name in CLASS_COLORS:
-        return CLASS_COLORS[name]
-    h = 0
-    for ch in name:  # Java's String.hashCode, for a colour that does not change between runs
-        h = (31 * h + ord(ch)) & 0xFFFFFFFF
-    return (64 + (h >> 16) % 192, 64 + (h >> 8) % 192, 64 + h % 192)
-
+from pointnuc.io.records import class_color, inside, nucleus_records
 
 # --------------------------------------------------------------------------- reading
 
@@ -122,6 +88,7 @@ def _classification(props: dict[str, Any]) -> str | None:
 def _measurements(props: dict[str, Any]) -> dict[str, float]:
     m = props.get("measurements")
     out: dict[str, float] = {}
+    items: Iterable[tuple[Any, Any]]
     if isinstance(m, dict):
         items = m.items()
     elif isinstance(m, list):  # QuPath <= 0.3: [{"name": ..., "value": ...}]
@@ -139,7 +106,7 @@ def _measurements(props: dict[str, Any]) -> dict[str, float]:
 def _shape(geom: Any, path: Path, i: int) -> BaseGeometry:
     try:
         return shape(geom)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - shapely raises many kinds for a malformed geometry
         raise InputError(f"{path}: feature {i} has an unreadable geometry ({err})") from None
 
 
@@ -188,11 +155,6 @@ def read_nuclei(path: Path) -> list[NucleusObject]:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def float32(value: float) -> float:
-    """A value as QuPath stores measurements (32-bit float), back as a Python float."""
-    return float(np.float32(value))
 
 
 def _num(v: float) -> str:
@@ -279,105 +241,34 @@ def _listify(c: Any) -> Any:
     return [_listify(x) for x in c]
 
 
-def _rounded_polygon(poly: BaseGeometry) -> BaseGeometry | None:
-    """Round to the 2 decimals that will be written, and make sure the result is still valid."""
-    p = valid_polygon(poly)
-    if p is None:
-        return None
-    rounded = shapely.transform(p, lambda xy: np.round(xy, 2))
-    return rounded if rounded.is_valid and not rounded.is_empty else valid_polygon(rounded)
-
-
-def nucleus_records(
-    nuclei: Sequence[NucleusObject],
-    *,
-    object_type: str = "detection",
-    pixel_size_um: float | None = None,
-    cell_expansion_um: float = CELL_EXPANSION_UM,
-    clip_to: BaseGeometry | None = None,
-) -> list[tuple[BaseGeometry, BaseGeometry | None, dict[str, float]]]:
-    """(geometry, nucleus geometry or None, measurements) per nucleus, ready to write.
-
-    ``clip_to`` is the area every object must stay inside (:func:`pointnuc.geometry.object_area`:
-    the image, and the ``--within`` region where given): nuclei are cut to it, cells end at it.
-    Outlines are rounded to 0.01 px and made valid; empty ones are dropped.
-    ``object_type="cell"``: the geometry is the nucleus grown by ``cell_expansion_um`` (as 4 px
-    per µm when the pixel size is unknown), limited by its neighbours; the nucleus is the nucleus
-    geometry.
-
-    Measurements, all as 32-bit floats: QuPath's shape measurements of the written outlines
-    (a detection's ``Area µm^2``, ``Length µm``, ``Circularity``; a cell's ``Nucleus: ...``,
-    ``Cell: ...`` and ``Nucleus/Cell area ratio``; see :mod:`pointnuc.geometry`), the nucleus'
-    other measurements, and the marker ``pointnuc score``.
-    """
-    if object_type not in OBJECT_TYPES:
-        raise InputError(f"object type must be one of {', '.join(OBJECT_TYPES)}, not {object_type!r}")
-    polys = [n.polygon for n in nuclei]
-    if clip_to is not None:
-        polys = clip_polygons([p if p is not None else shapely.Polygon() for p in polys], clip_to)
-    kept: list[tuple[NucleusObject, BaseGeometry]] = []
-    for n, p in zip(nuclei, polys):
-        poly = _rounded_polygon(p) if p is not None else None
-        if poly is not None:
-            kept.append((n, poly))
-    if not kept:
-        return []
-    nuc = [p for _, p in kept]
-    if object_type == "cell":
-        dist_px = cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
-        cells = [_rounded_polygon(c) for c in expand_cells(nuc, dist_px, within=clip_to)]
-        geoms = [c if c is not None and c.covers(p) else p for c, p in zip(cells, nuc)]
-        shape_meas = cell_measurements(geoms, nuc, pixel_size_um)
-    else:
-        geoms = nuc
-        shape_meas = measurements_many(np.asarray(nuc, dtype=object), pixel_size_um)
-    out = []
-    for (n, poly), geom, meas in zip(kept, geoms, shape_meas):
-        # shape measurements are always those of the outlines written here (cut, rounded)
-        meas.update({k: v for k, v in n.measurements.items() if k != POINTNUC_MARKER and not is_shape_measurement(k)})
-        meas[POINTNUC_MARKER] = float(n.score)
-        meas = {k: float32(v) for k, v in meas.items() if v is not None and math.isfinite(float(v))}
-        out.append((geom, poly if object_type == "cell" else None, meas))
-    return out
-
-
 def nuclei_features(
     nuclei: Sequence[NucleusObject],
     *,
-    object_type: str = "detection",
-    class_name: str = "Nucleus",
+    options: WriteOptions = DEFAULT_WRITE,
     pixel_size_um: float | None = None,
     color: tuple[int, int, int] | None = None,
-    cell_expansion_um: float = CELL_EXPANSION_UM,
     clip_to: BaseGeometry | None = None,
 ) -> list[dict[str, Any]]:
-    """QuPath Features for pointnuc's nuclei (see :func:`nucleus_records`), each with a new UUID4."""
-    rgb = list(color if color is not None else class_color(class_name))
+    """QuPath Features for pointnuc's nuclei (see :func:`~pointnuc.io.records.nucleus_records`), each with
+    a new UUID4, of type and class ``options`` says (``color``: the class colour, QuPath's by default)."""
+    rgb = list(color if color is not None else class_color(options.class_name))
     feats = []
-    for geom, nucleus, meas in nucleus_records(
-        nuclei, object_type=object_type, pixel_size_um=pixel_size_um, cell_expansion_um=cell_expansion_um,
-        clip_to=clip_to,
-    ):
+    for geom, nucleus, meas in nucleus_records(nuclei, options=options, pixel_size_um=pixel_size_um, clip_to=clip_to):
         f: dict[str, Any] = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": _geometry_dict(geom)}
         if nucleus is not None:
             f["nucleusGeometry"] = _geometry_dict(nucleus)
         f["properties"] = {
-            "objectType": object_type,
-            "classification": {"name": class_name, "color": rgb},
+            "objectType": options.object_type,
+            "classification": {"name": options.class_name, "color": rgb},
             "measurements": meas,
         }
         feats.append(f)
     return feats
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so that a crash or a full disk never leaves half of it (:mod:`pointnuc.fileio`)."""
-    fileio.write_text_atomic(Path(path), text)
-
-
 def write_features(path: Path, features: Sequence[dict[str, Any]], layout: str = "collection") -> Path:
     """Write Features in QuPath's text form (atomically)."""
-    write_text_atomic(Path(path), dumps_features(features, layout))
+    fileio.write_text_atomic(Path(path), dumps_features(features, layout))
     return Path(path)
 
 
@@ -385,18 +276,13 @@ def write_nuclei_file(
     path: Path,
     nuclei: Sequence[NucleusObject],
     *,
-    object_type: str = "detection",
-    class_name: str = "Nucleus",
+    options: WriteOptions = DEFAULT_WRITE,
     pixel_size_um: float | None = None,
     color: tuple[int, int, int] | None = None,
-    cell_expansion_um: float = CELL_EXPANSION_UM,
     clip_to: BaseGeometry | None = None,
 ) -> Path:
     """Write nuclei as a QuPath FeatureCollection (File > Import objects reads it)."""
-    feats = nuclei_features(
-        nuclei, object_type=object_type, class_name=class_name, pixel_size_um=pixel_size_um, color=color,
-        cell_expansion_um=cell_expansion_um, clip_to=clip_to,
-    )
+    feats = nuclei_features(nuclei, options=options, pixel_size_um=pixel_size_um, color=color, clip_to=clip_to)
     return write_features(path, feats)
 
 
@@ -404,17 +290,6 @@ def feature_is_pointnuc(feature: dict[str, Any]) -> bool:
     """Whether a raw Feature was written by pointnuc."""
     m = (feature.get("properties") or {}).get("measurements")
     return isinstance(m, dict) and POINTNUC_MARKER in m
-
-
-def inside(geom: BaseGeometry, area: BaseGeometry | None) -> bool:
-    """Ownership rule for replacing earlier results: an object belongs to an area when its
-    centroid (representative point for odd shapes) lies in it; None = everywhere."""
-    if area is None:
-        return True
-    pt = geom.centroid if not geom.is_empty else None
-    if pt is None or pt.is_empty or not geom.contains(pt):
-        pt = geom.representative_point()
-    return bool(area.covers(pt))
 
 
 def merge_features(

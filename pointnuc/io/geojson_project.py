@@ -21,15 +21,15 @@ one is kept as ``NAME.geojson.bak``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError
 from pointnuc.fileio import backup_file
 from pointnuc.geometry import object_area
-from pointnuc.io.base import CELL_EXPANSION_UM, ImageAnnotations, ImageRef, NucleusObject
+from pointnuc.io.base import DEFAULT_WRITE, ImageAnnotations, ImageRef, NucleusObject, WriteOptions
 from pointnuc.io.geojson import (
     merge_features,
     nuclei_features,
@@ -155,10 +155,8 @@ class GeoJSONFolderProject:
         self,
         results: dict[str, Sequence[NucleusObject]],
         *,
-        object_type: str = "detection",
-        class_name: str = "Nucleus",
+        options: WriteOptions = DEFAULT_WRITE,
         replace_within: dict[str, BaseGeometry | None] | None = None,
-        cell_expansion_um: float = CELL_EXPANSION_UM,
     ) -> list[Path]:
         """Write each image's nuclei to ``pointnuc-geojson/NAME.geojson`` (see the module doc).
 
@@ -174,8 +172,7 @@ class GeoJSONFolderProject:
             ref = refs[name]
             path = self.output_path(name)
             area = (replace_within or {}).get(name)
-            new = nuclei_features(nuclei, object_type=object_type, class_name=class_name,
-                                  pixel_size_um=ref.pixel_size_um, cell_expansion_um=cell_expansion_um,
+            new = nuclei_features(nuclei, options=options, pixel_size_um=ref.pixel_size_um,
                                   clip_to=object_area(ref.width, ref.height, area))
             previous = read_features(path) if path.is_file() else []
             feats = merge_features(previous, new, area, path)

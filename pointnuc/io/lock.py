@@ -26,8 +26,9 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pointnuc.errors import PointnucError
 

@@ -15,8 +15,8 @@ and share :func:`summarise`, so they read points and regions by the same rules:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 from shapely.geometry import GeometryCollection, MultiPoint, MultiPolygon, Point, Polygon

@@ -1,10 +1,16 @@
-"""Output folders: created when new, refused when they already hold something (unless overwriting)."""
+"""Output paths: file names made safe, output folders created when new and refused when they already hold something."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pointnuc.errors import InputError, OutputExistsError
+
+
+def safe_file_name(name: str, max_chars: int = 80) -> str:
+    """``name`` as a file name any file system takes: letters, digits and ``-_.`` kept, anything else ``_``,
+    at most ``max_chars`` characters (names that differ only there can collide: add a digest where it matters)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:max_chars]
 
 
 def check_output_dir(path: Path, *, overwrite: bool = False, hint: str = "pass --overwrite or choose another") -> Path:

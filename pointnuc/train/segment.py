@@ -48,7 +48,8 @@ from torch import nn
 
 from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, TrainingError
-from pointnuc.infer.instances import instances_from_probability, nucleus_probability
+from pointnuc.infer.instances import instances_from_probability
+from pointnuc.infer.predict import nucleus_probability
 from pointnuc.labels.cluster import labels_for_image
 from pointnuc.labels.voronoi import IGNORE as LABEL_IGNORE
 from pointnuc.models.bundle import ModelLayout, save_weights

@@ -1,0 +1,161 @@
+"""A slide as tiles at the model's pixel size: which tiles to run, their pixels, the slide's colour statistics.
+
+The plan is the grid (:mod:`pointnuc.infer.tiling`) over the slide or region at the working
+resolution, minus the glass (:mod:`pointnuc.infer.tissue`); no pixel is read to make it but a
+thumbnail. :mod:`pointnuc.infer.wsi` runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+from shapely.prepared import prep
+
+from pointnuc.errors import InputError, PixelSizeError
+from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, round_halo, tiles_intersecting
+from pointnuc.io.slide import RegionReader, SlideLike, read_thumbnail
+from pointnuc.models.bundle import ModelInfo
+from pointnuc.stain import ColourStats, colour_stats
+
+#: the largest nucleus, as a multiple of the mean nucleus radius r1 (diameter = 2 * this * r1)
+MAX_NUCLEUS_RADIUS_FACTOR = 2.0
+#: network context kept beyond the largest nucleus, in working pixels (tiled == untiled to < 1e-5 at 32)
+CONTEXT_PX = 32
+#: an area of at most this many tiles is run whole: the tissue mask would save seconds, and could lose nuclei
+ALL_TILES_UP_TO = 16
+#: Tiles read to estimate a slide's colour statistics (spread evenly over the tissue tiles).
+COLOUR_SAMPLE_TILES = 8
+#: Of those pixels, every this many give the stain statistics (two percentiles; ~400k pixels of 8 tiles of 448² cores)
+STAIN_STRIDE = 4
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """The tiles of one slide at the working resolution (no pixels read yet)."""
+
+    grid: TileGrid
+    origin: tuple[int, int]  #: working-res (row, col) of the grid's (0, 0)
+    tiles: tuple[Tile, ...]  #: the tiles to run (tissue and region)
+    downsample: float
+    pixel_size_um: float
+
+
+def working_halo(info: ModelInfo, context_px: int = CONTEXT_PX) -> int:
+    """Halo (working px) larger than the largest nucleus plus the network's context."""
+    r1_px = info.config.data.nucleus_radius_um / info.pixel_size_um
+    return round_halo(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px + context_px)
+
+
+def plan_slide(
+    slide: SlideLike,
+    info: ModelInfo,
+    *,
+    region: BaseGeometry | None = None,
+    tile_size: int = 512,
+    halo: int | None = None,
+    pixel_size_um: float | None = None,
+    tissue: bool = True,
+    thumbnail: tuple[np.ndarray, float] | None = None,
+) -> SlidePlan:
+    """Which tiles of ``slide`` to run: the grid over the region (or slide), minus glass.
+
+    Glass is left out only where it pays: an area of at most :data:`ALL_TILES_UP_TO` tiles is
+    run whole (a small image, sparse tissue such as fat, a crop at the tissue's edge), and a
+    larger one loses only the tiles whose core holds no pixel of the tissue mask
+    (:func:`pointnuc.infer.tissue.tissue_mask`, grown by a nucleus and more). The network's
+    context needs no wider mask: every tile kept is read with its halo.
+    """
+    from pointnuc.infer.tissue import tissue_mask
+
+    px = pixel_size_um if pixel_size_um is not None else getattr(slide, "pixel_size_um", None)
+    if px is None:
+        name = getattr(getattr(slide, "path", None), "name", "the slide")
+        raise PixelSizeError(f"{name} carries no pixel size; pass --pixel-size (µm per pixel, e.g. 0.25 for 40x)")
+    ds = info.pixel_size_um / float(px)
+    halo = working_halo(info) if halo is None else halo
+    wh, ww = math.ceil(slide.height / ds), math.ceil(slide.width / ds)
+    area = Box(0, 0, wh, ww)
+    if region is not None:
+        if region.is_empty:
+            raise InputError("the region to segment is empty")
+        x0, y0, x1, y1 = region.bounds
+        margin = halo  # nuclei at the region's edge are seen whole; they are filtered by centroid later
+        area = area.intersect(
+            Box(math.floor(y0 / ds) - margin, math.floor(x0 / ds) - margin, math.ceil(y1 / ds) + margin, math.ceil(x1 / ds) + margin)
+        )
+        if area.empty:
+            raise InputError("the region to segment lies outside the image")
+    grid = make_grid(area.height, area.width, tile_size=tile_size, halo=halo)
+    tiles = list(grid)
+    if tissue and len(tiles) > ALL_TILES_UP_TO:
+        thumb, tds = thumbnail if thumbnail is not None else read_thumbnail(slide, pixel_size_um=px)
+        mask = tissue_mask(thumb, downsample=tds, pixel_size_um=px)
+        tiles = tiles_intersecting(tiles, mask, tds / ds, origin=(area.y0, area.x0))
+    if region is not None and tiles:
+        prepared = prep(region.buffer(halo * ds))
+        boxes = [
+            shapely.box((t.core.x0 + area.x0) * ds, (t.core.y0 + area.y0) * ds, (t.core.x1 + area.x0) * ds, (t.core.y1 + area.y0) * ds)
+            for t in tiles
+        ]
+        tiles = [t for t, b in zip(tiles, boxes) if prepared.intersects(b)]
+    return SlidePlan(grid, (area.y0, area.x0), tuple(tiles), ds, float(px))
+
+
+def sampled_colour_stats(
+    slide: RegionReader, plan: SlidePlan, n_tiles: int = COLOUR_SAMPLE_TILES, *, read: Callable[[Tile], np.ndarray] | None = None,
+    pool: Executor | None = None, ref: Mapping[str, Sequence[float]] | None = None,
+) -> ColourStats | None:
+    """Colour statistics of the slide at the working resolution, from the cores of up to ``n_tiles`` tiles.
+
+    LAB mean/std, and the stain statistics after Reinhard when ``ref`` (the model's colour
+    reference) has a stain step (:func:`pointnuc.stain.colour_stats`).
+
+    Training computes its statistics from full working-resolution pixels
+    (:func:`pointnuc.stain.colour_normalize`); a thumbnail would blur away contrast and
+    make inference stretch it (x1.5 on the example tile). One set for the whole slide, so
+    neighbouring tiles agree at the seams; for an image of up to ``n_tiles`` tiles it is
+    exactly the statistics training used. ``read`` (a tile -> pixels) and ``pool`` (to read
+    the tiles in parallel) are what :func:`segment_slide` passes.
+    """
+    tiles = plan.tiles
+    if not tiles:
+        return None
+    picks = sorted({int(i) for i in np.linspace(0, len(tiles) - 1, min(n_tiles, len(tiles))).round()})
+    pixels = []
+    reader = read if read is not None else (lambda t: read_tile(slide, plan, t))
+    chosen = [tiles[i] for i in picks]
+    images = pool.map(reader, chosen) if pool is not None else map(reader, chosen)
+    for t, img in zip(chosen, images):
+        y0, x0 = t.core.y0 - t.window.y0, t.core.x0 - t.window.x0
+        pixels.append(img[y0 : y0 + t.core.height, x0 : x0 + t.core.width].reshape(-1, 3))
+    flat = np.concatenate(pixels)
+    return colour_stats(flat[:, None, :], ref or {}, stain_stride=STAIN_STRIDE) if len(flat) >= 16 else None
+
+
+def read_tile(slide: RegionReader, plan: SlidePlan, tile: Tile) -> np.ndarray:
+    """The tile's window at the working resolution, uint8 RGB (T, T, 3); white outside the slide."""
+    ds = plan.downsample
+    t = plan.grid.tile_size
+    wy, wx = tile.window.y0 + plan.origin[0], tile.window.x0 + plan.origin[1]
+    x: float
+    y: float
+    side: float
+    if float(ds).is_integer():
+        x, y, side = int(wx * ds), int(wy * ds), int(t * ds)
+    else:
+        # a fractional box (Slide.read_region resamples with sub-pixel boxes): every tile then
+        # samples the slide on the same global working-resolution grid, so neighbours agree
+        x, y, side = wx * ds, wy * ds, t * ds
+    img = np.asarray(slide.read_region(x, y, side, side, downsample=ds))[..., :3]
+    if img.shape[:2] != (t, t):  # a reader that rounds differently: fit to the window
+        out = np.full((t, t, 3), 255, np.uint8)
+        h, w = min(t, img.shape[0]), min(t, img.shape[1])
+        out[:h, :w] = img[:h, :w]
+        img = out
+    return img

@@ -1,0 +1,123 @@
+"""What both writers share: pointnuc's nuclei as records ready to write, class colours, ownership.
+
+:mod:`pointnuc.io.geojson` turns the records into QuPath GeoJSON Features,
+:mod:`pointnuc.io.qupath` into objects of a QuPath hierarchy (through paquo); both give each
+class the colour QuPath shows for it, and both replace earlier objects by the same rule
+(:func:`inside`). So the two never import each other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from pointnuc.geometry import clip_polygons, expand_cells, valid_polygon
+from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, NucleusObject, WriteOptions
+from pointnuc.measurements import cell_measurements, is_shape_measurement, measurements_many
+
+#: one written object: geometry, the nucleus geometry of a cell (None for a detection), measurements
+Record = tuple[BaseGeometry, BaseGeometry | None, dict[str, float]]
+
+#: colours QuPath 0.6 shows for these classes (built-ins, and the one it derives for "Nucleus")
+CLASS_COLORS: dict[str, tuple[int, int, int]] = {
+    "Nucleus": (255, 228, 22),
+    "Tumor": (200, 0, 0),
+    "Stroma": (150, 200, 150),
+    "Immune cells": (160, 90, 160),
+    "Necrosis": (50, 50, 50),
+    "Other": (255, 200, 0),
+    "Region*": (0, 0, 180),
+    "Ignore*": (180, 180, 180),
+    "Positive": (200, 50, 50),
+    "Negative": (112, 112, 225),
+}
+
+
+def class_color(name: str) -> tuple[int, int, int]:
+    """The colour written for a class: QuPath's for known classes, else a stable colour from the name."""
+    if name in CLASS_COLORS:
+        return CLASS_COLORS[name]
+    h = 0
+    for ch in name:  # Java's String.hashCode, for a colour that does not change between runs
+        h = (31 * h + ord(ch)) & 0xFFFFFFFF
+    return (64 + (h >> 16) % 192, 64 + (h >> 8) % 192, 64 + h % 192)
+
+
+def float32(value: float) -> float:
+    """A value as QuPath stores measurements (32-bit float), back as a Python float."""
+    return float(np.float32(value))
+
+
+def _rounded_polygon(poly: BaseGeometry) -> BaseGeometry | None:
+    """Round to the 2 decimals that will be written, and make sure the result is still valid."""
+    p = valid_polygon(poly)
+    if p is None:
+        return None
+    rounded = shapely.transform(p, lambda xy: np.round(xy, 2))
+    return rounded if rounded.is_valid and not rounded.is_empty else valid_polygon(rounded)
+
+
+def nucleus_records(
+    nuclei: Sequence[NucleusObject],
+    *,
+    options: WriteOptions = DEFAULT_WRITE,
+    pixel_size_um: float | None = None,
+    clip_to: BaseGeometry | None = None,
+) -> list[Record]:
+    """(geometry, nucleus geometry or None, measurements) per nucleus, ready to write.
+
+    ``clip_to`` is the area every object must stay inside (:func:`pointnuc.geometry.object_area`:
+    the image, and the ``--within`` region where given): nuclei are cut to it, cells end at it.
+    Outlines are rounded to 0.01 px and made valid; empty ones are dropped.
+    ``options.object_type="cell"``: the geometry is the nucleus grown by ``options.cell_expansion_um``
+    (as 4 px per µm when the pixel size is unknown), limited by its neighbours; the nucleus is the
+    nucleus geometry. (``options.class_name`` is the writer's business.)
+
+    Measurements, all as 32-bit floats: QuPath's shape measurements of the written outlines
+    (a detection's ``Area µm^2``, ``Length µm``, ``Circularity``; a cell's ``Nucleus: ...``,
+    ``Cell: ...`` and ``Nucleus/Cell area ratio``; see :mod:`pointnuc.measurements`), the nucleus'
+    other measurements, and the marker ``pointnuc score``.
+    """
+    cell = options.object_type == "cell"
+    polys = [n.polygon for n in nuclei]
+    if clip_to is not None:
+        polys = clip_polygons([p if p is not None else shapely.Polygon() for p in polys], clip_to)
+    kept: list[tuple[NucleusObject, BaseGeometry]] = []
+    for n, p in zip(nuclei, polys):
+        poly = _rounded_polygon(p) if p is not None else None
+        if poly is not None:
+            kept.append((n, poly))
+    if not kept:
+        return []
+    nuc = [p for _, p in kept]
+    if cell:
+        dist_px = options.cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
+        cells = [_rounded_polygon(c) for c in expand_cells(nuc, dist_px, within=clip_to)]
+        geoms = [c if c is not None and c.covers(p) else p for c, p in zip(cells, nuc)]
+        shape_meas = cell_measurements(geoms, nuc, pixel_size_um)
+    else:
+        geoms = nuc
+        shape_meas = measurements_many(np.asarray(nuc, dtype=object), pixel_size_um)
+    out = []
+    for (n, poly), geom, meas in zip(kept, geoms, shape_meas):
+        # shape measurements are always those of the outlines written here (cut, rounded)
+        meas.update({k: v for k, v in n.measurements.items() if k != POINTNUC_MARKER and not is_shape_measurement(k)})
+        meas[POINTNUC_MARKER] = float(n.score)
+        meas = {k: float32(v) for k, v in meas.items() if v is not None and math.isfinite(float(v))}
+        out.append((geom, poly if cell else None, meas))
+    return out
+
+
+def inside(geom: BaseGeometry, area: BaseGeometry | None) -> bool:
+    """Ownership rule for replacing earlier results: an object belongs to an area when its
+    centroid (representative point for odd shapes) lies in it; None = everywhere."""
+    if area is None:
+        return True
+    pt = geom.centroid if not geom.is_empty else None
+    if pt is None or pt.is_empty or not geom.contains(pt):
+        pt = geom.representative_point()
+    return bool(area.covers(pt))
