@@ -114,3 +114,21 @@ def test_expand_cells_within() -> None:
     assert cells[0].covers(a) and cells[1].covers(b)
     [one] = expand_cells([a], 1.0, within=box(0, 0, 20, 20))
     assert one.bounds == pytest.approx((0, 0, 5, 5))
+
+
+def test_a_cell_is_replaced_with_its_nucleus_inside_the_region(tmp_path: Path) -> None:
+    """`--objects cell` then `--within R`: a cell whose nucleus lies in R but whose outline's centroid does
+    not was kept beside the new object for the same nucleus (ownership went by the cell's centroid)."""
+    rng = np.random.default_rng(0)
+    write_geojson_project(tmp_path, "img", rng.integers(0, 255, (H, W, 3), np.uint8), np.array([[10.5, 10.5]]),
+                          pixel_size_um=0.5)
+    proj = GeoJSONFolderProject(tmp_path)
+    nuclei = [NucleusObject(box(10, 40, 13, 46), 0.9), NucleusObject(box(16, 40, 21, 46), 0.8)]
+    [path] = proj.write_nuclei({"img.tif": nuclei}, options=WriteOptions("cell", cell_expansion_um=2.0))
+    cells = json.loads(path.read_text(encoding="utf-8"))["features"]
+    region = box(0, 0, 19.5, H)  # holds both nuclei's centroids; the second cell's centroid lies beyond it
+    assert all(region.covers(shape(f["nucleusGeometry"]).centroid) for f in cells)
+    assert not region.covers(shape(cells[1]["geometry"]).centroid)
+    proj.write_nuclei({"img.tif": nuclei}, options=WriteOptions("detection"), replace_within={"img.tif": region})
+    feats = json.loads(path.read_text(encoding="utf-8"))["features"]
+    assert [f["properties"]["objectType"] for f in feats] == ["detection", "detection"]  # each nucleus once

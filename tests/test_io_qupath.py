@@ -386,3 +386,25 @@ def test_failed_first_write_of_a_moved_project_restores_every_image_folder(fake_
     with pytest.raises(RuntimeError, match="simulated"):
         proj.write_nuclei({A7: [NucleusObject(box(1, 1, 5, 5), 0.5), NucleusObject(box(50, 50, 60, 60), 0.5)]})
     assert _snapshot(fake_project) == before
+
+
+@pytest.mark.qupath
+def test_real_qupath_replaces_a_cell_with_its_nucleus_inside_the_region(shared: Path, tmp_path: Path, qupath_dir: Path):
+    """`--objects cell` then `--within R`: the cell whose nucleus lies in R is replaced even when its
+    outline's centroid lies beyond R's edge (it stayed, beside a new detection of the same nucleus)."""
+    from qupath_kit import kit, python_with_qupath
+
+    work = shutil.copytree(shared / "fixtures/qupath-0.6.0/points-project", tmp_path / "points-project")
+    python_with_qupath(f"""
+from shapely.geometry import box
+from pointnuc.io import NucleusObject, WriteOptions, open_project
+proj = open_project({str(work)!r})
+name = proj.images()[0].name
+nuclei = [NucleusObject(box(10, 40, 13, 46), 0.9), NucleusObject(box(16, 40, 21, 46), 0.8)]
+proj.write_nuclei({{name: nuclei}}, options=WriteOptions("cell", cell_expansion_um=1.0))
+proj.write_nuclei({{name: nuclei}}, replace_within={{name: box(0, 0, 19.5, 100)}})
+answer({{}})
+""")
+    dump = kit("dump-project", work)["images"][0]["objects"]
+    mine = [o for o in dump if POINTNUC_MARKER in o.get("measurements", {})]
+    assert sorted(o["type"] for o in mine) == ["detection", "detection"]  # each nucleus once, no cell left

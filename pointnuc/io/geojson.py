@@ -299,8 +299,8 @@ def merge_features(
     kept = []
     for i, f in enumerate(previous):
         if feature_is_pointnuc(f):
-            geom = feature_to_object(f, source, i).geometry
-            if inside(geom, area):
+            obj = feature_to_object(f, source, i)
+            if inside(obj.nucleus_geometry or obj.geometry, area):  # a cell goes with its nucleus
                 continue
         kept.append(f)
     return kept + list(new)

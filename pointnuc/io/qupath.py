@@ -80,6 +80,20 @@ def _java_message(err: BaseException) -> str:
     return first if len(first) <= 300 else first[:297] + "..."
 
 
+def _owner_roi(obj: Any) -> BaseGeometry:
+    """The outline that decides which area an object belongs to: a cell's nucleus, else its ROI.
+
+    paquo wraps every object of ``hierarchy.detections`` as a plain detection, cells too, so the
+    cell is recognised on the Java side (``PathCellObject.getNucleusROI``).
+    """
+    java = getattr(obj, "java_object", None)
+    if java is not None and hasattr(java, "getNucleusROI") and java.getNucleusROI() is not None:
+        from paquo.pathobjects import QuPathPathCellObject
+
+        return QuPathPathCellObject(java).nucleus_roi
+    return obj.roi
+
+
 class PaquoSession:
     """Every call pointnuc makes into paquo, on plain data in and out.
 
@@ -156,7 +170,7 @@ class PaquoSession:
             area = replace_within.get(name)
             # d.roi converts Java -> shapely (slow): only when an area limits the replacement
             old = [d for d in h.detections
-                   if POINTNUC_MARKER in d.measurements and (area is None or inside(d.roi, area))]
+                   if POINTNUC_MARKER in d.measurements and (area is None or inside(_owner_roi(d), area))]
             with h.no_autoflush():
                 for d in old:
                     h.detections.discard(d)

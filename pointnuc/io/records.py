@@ -114,7 +114,9 @@ def nucleus_records(
 
 def inside(geom: BaseGeometry, area: BaseGeometry | None) -> bool:
     """Ownership rule for replacing earlier results: an object belongs to an area when its
-    centroid (representative point for odd shapes) lies in it; None = everywhere."""
+    centroid (representative point for odd shapes) lies in it; None = everywhere. Pass a cell's
+    *nucleus*: new nuclei are owned by theirs, so a cell whose outline's centroid lies on the
+    other side of the area's edge from its nucleus's would otherwise stay beside the new one."""
     if area is None:
         return True
     pt = geom.centroid if not geom.is_empty else None
