@@ -39,11 +39,10 @@ from PIL import Image
 from pointnuc.config import TrainConfig, profile_config
 from pointnuc.metrics import detection_counts, detection_scores, gt_points_from_labels
 from pointnuc.models.bundle import ModelLayout
-from pointnuc.pipeline import split_holdout
 from pointnuc.stain import colour_normalize, colour_reference
 from pointnuc.train.detect import Tuning, detect, predict_probabilities, train_detector
 from pointnuc.train.fit import resolve_device
-from pointnuc.train.samples import TrainingImage, detection_samples
+from pointnuc.train.samples import TrainingImage, detection_samples, split_holdout
 
 PAPER = {"ext-GM": (0.7932, 0.8471, 0.8193, 2.87, 2.18), "ST-bg": (0.8238, 0.8328, 0.8282, 2.90, 2.07)}  # Table I, MO
 FULL_RES_UM = 0.25  #: MoNuSeg is 40x

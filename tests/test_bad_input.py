@@ -420,7 +420,8 @@ def test_resume_of_an_empty_folder_starts_and_of_changed_points_is_refused(tmp_p
     from pointnuc.config import profile_config
     from pointnuc.io.base import open_project
     from pointnuc.models.bundle import ModelInfo, save_info
-    from pointnuc.pipeline import check_model_dir, train_project
+    from pointnuc.models.layout import check_model_dir
+    from pointnuc.pipeline import train_project
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -8,7 +8,7 @@ import numpy as np
 
 from pointnuc.config import profile_config
 from pointnuc.io.base import ImageRef
-from pointnuc.pipeline import _boxes_for_image
+from pointnuc.train.samples import _boxes_for_image
 
 
 def _ref(w: int, h: int, um: float) -> ImageRef:
@@ -49,7 +49,7 @@ def _project_with_region(tmp_path: Path, pixel_size_um: float) -> Path:
 
 def test_region_mask_takes_pixel_centres_and_holes(tmp_path: Path) -> None:
     from pointnuc.io.base import open_project
-    from pointnuc.pipeline import load_training_images
+    from pointnuc.train.samples import load_training_images
 
     config = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.holdout_fraction": 0.0})
     # same resolution: the region's pixels are rows/cols 10..29 minus 14..19
@@ -64,7 +64,7 @@ def test_region_mask_takes_pixel_centres_and_holes(tmp_path: Path) -> None:
 
 def test_region_mask_at_half_resolution(tmp_path: Path) -> None:
     from pointnuc.io.base import open_project
-    from pointnuc.pipeline import load_training_images
+    from pointnuc.train.samples import load_training_images
 
     config = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.holdout_fraction": 0.0})
     # 0.25 µm/px image, downsample 2: working pixel c covers full-res [10 + 2c, 12 + 2c), centre 11 + 2c;
@@ -80,7 +80,8 @@ def test_segment_checks_every_pixel_size_before_any_work(tmp_path: Path) -> None
 
     from pointnuc.errors import PixelSizeError
     from pointnuc.io.base import open_project
-    from pointnuc.pipeline import RESULTS_FOLDER, segment_project
+    from pointnuc.infer.results import RESULTS_FOLDER
+    from pointnuc.pipeline import segment_project
     from synth import write_geojson_project
 
     img = np.full((16, 16, 3), 200, np.uint8)
@@ -95,7 +96,7 @@ def test_overlapping_regions_never_train_on_a_held_back_point(tmp_path: Path) ->
     from shapely.geometry import box
 
     from pointnuc.io.base import open_project
-    from pointnuc.pipeline import load_training_images
+    from pointnuc.train.samples import load_training_images
     from synth import write_geojson_project
 
     img = np.full((40, 40, 3), 200, np.uint8)

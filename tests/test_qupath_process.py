@@ -473,7 +473,7 @@ def test_sigterm_in_train_on_a_qpproj(qp_project: Path, qupath_env, tmp_path: Pa
 def test_ctrl_c_while_writing_into_a_qpproj_restores_it(qp_project: Path, qupath_env, tmp_path: Path) -> None:
     # #3: Ctrl-C during segment ended in SIGSEGV; the project must be as before (or as completed)
     from pointnuc.io.geojson import write_nuclei_file
-    from pointnuc.pipeline import results_dir
+    from pointnuc.infer.results import results_dir
 
     model = _untrained_model(tmp_path / "model")
     # a kept, current result (segment --shard 1/1 keeps it with its record and writes nothing), then

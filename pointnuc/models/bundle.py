@@ -1,18 +1,6 @@
-"""A trained model as a self-describing folder.
+"""A trained model as a self-describing folder: its description (``pointnuc-model.json``) and weights.
 
-Layout (the one place that defines it)::
-
-    MODEL_DIR/
-      pointnuc-model.json   format version, pointnuc version, config, pixel size,
-                            colour-normalisation reference, tuned thresholds, provenance,
-                            SHA-256 of each weights file (checked on load)
-      detector.pt           stage-1 weights (state_dict)
-      segmenter.pt          stage-2 weights (state_dict), after CRF fine-tuning
-      points/NAME.json      stage-1 detected points per training image (x/y, full-res px)
-      checkpoints/          checkpoints for --resume (removed when training finishes,
-                            unless --keep-checkpoints)
-      report/               loss curves and review figures (PNG), metrics.json
-      train.log             the run's log
+Where each file lies: :mod:`pointnuc.models.layout`.
 """
 
 from __future__ import annotations
@@ -31,50 +19,13 @@ import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import ModelFormatError
 from pointnuc.fileio import atomic_write, sha256_file, write_text_atomic
+from pointnuc.models.layout import MODEL_JSON, WEIGHT_FILES, ModelLayout
 from pointnuc.models.net import UNet, build_network
 
 FORMAT_NAME = "pointnuc-model"
 FORMAT_VERSION = 1
-MODEL_JSON = "pointnuc-model.json"
-#: the weights files whose SHA-256 the model description records
-WEIGHT_FILES = ("detector.pt", "segmenter.pt")
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """Paths inside a model folder."""
-
-    root: Path
-
-    @property
-    def meta(self) -> Path:
-        return self.root / MODEL_JSON
-
-    @property
-    def detector(self) -> Path:
-        return self.root / "detector.pt"
-
-    @property
-    def segmenter(self) -> Path:
-        return self.root / "segmenter.pt"
-
-    @property
-    def points(self) -> Path:
-        return self.root / "points"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "train.log"
 
 
 @dataclass
