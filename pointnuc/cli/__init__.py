@@ -10,7 +10,6 @@ line says how to continue, and the exit status is 130 or 143.
 
 from __future__ import annotations
 
-import errno
 import logging
 import signal
 import sys
@@ -21,11 +20,7 @@ from typing import Iterator
 import click
 
 from pointnuc import __version__
-from pointnuc.errors import Interrupted, PointnucError
-
-
-#: OS errors that are the user's to fix (permissions, a full or read-only disk): one line, no traceback
-_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+from pointnuc.errors import Interrupted, PointnucError, is_user_error
 
 
 _RESUME = "pointnuc.resume"  #: ctx.meta key: the command that continues the training `train` started
@@ -89,7 +84,7 @@ class _Group(click.Group):
             click.echo(f"pointnuc: error: {err}", err=True)
             sys.exit(err.exit_code)
         except OSError as err:
-            if err.errno not in _USER_OS_ERRORS:
+            if not is_user_error(err):
                 raise
             where = f": {err.filename}" if err.filename else ""
             click.echo(f"pointnuc: error: {err.strerror or err}{where}", err=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from shapely.geometry.base import BaseGeometry
 
-from pointnuc.errors import InputError, PointnucError
+from pointnuc.errors import InputError, PointnucError, is_user_error
 from pointnuc.infer.results import (
     ResultKey,
     file_digest,
@@ -340,9 +340,9 @@ def _segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: to
         with open_slide(plan.image.path, pixel_size_um=px) as slide:
             res = segment_slide(slide, net, info, region=plan.region, device=dev, batch_size=batch_size,
                                 progress=progress, name=name, tta=tta)
-    except Exception as err:  # one bad slide must not stop the others
-        if not isinstance(err, PointnucError):
-            log.debug("failure on %s", name, exc_info=True)
+    except (PointnucError, OSError) as err:  # the user's to fix: this image fails, the others go on
+        if not is_user_error(err):
+            raise  # a bug: it stops the run with its traceback (pointnuc.errors)
         summary.failed[name] = f"{err.__class__.__name__}: {err}"
         log.error("%s failed: %s", name, err)
         return None
