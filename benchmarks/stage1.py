@@ -38,7 +38,7 @@ from PIL import Image
 
 from pointnuc.config import TrainConfig, profile_config
 from pointnuc.metrics import detection_counts, detection_scores, gt_points_from_labels
-from pointnuc.models.bundle import ModelLayout
+from pointnuc.models.layout import ModelLayout
 from pointnuc.stain import colour_normalize, colour_reference
 from pointnuc.train.detect import Tuning, detect, predict_probabilities, train_detector
 from pointnuc.train.fit import resolve_device

@@ -32,7 +32,8 @@ from pointnuc.config import TrainConfig, profile_config  # noqa: E402
 from pointnuc.infer.instances import instances_from_probability, nucleus_probability  # noqa: E402
 from pointnuc.labels.voronoi import BACKGROUND, NUCLEUS  # noqa: E402
 from pointnuc.metrics import aji, mean_scores, segmentation_scores  # noqa: E402
-from pointnuc.models.bundle import ModelLayout  # noqa: E402
+from pointnuc.models.calibration import Thresholds  # noqa: E402
+from pointnuc.models.layout import ModelLayout  # noqa: E402
 from pointnuc.train.fit import resolve_device  # noqa: E402
 from pointnuc.train.samples import TrainingImage, detection_samples, points_between  # noqa: E402
 from pointnuc.train.segment import train_segmenter  # noqa: E402
@@ -68,27 +69,27 @@ def upsample(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def choose_threshold_masks(model, val: list[TrainingImage], thr: dict, method: str, device) -> float:
+def choose_threshold_masks(model, val: list[TrainingImage], thr: Thresholds, method: str, device) -> float:
     """Paper protocol: the threshold maximising mean Kumar AJI on the val images (working resolution)."""
     probs = [nucleus_probability(model, s.image, device=device) for s in val]
     best, best_t = -1.0, 0.5
     for t in (0.3, 0.4, 0.5, 0.6, 0.7):
-        sc = np.mean([aji(s.gt_labels, instances_from_probability(p, threshold=t, min_area_px=thr["min_area_px"], method=method,
-                                                                   h_px=thr["h_px"])) for p, s in zip(probs, val)])
+        sc = np.mean([aji(s.gt_labels, instances_from_probability(p, threshold=t, min_area_px=thr.min_area_px, method=method,
+                                                                   h_px=thr.h_px)) for p, s in zip(probs, val)])
         if sc > best:
             best, best_t = sc, t
     return best_t
 
 
-def evaluate(model, test: list[tuple[TrainingImage, np.ndarray]], thr: dict, scale: float, device, tta: bool,
+def evaluate(model, test: list[tuple[TrainingImage, np.ndarray]], thr: Thresholds, scale: float, device, tta: bool,
              thresholds_by_method: dict[str, float]) -> dict[str, dict[str, float]]:
     """Mean test metrics per instance method, at full resolution."""
     per: dict[str, list[dict]] = {m: [] for m in thresholds_by_method}
     for s, gt_full in test:
         p = upsample(nucleus_probability(model, s.image, device=device, tta=tta), gt_full.shape)
         for m, t in thresholds_by_method.items():
-            lab = instances_from_probability(p, threshold=t, min_area_px=thr["min_area_px"] * scale**2, method=m,
-                                             h_px=thr["h_px"] * scale)
+            lab = instances_from_probability(p, threshold=t, min_area_px=thr.min_area_px * scale**2, method=m,
+                                             h_px=thr.h_px * scale)
             per[m].append(segmentation_scores(gt_full, lab))
     return {m: mean_scores(v) for m, v in per.items()}
 
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, state, sel in variants:
         model.load_state_dict(state if state is not None else final_state)
         if sel == "points":
-            tmap = {"cc": thr["prob"], "watershed": thr["prob"]}
+            tmap = {"cc": thr.prob, "watershed": thr.prob}
         else:
             tmap = {m: choose_threshold_masks(model, val, thr, m, device) for m in ("cc", "watershed")}
         # TTA only for the model a user gets (CRF, points-selected): it costs 4 predictions per image
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         f"all {len(train)} train images at the working resolution in {res.metrics['label_seconds']:.1f} s",
         f"- CRF cost per training step: plain {plain_s:.2f} s, with CRF {crf_s:.2f} s (x{crf_s / plain_s:.2f}); in training: "
         + ", ".join(f"{k} {np.mean([e.patches_per_s for e in h.epochs]):.2f} patches/s" for k, h in res.history.items()),
-        f"- selection (points): threshold {thr['prob']:.2f}, score {res.metrics.get('selection_score', float('nan')):.4f}; "
+        f"- selection (points): threshold {thr.prob:.2f}, score {res.metrics.get('selection_score', float('nan')):.4f}; "
         f"best epochs: " + ", ".join(f"{k} {h.best_epoch}" for k, h in res.history.items()),
         "",
         "| model | selection | instances | threshold | TTA | Acc | F1 | Dice_obj | AJI (Kumar) | AJI (authors' code) |",

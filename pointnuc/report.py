@@ -239,7 +239,7 @@ def write_report(layout: ModelLayout, samples: Sequence[TrainingImage], det: Any
         files.append(p)
         k += 1
     metrics = {"detection": getattr(det, "metrics", {}), "segmentation": getattr(seg, "metrics", {}),
-               "thresholds": getattr(seg, "thresholds", {}), "held_back": asdict(check)}
+               "thresholds": seg.thresholds.to_json(), "held_back": asdict(check)}
     mp = out / "metrics.json"
     mp.write_text(json.dumps(metrics, indent=1, default=_default), encoding="utf-8")
     files.append(mp)

@@ -121,11 +121,11 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     assert time.perf_counter() - t0 < 60
     assert (tmp_path / "m" / "segmenter.pt").is_file()
     assert set(res.history) == {"segmentation", "crf"}
-    assert res.thresholds["prob"] == 0.5 and res.metrics["threshold_rule"] == "fixed 0.5"  # points-only: the softmax cut
+    assert res.thresholds.prob == 0.5 and res.metrics["threshold_rule"] == "fixed 0.5"  # points-only: the softmax cut
     assert set(res.metrics["threshold_table"]) == {"0.3", "0.4", "0.5", "0.6", "0.7"}
     lab = segment_image(res.model, img, res.thresholds)
     f1 = pixel_scores(gt, lab)["F1"]
-    print(f"synthetic stage 2: pixel F1 {f1:.3f}, threshold {res.thresholds['prob']}")
+    print(f"synthetic stage 2: pixel F1 {f1:.3f}, threshold {res.thresholds.prob}")
     assert f1 > 0.6, f1
     assert np.isfinite(res.metrics["selection_score"])
 

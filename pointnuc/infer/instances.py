@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 from typing import TYPE_CHECKING
 
 from pointnuc.errors import InputError
+from pointnuc.models.calibration import Thresholds
 
 if TYPE_CHECKING:
     import torch
@@ -55,11 +56,11 @@ def fill_small_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
 def instances_from_probability(
     prob_fg: np.ndarray,
     *,
-    threshold: float = 0.5,
-    min_area_px: float = 20.0,
+    threshold: float = Thresholds.prob,
+    min_area_px: float = Thresholds.min_area_px,
     method: str = "cc",
     max_hole_px: float | None = None,
-    h_px: float = 1.5,
+    h_px: float = Thresholds.h_px,
 ) -> np.ndarray:
     """int32 instance labels (0 = background) from a nucleus probability map (H, W).
 

@@ -19,6 +19,7 @@ import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import ModelFormatError
 from pointnuc.fileio import atomic_write, sha256_file, write_text_atomic
+from pointnuc.models.calibration import ColourReference, Thresholds
 from pointnuc.models.layout import MODEL_JSON, WEIGHT_FILES, ModelLayout
 from pointnuc.models.net import UNet, build_network
 
@@ -27,18 +28,28 @@ FORMAT_VERSION = 1
 
 log = logging.getLogger(__name__)
 
+#: ModelInfo's thresholds when none are given: replaced by those training derives from the config
+_FROM_CONFIG = Thresholds()
+
 
 @dataclass
 class ModelInfo:
     """What ``pointnuc-model.json`` holds."""
 
     config: TrainConfig
-    norm_reference: dict[str, list[float]] | None = None  #: Reinhard mean/std in LAB, and stain statistics (pointnuc.stain)
-    thresholds: dict[str, float] = field(default_factory=dict)  #: tuned on held-back data
+    norm_reference: ColourReference | None = None  #: the colour every image is normalised to (pointnuc.stain)
+    #: tuned on held-back data; by default as training derives them from ``config`` (:meth:`Thresholds.for_config`)
+    thresholds: Thresholds = _FROM_CONFIG
     provenance: dict[str, Any] = field(default_factory=dict)  #: data, seed, device, times, versions
     metrics: dict[str, Any] = field(default_factory=dict)  #: validation scores used for selection
     #: SHA-256 per weights file name as last saved; None: a folder from before checksums were recorded
     weights_sha256: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.thresholds is _FROM_CONFIG:
+            self.thresholds = Thresholds.for_config(self.config)
+        if self.norm_reference is not None and not isinstance(self.norm_reference, ColourReference):
+            self.norm_reference = ColourReference.from_json(self.norm_reference)  # its mapping form, as JSON holds it
 
     @property
     def pixel_size_um(self) -> float:
@@ -52,8 +63,8 @@ class ModelInfo:
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "pixel_size_um": self.pixel_size_um,
             "config": self.config.to_dict(),
-            "norm_reference": self.norm_reference,
-            "thresholds": self.thresholds,
+            "norm_reference": None if self.norm_reference is None else self.norm_reference.to_json(),
+            "thresholds": self.thresholds.to_json(),
             "metrics": self.metrics,
             "provenance": self.provenance,
         }
@@ -93,10 +104,16 @@ def load_info(root: Path) -> ModelInfo:
             f"{layout.root} has model format {d.get('format_version')!r}; this pointnuc "
             f"({pointnuc.__version__}) reads format {FORMAT_VERSION}"
         )
+    config = TrainConfig.from_dict(d["config"])
+    try:
+        ref = ColourReference.from_json(d["norm_reference"]) if d.get("norm_reference") else None
+        thresholds = Thresholds.from_json(d.get("thresholds"), config)
+    except ModelFormatError as err:
+        raise ModelFormatError(f"{layout.meta}: {err}") from None
     return ModelInfo(
-        config=TrainConfig.from_dict(d["config"]),
-        norm_reference=d.get("norm_reference"),
-        thresholds=dict(d.get("thresholds") or {}),
+        config=config,
+        norm_reference=ref,
+        thresholds=thresholds,
         provenance=dict(d.get("provenance") or {}),
         metrics=dict(d.get("metrics") or {}),
         weights_sha256=dict(d["weights_sha256"]) if isinstance(d.get("weights_sha256"), dict) else None,

@@ -13,7 +13,7 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, TrainingError
 from pointnuc.io.base import Project
+from pointnuc.models.calibration import ColourReference, Thresholds
 from pointnuc.models.layout import ModelLayout, check_model_dir
 from pointnuc.train.samples import TrainingImage, detection_samples, load_training_images, points_between
 
@@ -40,7 +41,7 @@ class TrainSummary:
     n_detected: int
     seconds: float
     device: str
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: Thresholds = field(default_factory=Thresholds)
     held_back_line: str = ""  #: how many held-back points the model found, and how many nuclei it adds
 
 
@@ -136,7 +137,7 @@ def _train(
     out: Path,
     config: TrainConfig,
     samples: list[TrainingImage],
-    ref: dict[str, list[float]],
+    ref: ColourReference,
     counts: dict[str, int],
     *,
     dev: torch.device,
@@ -204,7 +205,8 @@ def _train(
     det = train_detector(samples1, config.for_detection(), layout, device=dev, resume=resume, progress=progress, weights=weights)
     if samples1 is not samples:
         det.points = points_between(det.points, samples1, samples)  # now at the segmenter's pixel size
-    info.thresholds.update({"detection_prob": float(det.threshold), "detection_min_area_px": float(det.min_area_px)})
+    info.thresholds = replace(info.thresholds, detection_prob=float(det.threshold),
+                              detection_min_area_px=float(det.min_area_px))
     info.metrics["detection"] = det.metrics
     info.provenance["stage1_seconds"] = round(time.time() - t0, 1)
     save_info(out, info)
@@ -212,7 +214,8 @@ def _train(
     t1 = time.time()
     seg = train_segmenter(samples, det.points, config, layout, device=dev, resume=resume, progress=progress, weights=weights,
                           detector_state=det.model.state_dict())
-    info.thresholds.update({k: float(v) for k, v in seg.thresholds.items()})
+    info.thresholds = replace(seg.thresholds, detection_prob=info.thresholds.detection_prob,
+                              detection_min_area_px=info.thresholds.detection_min_area_px)
     info.metrics["segmentation"] = seg.metrics
     info.provenance["stage2_seconds"] = round(time.time() - t1, 1)
     info.provenance["seconds"] = round(time.time() - t0, 1)
@@ -233,6 +236,6 @@ def _train(
         n_detected=int(sum(len(p) for p in det.points.values())),
         seconds=time.time() - t0,
         device=str(dev),
-        thresholds=dict(info.thresholds),
+        thresholds=info.thresholds,
         held_back_line=report.held_back.line(),
     )

@@ -12,6 +12,7 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import TrainingError
+from pointnuc.models.calibration import ColourReference
 
 if TYPE_CHECKING:
     from pointnuc.config import TrainConfig
@@ -146,7 +147,7 @@ def load_training_images(
     region_class: str | None = None,
     pixel_size_um: float | None = None,
     image_names: Sequence[str] | None = None,
-) -> tuple[list[TrainingImage], dict[str, list[float]], dict[str, int]]:
+) -> tuple[list[TrainingImage], ColourReference, dict[str, int]]:
     """Read every image's points and regions at the working resolution, colour-normalised.
 
     Returns the samples, the colour reference computed over them (:func:`pointnuc.stain.colour_reference`), and points per image.
@@ -218,4 +219,4 @@ def load_training_images(
     ref = colour_reference([s.image for s in raw], stain=config.data.stain_normalise)
     for s in raw:
         s.image = colour_normalize(s.image, ref)
-    return raw, ref, counts
+    return raw, ColourReference.from_json(ref), counts

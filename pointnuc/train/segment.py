@@ -52,6 +52,7 @@ from pointnuc.infer.instances import instances_from_probability, nucleus_probabi
 from pointnuc.labels.cluster import labels_for_image
 from pointnuc.labels.voronoi import IGNORE as LABEL_IGNORE
 from pointnuc.models.bundle import ModelLayout, save_weights
+from pointnuc.models.calibration import Thresholds
 from pointnuc.models.net import build_network, transfer_weights
 from pointnuc.train.data import IGNORE, PatchDataset
 from pointnuc.train.fit import FitHistory, fit, resolve_device
@@ -69,7 +70,7 @@ class SegmenterResult:
     """What stage 2 hands on."""
 
     model: nn.Module
-    thresholds: dict[str, float]  #: prob, min_area_px, h_px (working pixels)
+    thresholds: Thresholds  #: prob, min_area_px, h_px (working pixels); detection ones at their defaults
     history: dict[str, FitHistory]  #: "segmentation", "crf" (or "supervised")
     metrics: dict[str, Any]
     plain_state: dict[str, torch.Tensor] | None = None  #: weights before CRF fine-tuning (benchmarks)
@@ -376,7 +377,7 @@ def train_segmenter(
             prob_t = 0.5 if table[0.5].get(key, -np.inf) >= best - 0.005 else max(finite, key=lambda t: table[t][key])
         metrics["selection_score"] = table[prob_t].get(key, float("nan"))
     metrics["threshold_rule"] = "best val AJI" if key == "masks" else "fixed 0.5"
-    thresholds = {"prob": float(prob_t), "min_area_px": float(min_area_px), "h_px": float(h_px)}
+    thresholds = Thresholds.for_config(config, prob=float(prob_t))
     metrics["seconds"] = time.perf_counter() - t_start
     save_weights(layout.segmenter, model)
     log.info("segmenter: threshold %.2f (%s selection), %.0f s", prob_t, key, metrics["seconds"])
@@ -390,10 +391,10 @@ def crf_downsample(sigma_xy_px: float, max_sigma_px: float = 5.0) -> int:
 
 
 def segment_image(
-    model: nn.Module, image: np.ndarray, thresholds: dict[str, float], *, method: str = "cc",
+    model: nn.Module, image: np.ndarray, thresholds: Thresholds, *, method: str = "cc",
     device: str | torch.device = "cpu", tta: bool = False,
 ) -> np.ndarray:
     """Instance labels (int32) of a colour-normalised image at the working resolution."""
     p = nucleus_probability(model, image, device=device, tta=tta)
-    return instances_from_probability(p, threshold=thresholds.get("prob", 0.5), min_area_px=thresholds.get("min_area_px", 5.0),
-                                      method=method, h_px=thresholds.get("h_px", 1.0))
+    return instances_from_probability(p, threshold=thresholds.prob, min_area_px=thresholds.min_area_px, method=method,
+                                      h_px=thresholds.h_px)
