@@ -203,7 +203,8 @@ def write_report(layout: ModelLayout, samples: Sequence[TrainingImage], det: Any
     Every training sample is segmented with the final model to count the held-back points
     found; the ``n_images`` samples with the most held-back points get a review figure.
     """
-    from pointnuc.train.segment import holdout_counts, segment_image
+    from pointnuc.train.segment import segment_image
+    from pointnuc.train.selection import holdout_counts
 
     out = layout.report
     out.mkdir(parents=True, exist_ok=True)

@@ -128,19 +128,22 @@ def test_targets_teach_nothing_at_held_back_points() -> None:
     assert m2[10, 25] == -1  # a detected held-back nucleus is not added as a positive either
 
 
-def test_rescaled_sample_keeps_full_resolution_places() -> None:
+def test_rescaled_sample_keeps_full_resolution_places(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage 1 at twice the pixel size: 2x2 means, nearest masks and labels, points where they were."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from harness import labels_like  # a benchmark's ground truth, carried beside its samples
+
     img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
     valid = np.zeros((4, 6), bool)
     valid[:2, :4] = True
     lab = np.kron(np.array([[1, 2, 3], [4, 5, 6]], np.int32), np.ones((2, 2), np.int32))
     s = TrainingImage(name="a", image_name="a", image=img, points=np.array([[1.0, 1.0], [5.5, 3.5]]),
-                      holdout=np.array([[3.0, 2.0]]), valid=valid, origin_xy=(10.0, 20.0), scale=0.5, gt_labels=lab)
+                      holdout=np.array([[3.0, 2.0]]), valid=valid, origin_xy=(10.0, 20.0), scale=0.5)
     t = s.rescaled(2.0)
     assert t.image.shape == (2, 3, 3) and t.scale == 1.0 and t.origin_xy == (10.0, 20.0)
     assert np.abs(t.image - img.reshape(2, 2, 3, 2, 3).mean((1, 3))).max() <= 0.5
     assert np.array_equal(t.valid, [[True, True, False], [False, False, False]])
-    assert np.array_equal(t.gt_labels, [[1, 2, 3], [4, 5, 6]])
+    assert np.array_equal(labels_like(lab, t), [[1, 2, 3], [4, 5, 6]])
     assert np.allclose(t.to_full_res(t.points), s.to_full_res(s.points))
     assert np.allclose(t.to_full_res(t.holdout), s.to_full_res(s.holdout))
     assert np.allclose(points_between({"a": t.points}, [t], [s])["a"], s.points)  # stage 1's points back for stage 2
@@ -431,7 +434,7 @@ def test_points_only_tuning_rejects_weak_false_blobs() -> None:
     Below 0.3: 20 detections, recall 1 -> N_true <= 20; at 0.3..0.85: 10 detections, recall 1
     -> N_true estimate = 10, estimated F1 = 2*10/(10+10) = 1 against 2*10/(20+10) = 0.67.
     """
-    from pointnuc.train.detect import tune_on_points
+    from pointnuc.train.selection import tune_on_points
 
     prob = np.zeros((40, 200), np.float32)
     true_xy = []
@@ -456,7 +459,7 @@ def test_points_only_tuning_counts_only_images_with_held_back_points() -> None:
     truly do on A (F1 0.909 against 0.889). Counting B's detections (42 and 18) would give
     N_true = 22.5 and pick the high thresholds (0.70 against 0.89).
     """
-    from pointnuc.train.detect import tune_on_points
+    from pointnuc.train.selection import tune_on_points
 
     def blobs(values: list[float]) -> np.ndarray:
         prob = np.zeros((20, 20 * len(values)), np.float32)
@@ -486,7 +489,7 @@ def test_points_only_tuning_leaves_out_clicked_nuclei() -> None:
     high thresholds win. Counting them (34 and 28 detections): N_true = min(34, 35) = 34 and an
     estimated F1 of 1.0 for the low thresholds, which would win.
     """
-    from pointnuc.train.detect import tune_on_points
+    from pointnuc.train.selection import tune_on_points
 
     values = [0.9] * 20 + [0.9] * 8 + [0.32] * 2 + [0.32] * 4
     prob = np.zeros((20, 20 * len(values)), np.float32)
@@ -505,7 +508,8 @@ def test_points_only_tuning_leaves_out_clicked_nuclei() -> None:
 def test_points_only_tuning_with_few_held_back_points() -> None:
     """A small project holds back 3 points. Found all three: tuned as usual (need = 3, not 5).
     Found none: the most sensitive setting, not a threshold that detects nothing."""
-    from pointnuc.train.detect import THRESHOLDS, tune_on_points
+    from pointnuc.train.selection import DETECTION_THRESHOLDS as THRESHOLDS
+    from pointnuc.train.selection import tune_on_points
 
     prob = np.zeros((40, 200), np.float32)
     true_xy = []

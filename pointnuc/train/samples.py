@@ -44,13 +44,12 @@ class TrainingImage:
     valid: np.ndarray  #: bool (H, W): inside the training region; labels outside are ignored
     origin_xy: tuple[float, float] = (0.0, 0.0)  #: full-res x/y of this array's top-left corner
     scale: float = 1.0  #: full-res pixels per working pixel
-    gt_labels: np.ndarray | None = None  #: int instance labels (H, W); benchmarks / paper protocol only
 
     def rescaled(self, pixel_size_ratio: float) -> TrainingImage:
         """This sample with ``pixel_size_ratio`` times the pixel size (2: half the pixels a side).
 
-        Pixels are averaged (box filter) when shrinking, masks and labels taken by nearest
-        neighbour; points keep their full-resolution place.
+        Pixels are averaged (box filter) when shrinking, the mask taken by nearest neighbour;
+        points keep their full-resolution place.
         """
         from PIL import Image
 
@@ -59,19 +58,14 @@ class TrainingImage:
         if (hh, ww) == (h, w):
             return self
         f = w / ww  # old pixels per new pixel, as the slide reader counts scale
-        box = Image.BOX if pixel_size_ratio > 1 else Image.BILINEAR
-
-        def nearest(a: np.ndarray) -> np.ndarray:
-            return np.asarray(Image.fromarray(a).resize((ww, hh), Image.NEAREST))
-
+        box = Image.Resampling.BOX if pixel_size_ratio > 1 else Image.Resampling.BILINEAR
         return replace(
             self,
             image=np.asarray(Image.fromarray(self.image).resize((ww, hh), box)),
             points=self.points / f,
             holdout=self.holdout / f,
-            valid=nearest(self.valid),
+            valid=np.asarray(Image.fromarray(self.valid).resize((ww, hh), Image.Resampling.NEAREST)),
             scale=self.scale * f,
-            gt_labels=None if self.gt_labels is None else nearest(self.gt_labels.astype(np.int32)),
         )
 
     def to_full_res(self, xy: np.ndarray) -> np.ndarray:
