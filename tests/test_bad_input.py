@@ -329,7 +329,7 @@ def test_fit_checkpoints_after_its_first_epoch_however_short(tmp_path: Path) -> 
     from pointnuc.config import DataConfig
     from pointnuc.models.net import build_network
     from pointnuc.train.data import PatchDataset
-    from pointnuc.train.fit import checkpoint_due, fit
+    from pointnuc.train.fit import FitSettings, checkpoint_due, fit
     from pointnuc.train.losses import weighted_mse
     from pointnuc.train.samples import TrainingImage
 
@@ -351,8 +351,8 @@ def test_fit_checkpoints_after_its_first_epoch_however_short(tmp_path: Path) -> 
         ckpt = tmp_path / "toy.pt"
         seen.append(torch.load(ckpt, weights_only=False)["epoch"] if ckpt.is_file() else 0)
 
-    fit(build_network(1, "tiny"), ds, weighted_mse, epochs=3, lr=1e-3, batch_size=4, device="cpu",
-        checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0,
+    fit(build_network(1, "tiny"), ds, weighted_mse, FitSettings(epochs=3, lr=1e-3, batch_size=4, seed=0), device="cpu",
+        checkpoint_dir=tmp_path, stage_name="toy", resume=False, progress=False, num_workers=0,
         on_epoch_end=hook)
     assert seen[:2] == [0, 1]  # the hook runs before its epoch's save: epoch 1 was saved before epoch 2 ended
 

@@ -202,7 +202,7 @@ def test_backups_keep_the_newest_few_per_image(fake_project: Path) -> None:
 
 def test_dataloader_workers_are_not_forked_from_a_process_running_a_jvm(monkeypatch) -> None:
     # #2: a DataLoader worker forked from a process that runs QuPath's JVM hung on a lock
-    from pointnuc.train.fit import loader_start_method
+    from pointnuc.train.batches import loader_start_method
 
     monkeypatch.setitem(sys.modules, "jpype", SimpleNamespace(isJVMStarted=lambda: False))
     assert loader_start_method() is None

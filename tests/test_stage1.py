@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from pointnuc.config import DataConfig, profile_config
 from pointnuc.errors import InputError, TrainingError
 from pointnuc.models.net import build_network
 from pointnuc.train.data import IGNORE, Augment, PatchDataset, warp_crop
-from pointnuc.train.fit import fit, resolve_device
+from pointnuc.train.fit import FitSettings, fit, resolve_device
 from pointnuc.train.losses import weighted_mse
 from pointnuc.train.samples import TrainingImage, points_between
 
@@ -197,11 +198,11 @@ def _toy_dataset() -> PatchDataset:
 @pytest.mark.parametrize("schedule, ema", [("constant", 0.0), ("cosine", 0.9)])
 def test_fit_resume_equals_uninterrupted(tmp_path: Path, schedule: str, ema: float) -> None:
     ds = _toy_dataset()
-    kw = dict(lr=1e-2, batch_size=4, device="cpu", stage_name="toy", seed=3, progress=False, num_workers=0,
-              schedule=schedule, ema=ema)
+    settings = FitSettings(epochs=3, lr=1e-2, batch_size=4, seed=3, schedule=schedule, ema=ema)
+    kw = dict(device="cpu", stage_name="toy", progress=False, num_workers=0)
     torch.manual_seed(0)
     m1 = build_network(1, "tiny")
-    h1 = fit(m1, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "a", resume=False, **kw)
+    h1 = fit(m1, ds, weighted_mse, settings, checkpoint_dir=tmp_path / "a", resume=False, **kw)
     torch.manual_seed(0)
     m2 = build_network(1, "tiny")
 
@@ -210,19 +211,19 @@ def test_fit_resume_equals_uninterrupted(tmp_path: Path, schedule: str, ema: flo
             raise KeyboardInterrupt  # stopped in epoch 3: the checkpoint holds epoch 2
 
     with pytest.raises(KeyboardInterrupt):
-        fit(m2, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "b", resume=False, on_epoch_end=interrupt,
+        fit(m2, ds, weighted_mse, settings, checkpoint_dir=tmp_path / "b", resume=False, on_epoch_end=interrupt,
             checkpoint_interval_s=0.0, **kw)
     torch.manual_seed(1)
     m3 = build_network(1, "tiny")  # other init: everything must come from the checkpoint
-    h3 = fit(m3, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    h3 = fit(m3, ds, weighted_mse, settings, checkpoint_dir=tmp_path / "b", resume=True, **kw)
     assert len(h3.epochs) == 3
     assert h3.losses == pytest.approx(h1.losses, rel=1e-4)
     for a, b in zip(m1.state_dict().values(), m3.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
     assert h1.losses[-1] < h1.losses[0]
     with pytest.raises(TrainingError, match="another configuration"):
-        fit(build_network(1, "tiny"), ds, weighted_mse, epochs=4, checkpoint_dir=tmp_path / "b", resume=True,
-            **{**kw, "lr": 1e-3})
+        fit(build_network(1, "tiny"), ds, weighted_mse, replace(settings, epochs=4, lr=1e-3),
+            checkpoint_dir=tmp_path / "b", resume=True, **kw)
 
 
 def test_scheduled_lr_by_hand():
@@ -262,8 +263,8 @@ def test_fit_nan_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
         return base * float("nan") if calls["n"] > 2 else base  # epoch 1 (2 batches) fine, then NaN
 
     with pytest.raises(TrainingError, match="loss became nan"):
-        fit(build_network(1, "tiny"), ds, loss, epochs=3, lr=1e-3, batch_size=4, device="cpu",
-            checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0,
+        fit(build_network(1, "tiny"), ds, loss, FitSettings(epochs=3, lr=1e-3, batch_size=4, seed=0), device="cpu",
+            checkpoint_dir=tmp_path, stage_name="toy", resume=False, progress=False, num_workers=0,
             checkpoint_interval_s=0)
     state = torch.load(tmp_path / "toy.pt", weights_only=False)
     assert state["epoch"] == 1
@@ -276,8 +277,8 @@ def test_fit_checkpoints_at_most_once_per_interval_and_after_the_last_epoch(tmp_
         ckpt = tmp_path / "toy.pt"
         saved.append(torch.load(ckpt, weights_only=False)["epoch"] if ckpt.is_file() else 0)
 
-    fit(build_network(1, "tiny"), _toy_dataset(), weighted_mse, epochs=3, lr=1e-3, batch_size=4, device="cpu",
-        checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0,
+    fit(build_network(1, "tiny"), _toy_dataset(), weighted_mse, FitSettings(epochs=3, lr=1e-3, batch_size=4, seed=0), device="cpu",
+        checkpoint_dir=tmp_path, stage_name="toy", resume=False, progress=False, num_workers=0,
         on_epoch_end=hook, checkpoint_interval_s=3600)
     assert saved == [0, 0, 0]  # the hook runs before the epoch's save: none saved within the hour...
     assert torch.load(tmp_path / "toy.pt", weights_only=False)["epoch"] == 3  # ...but the last epoch always is
@@ -293,8 +294,8 @@ def test_best_state_is_kept(tmp_path: Path) -> None:
         return {"score": scores[epoch]}
 
     m = build_network(1, "tiny")
-    h = fit(m, ds, weighted_mse, epochs=3, lr=1e-2, batch_size=4, device="cpu", checkpoint_dir=tmp_path,
-            stage_name="toy", seed=0, resume=False, progress=False, on_epoch_end=hook, num_workers=0)
+    h = fit(m, ds, weighted_mse, FitSettings(epochs=3, lr=1e-2, batch_size=4, seed=0), device="cpu", checkpoint_dir=tmp_path,
+            stage_name="toy", resume=False, progress=False, on_epoch_end=hook, num_workers=0)
     assert h.best_epoch == 2 and h.best_score == 0.9
     assert torch.equal(next(iter(m.parameters())), snap[2])
 

@@ -39,7 +39,7 @@ from pointnuc.labels.detection import (
 from pointnuc.models.bundle import ModelLayout, save_weights
 from pointnuc.models.net import build_network
 from pointnuc.train.data import PatchDataset
-from pointnuc.train.fit import FitHistory, fit, resolve_device
+from pointnuc.train.fit import FitHistory, FitSettings, fit, resolve_device
 from pointnuc.train.losses import weighted_mse
 from pointnuc.train.samples import MIN_POINTS, TrainingImage
 from pointnuc.train.selection import DetectorSelection, HeldBackPoints, Tuning
@@ -225,12 +225,11 @@ def train_detector(
     for k in range(rounds + 1):
         ds = PatchDataset(samples, [t[None] for t in targets], config.data, seed=config.seed + 1000 * k)
         epochs = det_cfg.round_epochs if (k > 0 and det_cfg.round_epochs > 0) else det_cfg.epochs
-        hist = fit(
-            model, ds, loss_fn, epochs=epochs, lr=det_cfg.lr, batch_size=det_cfg.batch_size, device=dev,
-            checkpoint_dir=layout.checkpoints, stage_name=f"detector-round{k}", seed=config.seed + 1000 * k,
-            resume=resume, progress=progress, config={"train": config.to_dict(), "round": k},
-            schedule=det_cfg.lr_schedule, ema=det_cfg.ema,
-        )
+        settings = FitSettings(epochs=epochs, lr=det_cfg.lr, batch_size=det_cfg.batch_size, seed=config.seed + 1000 * k,
+                               schedule=det_cfg.lr_schedule, ema=det_cfg.ema)
+        hist = fit(model, ds, loss_fn, settings, device=dev, checkpoint_dir=layout.checkpoints,
+                   stage_name=f"detector-round{k}", resume=resume, progress=progress,
+                   config={"train": config.to_dict(), "round": k})
         histories[f"round{k}"] = hist
         probs = predict_probabilities(model, samples, dev)
         tuning, tunings = selection.tune(k, model, probs, samples, radii.r1, dev)

@@ -34,7 +34,7 @@ from pointnuc.models.bundle import ModelLayout, save_weights
 from pointnuc.models.calibration import Thresholds
 from pointnuc.models.net import build_network, transfer_weights
 from pointnuc.train.data import IGNORE, PatchDataset
-from pointnuc.train.fit import FitHistory, LossFn, fit, resolve_device
+from pointnuc.train.fit import FitHistory, FitSettings, LossFn, fit, resolve_device
 from pointnuc.train.samples import TrainingImage
 from pointnuc.train.seg_losses import CLUSTER, TARGET_NEAREST, Stage2Loss
 from pointnuc.train.selection import (
@@ -142,10 +142,11 @@ class SegmenterTraining:
         """One phase of training (checkpoint ``name``), scored by the selection every ``select_every`` epochs."""
         seg = self.config.segmentation
         self._last_epoch = epochs
-        return fit(model, dataset, loss, epochs=epochs, lr=lr, batch_size=seg.batch_size, device=self.dev,
-                   checkpoint_dir=self.layout.checkpoints, stage_name=name, seed=self.config.seed + 7,
-                   resume=self.resume, progress=self.progress, on_epoch_end=self._on_epoch_end,
-                   schedule=seg.lr_schedule, ema=seg.ema, config={"train": self.config.to_dict(), "stage": stage})
+        settings = FitSettings(epochs=epochs, lr=lr, batch_size=seg.batch_size, seed=self.config.seed + 7,
+                               schedule=seg.lr_schedule, ema=seg.ema)
+        return fit(model, dataset, loss, settings, device=self.dev, checkpoint_dir=self.layout.checkpoints,
+                   stage_name=name, resume=self.resume, progress=self.progress, on_epoch_end=self._on_epoch_end,
+                   config={"train": self.config.to_dict(), "stage": stage})
 
     def _on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, Any]:
         if not self.selection.active:
