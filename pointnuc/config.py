@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pointnuc.errors import InputError
 
-DetectionVariant = Literal["GM", "ext-GM", "ST-nu", "ST-bg"]
 VARIANTS: tuple[str, ...] = ("GM", "ext-GM", "ST-nu", "ST-bg")
 ENCODERS: tuple[str, ...] = ("resnet34", "resnet18", "tiny")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
