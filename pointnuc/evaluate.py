@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ def _stem(path: Path) -> str:
     name = path.name
     name = re.sub(r"(\.featurecollection)?\.geojson$", "", name)
     name = re.sub(r"_label(\.(png|tif|tiff))$", "", name)
-    name = re.sub(r"\.(png|tif|tiff|svs|ndpi|jpg|jpeg)$", "", name, flags=re.I)
+    name = re.sub(r"\.(png|tif|tiff|svs|ndpi|jpg|jpeg)$", "", name, flags=re.IGNORECASE)
     return name
 
 
@@ -74,7 +74,7 @@ def evaluate(pred: Path, truth: Path, *, radius_px: float = 11.0) -> Evaluation:
     for name, p, t in _pairs(Path(pred), Path(truth)):
         try:
             gt = np.asarray(Image.open(t))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  (whatever Pillow raises, the file is the user's to fix)
             raise InputError(f"cannot read label image {t}: {err}") from None
         if gt.ndim != 2:
             raise InputError(f"{t} is not a single-channel instance label image")

@@ -87,5 +87,5 @@ def progress_bar(total: int, desc: str, unit: str, *, enabled: bool = True, leav
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)  # type: ignore[no-any-return]
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
     return LogProgress(total, desc, unit)

@@ -14,6 +14,7 @@ Drawn with Pillow (no plotting library needed).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,13 @@ def _found(labels: np.ndarray, holdout_xy: np.ndarray, train_xy: np.ndarray) -> 
     return (mine > 0) & (count[mine] == 1)
 
 
+def _panel_xy(box: tuple[float, float, float, float], span: int, value_range: tuple[float, float], i: int,
+              val: float) -> tuple[float, float]:
+    """Where epoch ``i`` (0-based, of ``span`` steps) with value ``val`` lies in a panel's ``box``."""
+    (x0, y0, x1, y1), (lo, hi) = box, value_range
+    return x0 + 6 + i / span * (x1 - x0 - 12), y1 - 6 - (val - lo) / (hi - lo) * (y1 - y0 - 12)
+
+
 def plot_curves(curves: dict[str, tuple[list[float], int | None]], path: Path, title: str = "training loss per epoch") -> Path:
     """One panel per named curve (values per epoch, selected epoch or None), written as a PNG."""
     n = max(len(curves), 1)
@@ -94,8 +102,7 @@ def plot_curves(curves: dict[str, tuple[list[float], int | None]], path: Path, t
         m = len(vals)
         span = max(m - 1, 1)  # a one-epoch stage is one point at epoch 1, not a point in mid-air
 
-        def xy(i: int, val: float) -> tuple[float, float]:
-            return x0 + 6 + i / span * (x1 - x0 - 12), y1 - 6 - (val - lo) / (hi - lo) * (y1 - y0 - 12)
+        xy = functools.partial(_panel_xy, (x0, y0, x1, y1), span, (lo, hi))
 
         for e in sorted({1, m, (m + 1) // 2}):  # epoch ticks
             tx = xy(e - 1, lo)[0]
@@ -147,7 +154,7 @@ def review_figure(
 
     rgb = Image.fromarray(np.asarray(image, np.uint8))
     if zoom > 1:
-        rgb = rgb.resize((rgb.width * zoom, rgb.height * zoom), Image.BICUBIC)
+        rgb = rgb.resize((rgb.width * zoom, rgb.height * zoom), Image.Resampling.BICUBIC)
         labels = np.repeat(np.repeat(labels, zoom, axis=0), zoom, axis=1)
     arr = np.asarray(rgb).copy()
     arr[find_boundaries(labels, mode="inner")] = OUTLINE
@@ -227,7 +234,7 @@ def write_report(layout: ModelLayout, samples: Sequence[TrainingImage], det: Any
         check.add(s.name, found_n, total, added, c["instances"])
         if s.name not in chosen:
             continue
-        zoom = max(1, int(round(s.scale)))  # back to the image's own resolution
+        zoom = max(1, round(s.scale))  # back to the image's own resolution
         y0, y1, x0, x1 = _tile_around(s, max(MAX_REVIEW_PX // zoom, 64))
         hold, keep = _in(s.holdout, y0, x0, y1, x1)
         title = (f"{s.name}: {found_n} of {total} held-back points found, {added} nuclei outlined where no one "

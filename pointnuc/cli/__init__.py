@@ -13,15 +13,15 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import click
 
 from pointnuc import __version__
 from pointnuc.errors import Interrupted, PointnucError, is_user_error
-
 
 _RESUME = "pointnuc.resume"  #: ctx.meta key: the command that continues the training `train` started
 
@@ -76,7 +76,7 @@ def interrupt_message(ctx: click.Context, signum: int) -> str:
 class _Group(click.Group):
     """Turns PointnucError into one clear line and its exit code; SIGINT/SIGTERM into one line and 130/143."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             with _stop_on_signals():
                 return super().invoke(ctx)

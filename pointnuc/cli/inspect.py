@@ -27,7 +27,7 @@ def inspect_project(
     for image in project.images():
         ann = project.annotations(image, point_class=point_class, region_class=region_class)
         problem = image_problem(image.path)
-        points = {point_class: int(len(ann.points_xy)), **{k: int(v) for k, v in ann.other_point_counts.items()}}
+        points = {point_class: len(ann.points_xy), **{k: int(v) for k, v in ann.other_point_counts.items()}}
         images.append({
             "name": image.name,
             "path": str(image.path),

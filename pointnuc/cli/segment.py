@@ -88,8 +88,8 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
         s = merge_results(proj, model_dir, object_type=object_type, class_name=class_name, within_class=within, tta=tta,
                           cell_expansion_um=expansion)
         click.echo(f"Merged {sum(s.nuclei.values())} nuclei from {len(s.nuclei)} image(s) into {proj.root}")
-        for p in s.written:
-            click.echo(f"  wrote {p}")
+        for path in s.written:
+            click.echo(f"  wrote {path}")
         _fail_if_any(s.failed)
         return
     if dry_run:
@@ -118,8 +118,8 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     for name, n in s.nuclei.items():
         click.echo(f"  {name}: {n} nuclei{_how(s, name, within is not None)}")
     click.echo(f"Per-image results: {s.results_dir}")
-    for p in s.written:
-        click.echo(f"Wrote {p}")
+    for path in s.written:
+        click.echo(f"Wrote {path}")
     if shard_kn:
         click.echo(f"Shard {shard} done; when all shards are done run: "
                    f"pointnuc segment {project} --model {model_dir} --merge{' --tta' if tta else ''}")

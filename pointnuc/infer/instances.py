@@ -11,10 +11,10 @@ only for components with more than one candidate maximum (most nuclei stand alon
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage as ndi
-
-from typing import TYPE_CHECKING
 
 from pointnuc.errors import InputError
 from pointnuc.models.calibration import Thresholds

@@ -142,11 +142,11 @@ def init_worker(ctx: TileContext) -> None:
     _CTX = ctx
     if ctx.region is not None:
         shapely.prepare(ctx.region)
-    import pointnuc.geometry  # noqa: F401  (here, not in the first tile's time)
+    import pointnuc.geometry
     import pointnuc.infer.instances  # noqa: F401
 
     if ctx.params.method == "watershed":
-        import skimage.morphology  # noqa: F401
+        import skimage.morphology
         import skimage.segmentation  # noqa: F401
 
 

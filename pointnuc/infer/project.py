@@ -369,8 +369,8 @@ def merge_results(
         plans = plan_segmentation(project, model_dir, within_class=within_class, tta=tta)
         out_dir = results_dir(project, model_dir, tta)
         summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
-        batch = {}
-        within = {}
+        batch: dict[str, Sequence[NucleusObject]] = {}
+        within: dict[str, BaseGeometry | None] = {}
         for plan in plans:
             name = plan.image.name
             if not plan.reuse:

@@ -25,10 +25,10 @@ point; everything else is ignored.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage as ndi
-
-from typing import TYPE_CHECKING
 
 from pointnuc.errors import InputError
 from pointnuc.labels.voronoi import BACKGROUND, IGNORE, NUCLEUS, nearest_point_map, points_to_pixels
@@ -173,13 +173,13 @@ def labels_for_image(
 
     img = np.asarray(image_rgb)
     near = nearest_point_map(points_xy, img.shape[:2])
-    px = lambda um: um / pixel_size_um  # noqa: E731
+    px = lambda um: um / pixel_size_um
     vor = voronoi_label(points_xy, img.shape[:2], dilation_px=px(seg_config.point_dilation_um), nearest=near)
     clu = cluster_label(
         img,
         points_xy,
         dist_clip_px=px(seg_config.cluster_dist_clip_um),
-        min_size_px=int(round(seg_config.cluster_min_area_um2 / pixel_size_um**2)),
+        min_size_px=round(seg_config.cluster_min_area_um2 / pixel_size_um**2),
         dilate_px=px(seg_config.cluster_dilate_um),
         erode_px=px(seg_config.cluster_erode_um),
         bg_select_px=px(seg_config.cluster_bg_select_um),
@@ -190,4 +190,4 @@ def labels_for_image(
     return vor, clu
 
 
-__all__ = ["cluster_label", "labels_for_image", "kmeans_clusters", "disk", "points_to_pixels"]
+__all__ = ["cluster_label", "disk", "kmeans_clusters", "labels_for_image", "points_to_pixels"]

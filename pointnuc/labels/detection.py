@@ -25,9 +25,9 @@ def distance_to_points(points_xy: np.ndarray, shape: tuple[int, int], max_dist: 
     h, w = shape
     d2 = np.full((h, w), np.inf, np.float64)
     pts = np.asarray(points_xy, float).reshape(-1, 2)
-    rad = int(math.ceil(max_dist)) + 1
+    rad = math.ceil(max_dist) + 1
     for x, y in pts:
-        c0, r0 = int(math.floor(x)), int(math.floor(y))
+        c0, r0 = math.floor(x), math.floor(y)
         ra, rb = max(r0 - rad, 0), min(r0 + rad + 1, h)
         ca, cb = max(c0 - rad, 0), min(c0 + rad + 1, w)
         if ra >= rb or ca >= cb:

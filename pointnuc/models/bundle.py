@@ -60,7 +60,7 @@ class ModelInfo:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "pointnuc_version": pointnuc.__version__,
-            "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "saved": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "pixel_size_um": self.pixel_size_um,
             "config": self.config.to_dict(),
             "norm_reference": None if self.norm_reference is None else self.norm_reference.to_json(),
@@ -137,7 +137,7 @@ def load_network(root: Path, which: str = "segmenter", info: ModelInfo | None = 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    except Exception as err:  # damaged file or wrong architecture: both are the user's to fix
+    except Exception as err:  # noqa: BLE001  (a damaged file or another architecture: both the user's to fix)
         raise ModelFormatError(f"{path} cannot be loaded ({err.__class__.__name__}); the file is damaged or from another model") from None
     return net
 

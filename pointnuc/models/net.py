@@ -112,7 +112,7 @@ def resolve_encoder_start(
                 encoder, cached.parent)
     try:
         _download(url, cached, progress)
-    except Exception as err:  # no network, proxy, hash mismatch: training goes on from random weights
+    except Exception as err:  # noqa: BLE001  (no network, proxy, hash mismatch: training goes on from random weights)
         log.warning("could not download the ImageNet weights (%s); the encoder starts from random initialisation",
                     str(err).splitlines()[0] if str(err) else err.__class__.__name__)
         return EncoderStart("random", f"download failed: {err.__class__.__name__}")

@@ -48,7 +48,7 @@ def default_workers(device: torch.device) -> int:
     return max(2, min(12, (os.cpu_count() or 4) - 2))
 
 
-class EpochBatches(Sampler):
+class EpochBatches(Sampler[list[Any]]):
     """Batches of all epochs ``epochs`` in one stream, reshuffled per epoch from ``seed``.
 
     With ``epoch_items`` each index is ``(epoch, i)``, so an epoch-aware dataset (such as
@@ -67,7 +67,7 @@ class EpochBatches(Sampler):
     def __len__(self) -> int:
         return len(self.epochs) * self.steps_per_epoch()
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self) -> Iterator[list[Any]]:
         for e in self.epochs:
             g = torch.Generator().manual_seed(self.seed * 100003 + e)
             perm = torch.randperm(self.n, generator=g).tolist()
@@ -80,13 +80,12 @@ def epoch_stream(dataset: Dataset, batch_size: int, epochs: range, seed: int, wo
                  pin_memory: bool) -> tuple[Iterator[Any], int]:
     """The batches of all ``epochs`` in one stream (:class:`EpochBatches`), and the steps per epoch."""
     epoch_items = hasattr(dataset, "set_epoch")  # epoch-aware: its items are keyed (epoch, i)
-    sampler = EpochBatches(len(dataset), batch_size, epochs, seed, epoch_items)  # type: ignore[arg-type]
+    sampler = EpochBatches(len(dataset), batch_size, epochs, seed, epoch_items)  # type: ignore[arg-type]  # map-style: sized
     if not epochs:
         return iter(()), sampler.steps_per_epoch()
     loader_kw: dict[str, Any] = {}
     if workers > 0:
         loader_kw = {"worker_init_fn": _seed_worker, "prefetch_factor": 4,
                      "multiprocessing_context": loader_start_method()}
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                                         **loader_kw)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory, **loader_kw)
     return iter(loader), sampler.steps_per_epoch()

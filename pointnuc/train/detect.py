@@ -185,7 +185,7 @@ def check_samples(samples: Sequence[TrainingImage]) -> list[TrainingImage]:
 
 
 def train_detector(
-    samples: list[TrainingImage],
+    samples: Sequence[TrainingImage],
     config: TrainConfig,
     layout: ModelLayout,
     *,

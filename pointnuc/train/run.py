@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pointnuc
 from pointnuc.config import TrainConfig
@@ -179,7 +179,7 @@ def _train(
     )
     start = resolve_encoder_start(config.encoder, weights, offline=offline, progress=progress)
     weights = start.file
-    provenance = {
+    provenance: dict[str, Any] = {
         "project": str(project.root),
         "encoder_start": start.to_json(),
         "images": counts,

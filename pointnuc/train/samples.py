@@ -210,7 +210,7 @@ def load_training_images(
         raise TrainingError(f"no {point_class!r} points found in any image of the project{hint}")
     if total < MIN_POINTS:
         raise TrainingError(f"only {total} {point_class!r} points in the project; pointnuc needs at least {MIN_POINTS}")
-    ref = colour_reference([s.image for s in raw], stain=config.data.stain_normalise)
+    ref: dict[str, Sequence[float]] = {**colour_reference([s.image for s in raw], stain=config.data.stain_normalise)}
     for s in raw:
         s.image = colour_normalize(s.image, ref)
     return raw, ColourReference.from_json(ref), counts
