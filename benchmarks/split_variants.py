@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = profile_config(args.profile)
     t0 = time.time()
-    _, _, test, gts, _, scale = mo_samples(cfg, 0)
+    _, _, test, gts, _, scale, _ = mo_samples(cfg, 0)
     seg_cfg = cfg.segmentation
     ma = seg_cfg.min_area_um2 / cfg.data.pixel_size_um**2 * scale**2  # full-resolution pixels
     h_default = cfg.data.px(seg_cfg.watershed_h_um) * scale

@@ -34,16 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import PaperProtocol, rescaled_truth, tune_on_masks
 from PIL import Image
 
 from pointnuc.config import TrainConfig, profile_config
 from pointnuc.metrics import detection_counts, detection_scores, gt_points_from_labels
-from pointnuc.models.bundle import ModelLayout
-from pointnuc.pipeline import split_holdout
+from pointnuc.models.layout import ModelLayout
 from pointnuc.stain import colour_normalize, colour_reference
-from pointnuc.train.detect import Tuning, detect, predict_probabilities, train_detector
+from pointnuc.train.detect import detect, predict_probabilities, train_detector
 from pointnuc.train.fit import resolve_device
-from pointnuc.train.samples import TrainingImage, detection_samples
+from pointnuc.train.samples import TrainingImage, detection_samples, split_holdout
+from pointnuc.train.selection import Tuning
 
 PAPER = {"ext-GM": (0.7932, 0.8471, 0.8193, 2.87, 2.18), "ST-bg": (0.8238, 0.8328, 0.8282, 2.90, 2.07)}  # Table I, MO
 FULL_RES_UM = 0.25  #: MoNuSeg is 40x
@@ -93,14 +94,13 @@ def sample_points(gt_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return gt_xy[np.sort(rng.choice(len(gt_xy), n, replace=False))]
 
 
-def make_sample(name: str, img: np.ndarray, lab: np.ndarray, ref: dict, scale: float, pts_full: np.ndarray,
+def make_sample(name: str, img: np.ndarray, ref: dict, scale: float, pts_full: np.ndarray,
                 holdout_full: np.ndarray) -> TrainingImage:
     work = to_working(colour_normalize(img, ref), scale)
     h, w = work.shape[:2]
     return TrainingImage(
         name=name, image_name=name, image=work, points=pts_full / scale, holdout=holdout_full / scale,
         valid=np.ones((h, w), bool), origin_xy=(0.0, 0.0), scale=scale,
-        gt_labels=np.asarray(Image.fromarray(lab).resize((w, h), Image.NEAREST)) if scale != 1.0 else lab,
     )
 
 
@@ -119,7 +119,8 @@ def mo_samples(cfg: TrainConfig, seed: int, images: int | None = None, protocol:
 
     ``protocol="user"``: train and val images together as training images, each holding back
     ``cfg.data.holdout_fraction`` of its points (as ``pointnuc train``); ``val`` is then empty.
-    Returns ``(train, val, test, gts, ref, scale)``: ``test`` pairs each sample with its label map.
+    Returns ``(train, val, test, gts, ref, scale, truth)``: ``test`` pairs each sample with its label
+    map; ``truth``: every sample's ground-truth labels at its pixels (:mod:`harness`).
     """
     data_dir = shared_dir() / "data" / "monuseg" / "train"
     split = read_split(data_dir)
@@ -135,14 +136,15 @@ def mo_samples(cfg: TrainConfig, seed: int, images: int | None = None, protocol:
     clicked = {n: sample_points(gts[n], rng) for n in names_train + names_val}  # the same points for both protocols
     if protocol == "user":
         hold_rng = np.random.default_rng(seed + 1)
-        train = [make_sample(n, *raw[n], ref, scale, *split_holdout(clicked[n], cfg.data.holdout_fraction, hold_rng))
+        train = [make_sample(n, raw[n][0], ref, scale, *split_holdout(clicked[n], cfg.data.holdout_fraction, hold_rng))
                  for n in names_train + names_val]
         val = []
     else:
-        train = [make_sample(n, *raw[n], ref, scale, clicked[n], none) for n in names_train]
-        val = [make_sample(n, *raw[n], ref, scale, none, clicked[n]) for n in names_val]
-    test = [(make_sample(n, *raw[n], ref, scale, none, none), raw[n][1]) for n in names_test]
-    return train, val, test, gts, ref, scale
+        train = [make_sample(n, raw[n][0], ref, scale, clicked[n], none) for n in names_train]
+        val = [make_sample(n, raw[n][0], ref, scale, none, clicked[n]) for n in names_val]
+    test = [(make_sample(n, raw[n][0], ref, scale, none, none), raw[n][1]) for n in names_test]
+    truth = rescaled_truth({n: lab for n, (_, lab) in raw.items()}, [*train, *val, *(s for s, _ in test)])
+    return train, val, test, gts, ref, scale, truth
 
 
 def score_test(probs: list[np.ndarray], test: list[tuple[TrainingImage, np.ndarray]], tuning: Tuning) -> dict[str, float]:
@@ -189,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.protocol == "user" and "data.patches_per_image" not in overrides:  # as many patches as 12 images give
         cfg = cfg.replace(**{"data.patches_per_image": max(1, round(cfg.data.patches_per_image * 12 / 16))})
     device = resolve_device(args.device)
-    train, val, test_l, gts, ref, scale = mo_samples(cfg, args.seed, args.images, args.protocol)
+    train, val, test_l, gts, ref, scale, truth = mo_samples(cfg, args.seed, args.images, args.protocol)
     if cfg.for_detection() is not cfg:  # as `pointnuc train`: the segmenter's samples, resampled for stage 1
         train, val = detection_samples(train, cfg), detection_samples(val, cfg)
         test_l = list(zip(detection_samples([s for s, _ in test_l], cfg), [lab for _, lab in test_l]))
+        truth = rescaled_truth(truth, [*train, *val, *(s for s, _ in test_l)])
         cfg, scale = cfg.for_detection(), train[0].scale
     test = [(s, gts[s.name]) for s, _ in test_l]
     t_data = time.time() - t_start
@@ -204,11 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     tunings: dict[str, dict[str, Tuning]] = {}
 
     def on_round_end(k: int, model: torch.nn.Module, chosen: dict[str, Tuning]) -> None:
-        from pointnuc.train.detect import tune_on_masks
-
         tprobs = predict_probabilities(model, [s for s, _ in test], device)
         # reference only: chosen on the test images
-        test_t = tune_on_masks(tprobs, [s for s, _ in test_l], cfg.data.px(cfg.data.nucleus_radius_um))
+        test_t = tune_on_masks(tprobs, [s for s, _ in test_l], truth, cfg.data.px(cfg.data.nucleus_radius_um))
         label = "ext-GM" if k == 0 else f"ST-bg r{k}"
         tunings[label] = {**chosen, "test": test_t}  # no "masks" under the user protocol
         rows[label] = {sel: score_test(tprobs, test, tu) for sel, tu in tunings[label].items()}
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(f"/tmp/pointnuc-bench-stage1-{args.profile}")
     t0 = time.time()
     res = train_detector(train, cfg, ModelLayout(work), device=device, resume=args.resume, progress=False,
-                         tune_samples=val or None, on_round_end=on_round_end)
+                         selection=PaperProtocol(tune_samples=val, truth=truth, on_round_end=on_round_end))
     t_train = time.time() - t0
     if args.points_out is not None:
         vprobs = predict_probabilities(res.model, val, device)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import PaperProtocol, Truth, rescaled_truth, train_supervised  # noqa: E402
 from stage1 import FULL_RES_UM, load_image, machine_line, mo_samples, parse_set, shared_dir  # noqa: E402
 
 from pointnuc.config import TrainConfig, profile_config  # noqa: E402
@@ -33,7 +34,8 @@ from pointnuc.infer.instances import instances_from_probability  # noqa: E402
 from pointnuc.infer.predict import nucleus_probability  # noqa: E402
 from pointnuc.labels.voronoi import BACKGROUND, NUCLEUS  # noqa: E402
 from pointnuc.metrics import aji, mean_scores, segmentation_scores  # noqa: E402
-from pointnuc.models.bundle import ModelLayout  # noqa: E402
+from pointnuc.models.calibration import Thresholds  # noqa: E402
+from pointnuc.models.layout import ModelLayout  # noqa: E402
 from pointnuc.train.fit import resolve_device  # noqa: E402
 from pointnuc.train.samples import TrainingImage, detection_samples, points_between  # noqa: E402
 from pointnuc.train.segment import train_segmenter  # noqa: E402
@@ -44,13 +46,14 @@ QUPATH = {"acc": 0.8822, "F1": 0.7285, "dice_obj": 0.6685, "aji": 0.4525, "aji_a
 METRICS = ("acc", "F1", "dice_obj", "aji", "aji_authors")
 
 
-def label_quality(samples: list[TrainingImage], labels: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+def label_quality(samples: list[TrainingImage], labels: dict[str, tuple[np.ndarray, np.ndarray]],
+                  truth: Truth) -> list[dict]:
     """Per image: share of GT nucleus pixels among pixels labelled nucleus / background, and coverage."""
     rows = []
     for s in samples:
-        if s.name not in labels or s.gt_labels is None:
+        if s.name not in labels or s.name not in truth:
             continue
-        fg = s.gt_labels > 0
+        fg = truth[s.name] > 0
         row = {"name": s.name}
         for k, lab in zip(("vor", "clu"), labels[s.name]):
             nuc, bg = lab == NUCLEUS, lab == BACKGROUND
@@ -69,27 +72,27 @@ def upsample(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def choose_threshold_masks(model, val: list[TrainingImage], thr: dict, method: str, device) -> float:
+def choose_threshold_masks(model, val: list[TrainingImage], truth: Truth, thr: Thresholds, method: str, device) -> float:
     """Paper protocol: the threshold maximising mean Kumar AJI on the val images (working resolution)."""
     probs = [nucleus_probability(model, s.image, device=device) for s in val]
     best, best_t = -1.0, 0.5
     for t in (0.3, 0.4, 0.5, 0.6, 0.7):
-        sc = np.mean([aji(s.gt_labels, instances_from_probability(p, threshold=t, min_area_px=thr["min_area_px"], method=method,
-                                                                   h_px=thr["h_px"])) for p, s in zip(probs, val)])
+        sc = np.mean([aji(truth[s.name], instances_from_probability(p, threshold=t, min_area_px=thr.min_area_px, method=method,
+                                                                   h_px=thr.h_px)) for p, s in zip(probs, val)])
         if sc > best:
             best, best_t = sc, t
     return best_t
 
 
-def evaluate(model, test: list[tuple[TrainingImage, np.ndarray]], thr: dict, scale: float, device, tta: bool,
+def evaluate(model, test: list[tuple[TrainingImage, np.ndarray]], thr: Thresholds, scale: float, device, tta: bool,
              thresholds_by_method: dict[str, float]) -> dict[str, dict[str, float]]:
     """Mean test metrics per instance method, at full resolution."""
     per: dict[str, list[dict]] = {m: [] for m in thresholds_by_method}
     for s, gt_full in test:
         p = upsample(nucleus_probability(model, s.image, device=device, tta=tta), gt_full.shape)
         for m, t in thresholds_by_method.items():
-            lab = instances_from_probability(p, threshold=t, min_area_px=thr["min_area_px"] * scale**2, method=m,
-                                             h_px=thr["h_px"] * scale)
+            lab = instances_from_probability(p, threshold=t, min_area_px=thr.min_area_px * scale**2, method=m,
+                                             h_px=thr.h_px * scale)
             per[m].append(segmentation_scores(gt_full, lab))
     return {m: mean_scores(v) for m, v in per.items()}
 
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update(parse_set(args.set))
     cfg = profile_config(args.profile, **overrides)
     device = resolve_device(args.device)
-    train, val, test, gts, ref, scale = mo_samples(cfg, args.seed, args.images)
+    train, val, test, gts, ref, scale, truth = mo_samples(cfg, args.seed, args.images)
     work = args.work or Path(f"/tmp/pointnuc-bench-stage2-{args.profile}-{args.points}")
     layout = ModelLayout(work)
 
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
             t0 = time.time()
             train1, val1 = detection_samples(train, cfg), detection_samples(val, cfg)
-            det = train_detector(train1, cfg.for_detection(), layout, device=device, progress=False, tune_samples=val1)
+            det = train_detector(train1, cfg.for_detection(), layout, device=device, progress=False,
+                                 selection=PaperProtocol(tune_samples=val1, truth=rescaled_truth(truth, val1)))
             detector_state = det.model.state_dict()
             probs = predict_probabilities(det.model, val1, device)
             points = dict(det.points)
@@ -231,27 +235,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.info("step cost: plain %.2f s, with CRF %.2f s (x%.2f)", plain_s, crf_s, crf_s / plain_s)
 
     t0 = time.time()
-    res = train_segmenter(train, points, cfg, layout, device=device, progress=False, tune_samples=val, selection="points",
-                          supervised=args.supervised, resume=args.resume, detector_state=detector_state)
+    selection = PaperProtocol(tune_samples=val, truth=truth, use="points")
+    if args.supervised:
+        res = train_supervised(train, truth, points, cfg, layout, device=device, progress=False, resume=args.resume,
+                               detector_state=detector_state, selection=selection)
+    else:
+        res = train_segmenter(train, points, cfg, layout, device=device, progress=False, resume=args.resume,
+                              detector_state=detector_state, selection=selection)
     t2 = time.time() - t0
-    lq = label_quality(train, res.labels)
+    lq = label_quality(train, res.labels, truth)
 
     model = res.model
     thr = res.thresholds
     variants: list[tuple[str, dict | None, str]] = [("supervised" if args.supervised else "CRF", None, "points")]
-    if res.plain_state is not None:
-        variants.insert(0, ("no CRF", res.plain_state, "points"))
+    if selection.plain_state is not None:
+        variants.insert(0, ("no CRF", selection.plain_state, "points"))
     for k in ([] if args.supervised else ["plain-aji", "crf-aji"]):
-        if res.alt_states.get(k) is not None:
-            variants.append(("no CRF" if k.startswith("plain") else "CRF", res.alt_states[k], "masks"))
+        if selection.alt_states.get(k) is not None:
+            variants.append(("no CRF" if k.startswith("plain") else "CRF", selection.alt_states[k], "masks"))
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     for name, state, sel in variants:
         model.load_state_dict(state if state is not None else final_state)
         if sel == "points":
-            tmap = {"cc": thr["prob"], "watershed": thr["prob"]}
+            tmap = {"cc": thr.prob, "watershed": thr.prob}
         else:
-            tmap = {m: choose_threshold_masks(model, val, thr, m, device) for m in ("cc", "watershed")}
+            tmap = {m: choose_threshold_masks(model, val, truth, thr, m, device) for m in ("cc", "watershed")}
         # TTA only for the model a user gets (CRF, points-selected): it costs 4 predictions per image
         for tta in ([False, True] if args.tta and name == "CRF" and sel == "points" else [False]):
             sc = evaluate(model, test, thr, scale, device, tta, tmap)
@@ -281,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         f"all {len(train)} train images at the working resolution in {res.metrics['label_seconds']:.1f} s",
         f"- CRF cost per training step: plain {plain_s:.2f} s, with CRF {crf_s:.2f} s (x{crf_s / plain_s:.2f}); in training: "
         + ", ".join(f"{k} {np.mean([e.patches_per_s for e in h.epochs]):.2f} patches/s" for k, h in res.history.items()),
-        f"- selection (points): threshold {thr['prob']:.2f}, score {res.metrics.get('selection_score', float('nan')):.4f}; "
+        f"- selection (points): threshold {thr.prob:.2f}, score {res.metrics.get('selection_score', float('nan')):.4f}; "
         f"best epochs: " + ", ".join(f"{k} {h.best_epoch}" for k, h in res.history.items()),
         "",
         "| model | selection | instances | threshold | TTA | Acc | F1 | Dice_obj | AJI (Kumar) | AJI (authors' code) |",

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pointnuc.errors import InputError
 
-DetectionVariant = Literal["GM", "ext-GM", "ST-nu", "ST-bg"]
 VARIANTS: tuple[str, ...] = ("GM", "ext-GM", "ST-nu", "ST-bg")
 ENCODERS: tuple[str, ...] = ("resnet34", "resnet18", "tiny")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
@@ -164,7 +163,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
         try:
             return cls(
@@ -176,12 +175,12 @@ class TrainConfig:
         except TypeError as err:
             raise InputError(f"configuration does not match this pointnuc version: {err}") from None
 
-    def for_detection(self) -> "TrainConfig":
+    def for_detection(self) -> TrainConfig:
         """The config stage 1 runs with: ``data.pixel_size_um`` set to ``detection.pixel_size_um`` when that is given."""
         px = self.detection.pixel_size_um
         return self if px in (0, self.data.pixel_size_um) else self.replace(**{"data.pixel_size_um": px})
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with top-level or dotted (``detection.epochs``) fields changed."""
         top: dict[str, Any] = {}
         subs: dict[str, dict[str, Any]] = {}
@@ -198,6 +197,7 @@ class TrainConfig:
             for name in vals:
                 if name not in known:
                     raise InputError(f"unknown setting {sec}.{name}; the fields are listed in a model's pointnuc-model.json")
+            assert sub is not None  # a section: every name above is one of its fields
             top[sec] = dataclasses.replace(sub, **vals)
         for name in top:
             if name not in sections:

@@ -7,6 +7,11 @@ exits with ``err.exit_code``. Any other exception is a bug and keeps its traceba
 
 from __future__ import annotations
 
+import errno
+
+#: OS errors that are the user's to fix (permissions, a full or read-only disk): one line, no traceback
+USER_OS_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+
 
 class PointnucError(Exception):
     """Base class: a problem the user can fix; message is one sentence."""
@@ -46,6 +51,12 @@ class OutputExistsError(InputError):
 
 class QuPathError(PointnucError):
     """QuPath (its JVM, in pointnuc's QuPath process) failed or stopped while reading or writing a project."""
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is the user's to fix (a :class:`PointnucError`, or an OS error of :data:`USER_OS_ERRORS`)
+    rather than a bug, which must keep its traceback."""
+    return isinstance(err, PointnucError) or (isinstance(err, OSError) and err.errno in USER_OS_ERRORS)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -22,7 +22,7 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Replace ``path`` with what ``write(binary file)`` writes, all or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -208,7 +208,8 @@ def write_report(layout: ModelLayout, samples: Sequence[TrainingImage], det: Any
     Every training sample is segmented with the final model to count the held-back points
     found; the ``n_images`` samples with the most held-back points get a review figure.
     """
-    from pointnuc.train.segment import holdout_counts, segment_image
+    from pointnuc.train.segment import segment_image
+    from pointnuc.train.selection import holdout_counts
 
     out = layout.report
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +244,7 @@ def write_report(layout: ModelLayout, samples: Sequence[TrainingImage], det: Any
         files.append(p)
         k += 1
     metrics = {"detection": getattr(det, "metrics", {}), "segmentation": getattr(seg, "metrics", {}),
-               "thresholds": getattr(seg, "thresholds", {}), "held_back": asdict(check)}
+               "thresholds": seg.thresholds.to_json(), "held_back": asdict(check)}
     mp = out / "metrics.json"
     mp.write_text(json.dumps(metrics, indent=1, default=_default), encoding="utf-8")
     files.append(mp)

@@ -330,7 +330,7 @@ def test_fit_checkpoints_after_its_first_epoch_however_short(tmp_path: Path) -> 
     from pointnuc.config import DataConfig
     from pointnuc.models.net import build_network
     from pointnuc.train.data import PatchDataset
-    from pointnuc.train.fit import checkpoint_due, fit
+    from pointnuc.train.fit import FitSettings, checkpoint_due, fit
     from pointnuc.train.losses import weighted_mse
     from pointnuc.train.samples import TrainingImage
 
@@ -352,8 +352,8 @@ def test_fit_checkpoints_after_its_first_epoch_however_short(tmp_path: Path) -> 
         ckpt = tmp_path / "toy.pt"
         seen.append(torch.load(ckpt, weights_only=False)["epoch"] if ckpt.is_file() else 0)
 
-    fit(build_network(1, "tiny"), ds, weighted_mse, epochs=3, lr=1e-3, batch_size=4, device="cpu",
-        checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0,
+    fit(build_network(1, "tiny"), ds, weighted_mse, FitSettings(epochs=3, lr=1e-3, batch_size=4, seed=0), device="cpu",
+        checkpoint_dir=tmp_path, stage_name="toy", resume=False, progress=False, num_workers=0,
         on_epoch_end=hook)
     assert seen[:2] == [0, 1]  # the hook runs before its epoch's save: epoch 1 was saved before epoch 2 ended
 
@@ -421,7 +421,8 @@ def test_resume_of_an_empty_folder_starts_and_of_changed_points_is_refused(tmp_p
     from pointnuc.config import profile_config
     from pointnuc.io import open_project
     from pointnuc.models.bundle import ModelInfo, save_info
-    from pointnuc.pipeline import check_model_dir, train_project
+    from pointnuc.models.layout import check_model_dir
+    from pointnuc.pipeline import train_project
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -134,7 +134,7 @@ def test_shards_then_merge(trained: tuple[Path, Path, Path], tmp_path: Path) -> 
         assert res.exit_code == 0, res.output
         assert not (copy / "pointnuc-geojson").exists()  # shards never write into the project
     results = sorted(p.name for p in (copy / "pointnuc-results").rglob("*.geojson"))
-    from pointnuc.pipeline import result_file
+    from pointnuc.infer.results import result_file
 
     assert results == sorted(result_file(Path(), f"{n}.tif", None).name for n in NAMES)
     assert all(r.startswith(("synth-a.tif~", "synth-b.tif~")) for r in results)

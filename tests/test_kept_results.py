@@ -100,7 +100,8 @@ def test_a_kept_result_of_another_image_is_never_reused(trained, tmp_path: Path)
     """A kept result (with its record) that lies where another image's belongs is recomputed, and so is one
     without a record of how it was made (e.g. from an older pointnuc)."""
     from pointnuc.io import open_project
-    from pointnuc.pipeline import plan_segmentation, record_file
+    from pointnuc.infer.results import record_file
+    from pointnuc.pipeline import plan_segmentation
 
     proj, model, centres = trained
     copy = _copy(proj, tmp_path / "p")

@@ -8,7 +8,7 @@ import numpy as np
 
 from pointnuc.config import profile_config
 from pointnuc.io.base import ImageRef
-from pointnuc.pipeline import _boxes_for_image
+from pointnuc.train.samples import _boxes_for_image
 
 
 def _ref(w: int, h: int, um: float) -> ImageRef:
@@ -48,7 +48,7 @@ def _project_with_region(tmp_path: Path, pixel_size_um: float) -> Path:
 
 def test_region_mask_takes_pixel_centres_and_holes(tmp_path: Path) -> None:
     from pointnuc.io import open_project
-    from pointnuc.pipeline import load_training_images
+    from pointnuc.train.samples import load_training_images
 
     config = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.holdout_fraction": 0.0})
     # same resolution: the region's pixels are rows/cols 10..29 minus 14..19
@@ -63,7 +63,7 @@ def test_region_mask_takes_pixel_centres_and_holes(tmp_path: Path) -> None:
 
 def test_region_mask_at_half_resolution(tmp_path: Path) -> None:
     from pointnuc.io import open_project
-    from pointnuc.pipeline import load_training_images
+    from pointnuc.train.samples import load_training_images
 
     config = profile_config("tiny", **{"data.pixel_size_um": 0.5, "data.holdout_fraction": 0.0})
     # 0.25 µm/px image, downsample 2: working pixel c covers full-res [10 + 2c, 12 + 2c), centre 11 + 2c;
@@ -80,7 +80,9 @@ def test_segment_checks_every_pixel_size_before_any_work(tmp_path: Path) -> None
 
     from pointnuc.errors import PixelSizeError
     from pointnuc.io import open_project
-    from pointnuc.pipeline import RESULTS_FOLDER, segment_project
+    from pointnuc.infer.results import RESULTS_FOLDER
+    from pointnuc.pipeline import segment_project
+    from synth import write_geojson_project
 
     img = np.full((16, 16, 3), 200, np.uint8)
     proj = write_geojson_project(tmp_path / "p", "a", img, np.zeros((0, 2)), pixel_size_um=0.5)
@@ -92,10 +94,13 @@ def test_segment_checks_every_pixel_size_before_any_work(tmp_path: Path) -> None
 
 def test_overlapping_regions_never_train_on_a_held_back_point(tmp_path: Path) -> None:
     from shapely.geometry import box
+
+    from pointnuc.io import open_project
+    from pointnuc.train.samples import load_training_images
     from synth import write_geojson_project
 
     from pointnuc.io import open_project
-    from pointnuc.pipeline import load_training_images
+    from pointnuc.train.samples import load_training_images
 
     img = np.full((40, 40, 3), 200, np.uint8)
     img[::3] = 90
@@ -123,3 +128,41 @@ def test_model_description_without_configuration_is_a_clear_error(tmp_path: Path
     (tmp_path / MODEL_JSON).write_text(json.dumps({"format": "pointnuc-model", "format_version": 1}))
     with pytest.raises(ModelFormatError, match="no training configuration"):
         load_info(tmp_path)
+
+
+def test_thresholds_and_colour_reference_are_typed_and_old_folders_still_load(tmp_path: Path) -> None:
+    """pointnuc-model.json keeps its dict form; a folder that lacks stage-2 thresholds (older or unfinished)
+    gets them as training derives them from its config, a damaged value is a clear error."""
+    import json
+
+    import pytest
+
+    from pointnuc.errors import ModelFormatError
+    from pointnuc.infer.wsi import instance_params
+    from pointnuc.models.bundle import MODEL_JSON, ModelInfo, load_info, save_info
+    from pointnuc.models.calibration import ColourReference, Thresholds
+
+    config = profile_config("tiny", **{"data.pixel_size_um": 0.5})  # min area 1.25 µm² = 5 px², h 0.25 µm = 0.5 px
+    ref = {"mean": [70.0, 20.0, -10.0], "std": [15.0, 10.0, 8.0], "stain": [0.35, 1.2, 0.32, 0.6]}
+    save_info(tmp_path, ModelInfo(config=config, norm_reference=ColourReference.from_json(ref),
+                                  thresholds=Thresholds.for_config(config, prob=0.4, detection_prob=0.15)))
+    doc = json.loads((tmp_path / MODEL_JSON).read_text())
+    assert doc["norm_reference"] == ref
+    assert doc["thresholds"] == {"detection_prob": 0.15, "detection_min_area_px": 0.0, "prob": 0.4, "min_area_px": 5.0,
+                                 "h_px": 0.5}
+    info = load_info(tmp_path)
+    assert info.thresholds == Thresholds(0.15, 0.0, 0.4, 5.0, 0.5) and info.norm_reference == ColourReference.from_json(ref)
+    assert info.norm_reference["mean"] == ref["mean"] and dict(info.norm_reference) == ref  # what pointnuc.stain reads
+    doc["thresholds"] = {"detection_prob": 0.2, "prob": 0.6}  # an older folder: no minimum area, no watershed depth
+    del doc["norm_reference"]["stain"]
+    (tmp_path / MODEL_JSON).write_text(json.dumps(doc))
+    info = load_info(tmp_path)
+    assert info.thresholds == Thresholds(detection_prob=0.2, prob=0.6, min_area_px=5.0, h_px=0.5)
+    assert info.norm_reference is not None and info.norm_reference.get("stain") is None and len(info.norm_reference) == 2
+    params = instance_params(info)
+    assert (params.threshold, params.min_area_px, params.h_px) == (0.6, 5.0, 0.5)
+    assert ModelInfo(config=config).thresholds == Thresholds.for_config(config)  # none given: as training derives them
+    for bad in ({"thresholds": {"prob": "high"}}, {"norm_reference": {"mean": [1.0, 2.0]}}):
+        (tmp_path / MODEL_JSON).write_text(json.dumps({**doc, **bad}))
+        with pytest.raises(ModelFormatError, match="damaged"):
+            load_info(tmp_path)

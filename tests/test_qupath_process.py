@@ -203,7 +203,7 @@ def test_backups_keep_the_newest_few_per_image(fake_project: Path) -> None:
 
 def test_dataloader_workers_are_not_forked_from_a_process_running_a_jvm(monkeypatch) -> None:
     # #2: a DataLoader worker forked from a process that runs QuPath's JVM hung on a lock
-    from pointnuc.train.fit import loader_start_method
+    from pointnuc.train.batches import loader_start_method
 
     monkeypatch.setitem(sys.modules, "jpype", SimpleNamespace(isJVMStarted=lambda: False))
     assert loader_start_method() is None
@@ -474,7 +474,7 @@ def test_sigterm_in_train_on_a_qpproj(qp_project: Path, qupath_env, tmp_path: Pa
 def test_ctrl_c_while_writing_into_a_qpproj_restores_it(qp_project: Path, qupath_env, tmp_path: Path) -> None:
     # #3: Ctrl-C during segment ended in SIGSEGV; the project must be as before (or as completed)
     from pointnuc.io.geojson import write_nuclei_file
-    from pointnuc.pipeline import results_dir
+    from pointnuc.infer.results import results_dir
 
     model = _untrained_model(tmp_path / "model")
     # a kept, current result (segment --shard 1/1 keeps it with its record and writes nothing), then

@@ -234,6 +234,44 @@ def test_a_typo_d_pixel_size_is_refused_in_one_line(tmp_path: Path, monkeypatch:
     assert not (proj / "pointnuc-geojson" / "overview.geojson").exists()
 
 
+def test_a_user_error_fails_one_image_and_a_bug_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """errors.py's policy, image by image: a PointnucError (or a full disk) fails that image and the others are
+    segmented; anything else is a bug and stops the run with its traceback (it was caught as "failed")."""
+    import errno
+
+    import pointnuc.infer.wsi as wsi
+    from pointnuc.errors import ImageReadError
+    from pointnuc.io import open_project
+    from pointnuc.pipeline import segment_project
+    from synth import render_nuclei
+
+    model = _stand_in_model(tmp_path / "model", monkeypatch)
+    proj = _project(tmp_path)
+    write_tiff(proj / "b.tif", render_nuclei((100, 100), 5, radius=5, seed=3)[0], 0.5)
+    real = wsi.segment_slide
+
+    def failing_on_a(error: BaseException):
+        def segment_slide(slide, *args, **kwargs):
+            if Path(slide.path).name == "a.tif":
+                raise error
+            return real(slide, *args, **kwargs)
+        return segment_slide
+
+    for error in (ImageReadError("cannot read pixels of a.tif"), OSError(errno.ENOSPC, "No space left on device")):
+        monkeypatch.setattr(wsi, "segment_slide", failing_on_a(error))
+        s = segment_project(open_project(proj), model, progress=False, redo=True)
+        assert list(s.failed) == ["a.tif"] and str(error) in s.failed["a.tif"]
+        assert s.nuclei["b.tif"] == 5 and "a.tif" not in s.nuclei
+    monkeypatch.setattr(wsi, "segment_slide", failing_on_a(ZeroDivisionError("a bug")))
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        segment_project(open_project(proj), model, progress=False, redo=True)
+    res = CliRunner().invoke(main, ["segment", str(proj), "--model", str(model), "--no-progress", "--redo"])
+    assert isinstance(res.exception, ZeroDivisionError), res.output  # not "a.tif failed", exit 1
+    monkeypatch.setattr(wsi, "segment_slide", failing_on_a(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError, match="Input/output error"):  # not an OS error of the user's kind
+        segment_project(open_project(proj), model, progress=False, redo=True)
+
+
 # --------------------------------------------------------------------------- one writer at a time
 
 _HOLD = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from pointnuc.config import DataConfig, profile_config
 from pointnuc.errors import InputError, TrainingError
 from pointnuc.models.net import build_network
 from pointnuc.train.data import IGNORE, Augment, PatchDataset, warp_crop
-from pointnuc.train.fit import fit, resolve_device
+from pointnuc.train.fit import FitSettings, fit, resolve_device
 from pointnuc.train.losses import weighted_mse
 from pointnuc.train.samples import TrainingImage, points_between
 
@@ -128,19 +129,22 @@ def test_targets_teach_nothing_at_held_back_points() -> None:
     assert m2[10, 25] == -1  # a detected held-back nucleus is not added as a positive either
 
 
-def test_rescaled_sample_keeps_full_resolution_places() -> None:
+def test_rescaled_sample_keeps_full_resolution_places(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage 1 at twice the pixel size: 2x2 means, nearest masks and labels, points where they were."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from harness import labels_like  # a benchmark's ground truth, carried beside its samples
+
     img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
     valid = np.zeros((4, 6), bool)
     valid[:2, :4] = True
     lab = np.kron(np.array([[1, 2, 3], [4, 5, 6]], np.int32), np.ones((2, 2), np.int32))
     s = TrainingImage(name="a", image_name="a", image=img, points=np.array([[1.0, 1.0], [5.5, 3.5]]),
-                      holdout=np.array([[3.0, 2.0]]), valid=valid, origin_xy=(10.0, 20.0), scale=0.5, gt_labels=lab)
+                      holdout=np.array([[3.0, 2.0]]), valid=valid, origin_xy=(10.0, 20.0), scale=0.5)
     t = s.rescaled(2.0)
     assert t.image.shape == (2, 3, 3) and t.scale == 1.0 and t.origin_xy == (10.0, 20.0)
     assert np.abs(t.image - img.reshape(2, 2, 3, 2, 3).mean((1, 3))).max() <= 0.5
     assert np.array_equal(t.valid, [[True, True, False], [False, False, False]])
-    assert np.array_equal(t.gt_labels, [[1, 2, 3], [4, 5, 6]])
+    assert np.array_equal(labels_like(lab, t), [[1, 2, 3], [4, 5, 6]])
     assert np.allclose(t.to_full_res(t.points), s.to_full_res(s.points))
     assert np.allclose(t.to_full_res(t.holdout), s.to_full_res(s.holdout))
     assert np.allclose(points_between({"a": t.points}, [t], [s])["a"], s.points)  # stage 1's points back for stage 2
@@ -194,11 +198,11 @@ def _toy_dataset() -> PatchDataset:
 @pytest.mark.parametrize("schedule, ema", [("constant", 0.0), ("cosine", 0.9)])
 def test_fit_resume_equals_uninterrupted(tmp_path: Path, schedule: str, ema: float) -> None:
     ds = _toy_dataset()
-    kw = dict(lr=1e-2, batch_size=4, device="cpu", stage_name="toy", seed=3, progress=False, num_workers=0,
-              schedule=schedule, ema=ema)
+    settings = FitSettings(epochs=3, lr=1e-2, batch_size=4, seed=3, schedule=schedule, ema=ema)
+    kw = dict(device="cpu", stage_name="toy", progress=False, num_workers=0)
     torch.manual_seed(0)
     m1 = build_network(1, "tiny")
-    h1 = fit(m1, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "a", resume=False, **kw)
+    h1 = fit(m1, ds, weighted_mse, settings, checkpoint_dir=tmp_path / "a", resume=False, **kw)
     torch.manual_seed(0)
     m2 = build_network(1, "tiny")
 
@@ -207,19 +211,19 @@ def test_fit_resume_equals_uninterrupted(tmp_path: Path, schedule: str, ema: flo
             raise KeyboardInterrupt  # stopped in epoch 3: the checkpoint holds epoch 2
 
     with pytest.raises(KeyboardInterrupt):
-        fit(m2, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "b", resume=False, on_epoch_end=interrupt,
+        fit(m2, ds, weighted_mse, settings, checkpoint_dir=tmp_path / "b", resume=False, on_epoch_end=interrupt,
             checkpoint_interval_s=0.0, **kw)
     torch.manual_seed(1)
     m3 = build_network(1, "tiny")  # other init: everything must come from the checkpoint
-    h3 = fit(m3, ds, weighted_mse, epochs=3, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    h3 = fit(m3, ds, weighted_mse, settings, checkpoint_dir=tmp_path / "b", resume=True, **kw)
     assert len(h3.epochs) == 3
     assert h3.losses == pytest.approx(h1.losses, rel=1e-4)
     for a, b in zip(m1.state_dict().values(), m3.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
     assert h1.losses[-1] < h1.losses[0]
     with pytest.raises(TrainingError, match="another configuration"):
-        fit(build_network(1, "tiny"), ds, weighted_mse, epochs=4, checkpoint_dir=tmp_path / "b", resume=True,
-            **{**kw, "lr": 1e-3})
+        fit(build_network(1, "tiny"), ds, weighted_mse, replace(settings, epochs=4, lr=1e-3),
+            checkpoint_dir=tmp_path / "b", resume=True, **kw)
 
 
 def test_scheduled_lr_by_hand():
@@ -259,8 +263,8 @@ def test_fit_nan_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
         return base * float("nan") if calls["n"] > 2 else base  # epoch 1 (2 batches) fine, then NaN
 
     with pytest.raises(TrainingError, match="loss became nan"):
-        fit(build_network(1, "tiny"), ds, loss, epochs=3, lr=1e-3, batch_size=4, device="cpu",
-            checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0,
+        fit(build_network(1, "tiny"), ds, loss, FitSettings(epochs=3, lr=1e-3, batch_size=4, seed=0), device="cpu",
+            checkpoint_dir=tmp_path, stage_name="toy", resume=False, progress=False, num_workers=0,
             checkpoint_interval_s=0)
     state = torch.load(tmp_path / "toy.pt", weights_only=False)
     assert state["epoch"] == 1
@@ -273,8 +277,8 @@ def test_fit_checkpoints_at_most_once_per_interval_and_after_the_last_epoch(tmp_
         ckpt = tmp_path / "toy.pt"
         saved.append(torch.load(ckpt, weights_only=False)["epoch"] if ckpt.is_file() else 0)
 
-    fit(build_network(1, "tiny"), _toy_dataset(), weighted_mse, epochs=3, lr=1e-3, batch_size=4, device="cpu",
-        checkpoint_dir=tmp_path, stage_name="toy", seed=0, resume=False, progress=False, num_workers=0,
+    fit(build_network(1, "tiny"), _toy_dataset(), weighted_mse, FitSettings(epochs=3, lr=1e-3, batch_size=4, seed=0), device="cpu",
+        checkpoint_dir=tmp_path, stage_name="toy", resume=False, progress=False, num_workers=0,
         on_epoch_end=hook, checkpoint_interval_s=3600)
     assert saved == [0, 0, 0]  # the hook runs before the epoch's save: none saved within the hour...
     assert torch.load(tmp_path / "toy.pt", weights_only=False)["epoch"] == 3  # ...but the last epoch always is
@@ -290,8 +294,8 @@ def test_best_state_is_kept(tmp_path: Path) -> None:
         return {"score": scores[epoch]}
 
     m = build_network(1, "tiny")
-    h = fit(m, ds, weighted_mse, epochs=3, lr=1e-2, batch_size=4, device="cpu", checkpoint_dir=tmp_path,
-            stage_name="toy", seed=0, resume=False, progress=False, on_epoch_end=hook, num_workers=0)
+    h = fit(m, ds, weighted_mse, FitSettings(epochs=3, lr=1e-2, batch_size=4, seed=0), device="cpu", checkpoint_dir=tmp_path,
+            stage_name="toy", resume=False, progress=False, on_epoch_end=hook, num_workers=0)
     assert h.best_epoch == 2 and h.best_score == 0.9
     assert torch.equal(next(iter(m.parameters())), snap[2])
 
@@ -431,7 +435,7 @@ def test_points_only_tuning_rejects_weak_false_blobs() -> None:
     Below 0.3: 20 detections, recall 1 -> N_true <= 20; at 0.3..0.85: 10 detections, recall 1
     -> N_true estimate = 10, estimated F1 = 2*10/(10+10) = 1 against 2*10/(20+10) = 0.67.
     """
-    from pointnuc.train.detect import tune_on_points
+    from pointnuc.train.selection import tune_on_points
 
     prob = np.zeros((40, 200), np.float32)
     true_xy = []
@@ -456,7 +460,7 @@ def test_points_only_tuning_counts_only_images_with_held_back_points() -> None:
     truly do on A (F1 0.909 against 0.889). Counting B's detections (42 and 18) would give
     N_true = 22.5 and pick the high thresholds (0.70 against 0.89).
     """
-    from pointnuc.train.detect import tune_on_points
+    from pointnuc.train.selection import tune_on_points
 
     def blobs(values: list[float]) -> np.ndarray:
         prob = np.zeros((20, 20 * len(values)), np.float32)
@@ -486,7 +490,7 @@ def test_points_only_tuning_leaves_out_clicked_nuclei() -> None:
     high thresholds win. Counting them (34 and 28 detections): N_true = min(34, 35) = 34 and an
     estimated F1 of 1.0 for the low thresholds, which would win.
     """
-    from pointnuc.train.detect import tune_on_points
+    from pointnuc.train.selection import tune_on_points
 
     values = [0.9] * 20 + [0.9] * 8 + [0.32] * 2 + [0.32] * 4
     prob = np.zeros((20, 20 * len(values)), np.float32)
@@ -505,7 +509,8 @@ def test_points_only_tuning_leaves_out_clicked_nuclei() -> None:
 def test_points_only_tuning_with_few_held_back_points() -> None:
     """A small project holds back 3 points. Found all three: tuned as usual (need = 3, not 5).
     Found none: the most sensitive setting, not a threshold that detects nothing."""
-    from pointnuc.train.detect import THRESHOLDS, tune_on_points
+    from pointnuc.train.selection import DETECTION_THRESHOLDS as THRESHOLDS
+    from pointnuc.train.selection import tune_on_points
 
     prob = np.zeros((40, 200), np.float32)
     true_xy = []

@@ -17,7 +17,8 @@ from pointnuc.config import profile_config
 from pointnuc.metrics import pixel_scores
 from pointnuc.models.bundle import ModelLayout
 from pointnuc.train.samples import TrainingImage
-from pointnuc.train.segment import holdout_counts, merge_points, points_score, segment_image, train_segmenter
+from pointnuc.train.segment import merge_points, segment_image, train_segmenter
+from pointnuc.train.selection import holdout_counts, points_score
 
 
 def test_holdout_counts_by_hand():
@@ -61,7 +62,7 @@ def test_train_segmenter_self_training_round(tmp_path):
     torch.set_num_threads(1)
     img, gt = render_nuclei((96, 96), 8, 7.0, seed=4)
     pts = label_points(gt)
-    sample = TrainingImage("s", "s", img, pts[:2], pts[5:], np.ones(gt.shape, bool), gt_labels=gt)
+    sample = TrainingImage("s", "s", img, pts[:2], pts[5:], np.ones(gt.shape, bool))
     cfg = profile_config("tiny", **{"segmentation.epochs": 3, "segmentation.refine_epochs": 2, "segmentation.crf_epochs": 0,
                                     "segmentation.lr": 3e-3, "data.patches_per_image": 4})
     res = train_segmenter([sample], {"s": pts[:5]}, cfg, ModelLayout(tmp_path / "m"), device="cpu", progress=False)
@@ -110,7 +111,7 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     rng = np.random.default_rng(0)
     hold = rng.choice(len(pts), 3, replace=False)
     train = np.setdiff1d(np.arange(len(pts)), hold)
-    sample = TrainingImage("s", "s", img, pts[train[:3]], pts[hold], np.ones(gt.shape, bool), gt_labels=gt)
+    sample = TrainingImage("s", "s", img, pts[train[:3]], pts[hold], np.ones(gt.shape, bool))
     cfg = profile_config(
         "tiny", **{"segmentation.epochs": 12, "segmentation.lr": 3e-3, "segmentation.crf_epochs": 1,
                    "segmentation.crf_lr": 1e-4, "data.patches_per_image": 8}
@@ -121,11 +122,11 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
     assert time.perf_counter() - t0 < 60
     assert (tmp_path / "m" / "segmenter.pt").is_file()
     assert set(res.history) == {"segmentation", "crf"}
-    assert res.thresholds["prob"] == 0.5 and res.metrics["threshold_rule"] == "fixed 0.5"  # points-only: the softmax cut
+    assert res.thresholds.prob == 0.5 and res.metrics["threshold_rule"] == "fixed 0.5"  # points-only: the softmax cut
     assert set(res.metrics["threshold_table"]) == {"0.3", "0.4", "0.5", "0.6", "0.7"}
     lab = segment_image(res.model, img, res.thresholds)
     f1 = pixel_scores(gt, lab)["F1"]
-    print(f"synthetic stage 2: pixel F1 {f1:.3f}, threshold {res.thresholds['prob']}")
+    print(f"synthetic stage 2: pixel F1 {f1:.3f}, threshold {res.thresholds.prob}")
     assert f1 > 0.6, f1
     assert np.isfinite(res.metrics["selection_score"])
 

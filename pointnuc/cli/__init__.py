@@ -10,23 +10,18 @@ line says how to continue, and the exit status is 130 or 143.
 
 from __future__ import annotations
 
-import errno
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import click
 
 from pointnuc import __version__
-from pointnuc.errors import Interrupted, PointnucError
-
-
-#: OS errors that are the user's to fix (permissions, a full or read-only disk): one line, no traceback
-_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
-
+from pointnuc.errors import Interrupted, PointnucError, is_user_error
 
 _RESUME = "pointnuc.resume"  #: ctx.meta key: the command that continues the training `train` started
 
@@ -81,7 +76,7 @@ def interrupt_message(ctx: click.Context, signum: int) -> str:
 class _Group(click.Group):
     """Turns PointnucError into one clear line and its exit code; SIGINT/SIGTERM into one line and 130/143."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             with _stop_on_signals():
                 return super().invoke(ctx)
@@ -89,7 +84,7 @@ class _Group(click.Group):
             click.echo(f"pointnuc: error: {err}", err=True)
             sys.exit(err.exit_code)
         except OSError as err:
-            if err.errno not in _USER_OS_ERRORS:
+            if not is_user_error(err):
                 raise
             where = f": {err.filename}" if err.filename else ""
             click.echo(f"pointnuc: error: {err.strerror or err}{where}", err=True)

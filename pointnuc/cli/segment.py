@@ -89,8 +89,8 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     if merge:
         s = merge_results(proj, model_dir, write_options=write_options, within_class=within, tta=tta)
         click.echo(f"Merged {sum(s.nuclei.values())} nuclei from {len(s.nuclei)} image(s) into {proj.root}")
-        for p in s.written:
-            click.echo(f"  wrote {p}")
+        for path in s.written:
+            click.echo(f"  wrote {path}")
         _fail_if_any(s.failed)
         return
     if dry_run:
@@ -119,8 +119,8 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     for name, n in s.nuclei.items():
         click.echo(f"  {name}: {n} nuclei{_how(s, name, within is not None)}")
     click.echo(f"Per-image results: {s.results_dir}")
-    for p in s.written:
-        click.echo(f"Wrote {p}")
+    for path in s.written:
+        click.echo(f"Wrote {path}")
     if shard_kn:
         click.echo(f"Shard {shard} done; when all shards are done run: "
                    f"pointnuc segment {project} --model {model_dir} --merge{' --tta' if tta else ''}")

@@ -9,7 +9,13 @@ from typing import Any
 
 import click
 
-from pointnuc.cli.options import device_option, pixel_size_option, point_class_option, project_argument, region_class_option
+from pointnuc.cli.options import (
+    device_option,
+    pixel_size_option,
+    point_class_option,
+    project_argument,
+    region_class_option,
+)
 
 
 def _parse_set(values: tuple[str, ...]) -> dict[str, object]:

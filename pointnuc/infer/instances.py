@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from pointnuc.errors import InputError
+from pointnuc.models.calibration import Thresholds
 
 METHODS = ("cc", "watershed")
 
@@ -50,11 +51,11 @@ def fill_small_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
 def instances_from_probability(
     prob_fg: np.ndarray,
     *,
-    threshold: float = 0.5,
-    min_area_px: float = 20.0,
+    threshold: float = Thresholds.prob,
+    min_area_px: float = Thresholds.min_area_px,
     method: str = "cc",
     max_hole_px: float | None = None,
-    h_px: float = 1.5,
+    h_px: float = Thresholds.h_px,
 ) -> np.ndarray:
     """int32 instance labels (0 = background) from a nucleus probability map (H, W).
 

@@ -17,6 +17,7 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc.infer.tiling import Box, Tile, owned_labels
 from pointnuc.io.base import NucleusObject
+from pointnuc.models.calibration import Thresholds
 
 #: polygon simplification tolerance in working pixels. The traced outline is a pixel
 #: staircase whose corners stick out up to 0.71 px from any smooth curve through it; a
@@ -28,12 +29,16 @@ SIMPLIFY_PX = 0.75
 
 @dataclass(frozen=True)
 class InstanceParams:
-    """How a probability map becomes instances (from the model's tuned thresholds)."""
+    """How a probability map becomes instances (from the model's tuned :class:`Thresholds`)."""
 
-    threshold: float = 0.5  #: ``thresholds["prob"]``
-    min_area_px: float = 5.0  #: ``thresholds["min_area_px"]``, working px²
-    h_px: float = 1.0  #: ``thresholds["h_px"]`` (watershed only)
+    threshold: float = Thresholds.prob  #: ``Thresholds.prob``
+    min_area_px: float = Thresholds.min_area_px  #: ``Thresholds.min_area_px``, working px²
+    h_px: float = Thresholds.h_px  #: ``Thresholds.h_px`` (watershed only)
     method: str = "cc"  #: the config's ``segmentation.instance_method``
+
+    @classmethod
+    def from_thresholds(cls, thresholds: Thresholds, method: str) -> InstanceParams:
+        return cls(threshold=thresholds.prob, min_area_px=thresholds.min_area_px, h_px=thresholds.h_px, method=method)
 
 
 @dataclass(frozen=True)

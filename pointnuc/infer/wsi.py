@@ -84,18 +84,8 @@ class SlideResult:
 
 
 def instance_params(info: ModelInfo) -> InstanceParams:
-    """The stage-2 thresholds a model was tuned with (keys as :func:`pointnuc.train.segment.segment_image`
-    reads them); missing ones follow the model's config, as training derived them."""
-    th, cfg = info.thresholds, info.config
-    seg, px = cfg.segmentation, cfg.data.pixel_size_um
-    min_area = getattr(seg, "min_area_um2", None)
-    h_um = getattr(seg, "watershed_h_um", None)
-    return InstanceParams(
-        threshold=float(th.get("prob", 0.5)),
-        min_area_px=float(th.get("min_area_px", min_area / px**2 if min_area is not None else 5.0)),
-        h_px=float(th.get("h_px", h_um / px if h_um is not None else 1.0)),
-        method=seg.instance_method,
-    )
+    """The stage-2 thresholds a model was tuned with (:class:`pointnuc.models.calibration.Thresholds`)."""
+    return InstanceParams.from_thresholds(info.thresholds, info.config.segmentation.instance_method)
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,6 @@
-"""A trained model as a self-describing folder.
+"""A trained model as a self-describing folder: its description (``pointnuc-model.json``) and weights.
 
-Layout (the one place that defines it)::
-
-    MODEL_DIR/
-      pointnuc-model.json   format version, pointnuc version, config, pixel size,
-                            colour-normalisation reference, tuned thresholds, provenance,
-                            SHA-256 of each weights file (checked on load)
-      detector.pt           stage-1 weights (state_dict)
-      segmenter.pt          stage-2 weights (state_dict), after CRF fine-tuning
-      points/NAME.json      stage-1 detected points per training image (x/y, full-res px)
-      checkpoints/          checkpoints for --resume (removed when training finishes,
-                            unless --keep-checkpoints)
-      report/               loss curves and review figures (PNG), metrics.json
-      train.log             the run's log
+Where each file lies: :mod:`pointnuc.models.layout`.
 """
 
 from __future__ import annotations
@@ -31,50 +19,17 @@ import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import ModelFormatError
 from pointnuc.fileio import atomic_write, sha256_file, write_text_atomic
+from pointnuc.models.calibration import ColourReference, Thresholds
+from pointnuc.models.layout import MODEL_JSON, WEIGHT_FILES, ModelLayout
 from pointnuc.models.net import UNet, build_network
 
 FORMAT_NAME = "pointnuc-model"
 FORMAT_VERSION = 1
-MODEL_JSON = "pointnuc-model.json"
-#: the weights files whose SHA-256 the model description records
-WEIGHT_FILES = ("detector.pt", "segmenter.pt")
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """Paths inside a model folder."""
-
-    root: Path
-
-    @property
-    def meta(self) -> Path:
-        return self.root / MODEL_JSON
-
-    @property
-    def detector(self) -> Path:
-        return self.root / "detector.pt"
-
-    @property
-    def segmenter(self) -> Path:
-        return self.root / "segmenter.pt"
-
-    @property
-    def points(self) -> Path:
-        return self.root / "points"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "train.log"
+#: ModelInfo's thresholds when none are given: replaced by those training derives from the config
+_FROM_CONFIG = Thresholds()
 
 
 @dataclass
@@ -82,12 +37,19 @@ class ModelInfo:
     """What ``pointnuc-model.json`` holds."""
 
     config: TrainConfig
-    norm_reference: dict[str, list[float]] | None = None  #: Reinhard mean/std in LAB, and stain statistics (pointnuc.stain)
-    thresholds: dict[str, float] = field(default_factory=dict)  #: tuned on held-back data
+    norm_reference: ColourReference | None = None  #: the colour every image is normalised to (pointnuc.stain)
+    #: tuned on held-back data; by default as training derives them from ``config`` (:meth:`Thresholds.for_config`)
+    thresholds: Thresholds = _FROM_CONFIG
     provenance: dict[str, Any] = field(default_factory=dict)  #: data, seed, device, times, versions
     metrics: dict[str, Any] = field(default_factory=dict)  #: validation scores used for selection
     #: SHA-256 per weights file name as last saved; None: a folder from before checksums were recorded
     weights_sha256: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.thresholds is _FROM_CONFIG:
+            self.thresholds = Thresholds.for_config(self.config)
+        if self.norm_reference is not None and not isinstance(self.norm_reference, ColourReference):
+            self.norm_reference = ColourReference.from_json(self.norm_reference)  # its mapping form, as JSON holds it
 
     @property
     def pixel_size_um(self) -> float:
@@ -98,11 +60,11 @@ class ModelInfo:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "pointnuc_version": pointnuc.__version__,
-            "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "saved": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "pixel_size_um": self.pixel_size_um,
             "config": self.config.to_dict(),
-            "norm_reference": self.norm_reference,
-            "thresholds": self.thresholds,
+            "norm_reference": None if self.norm_reference is None else self.norm_reference.to_json(),
+            "thresholds": self.thresholds.to_json(),
             "metrics": self.metrics,
             "provenance": self.provenance,
         }
@@ -142,10 +104,16 @@ def load_info(root: Path) -> ModelInfo:
             f"{layout.root} has model format {d.get('format_version')!r}; this pointnuc "
             f"({pointnuc.__version__}) reads format {FORMAT_VERSION}"
         )
+    config = TrainConfig.from_dict(d["config"])
+    try:
+        ref = ColourReference.from_json(d["norm_reference"]) if d.get("norm_reference") else None
+        thresholds = Thresholds.from_json(d.get("thresholds"), config)
+    except ModelFormatError as err:
+        raise ModelFormatError(f"{layout.meta}: {err}") from None
     return ModelInfo(
-        config=TrainConfig.from_dict(d["config"]),
-        norm_reference=d.get("norm_reference"),
-        thresholds=dict(d.get("thresholds") or {}),
+        config=config,
+        norm_reference=ref,
+        thresholds=thresholds,
         provenance=dict(d.get("provenance") or {}),
         metrics=dict(d.get("metrics") or {}),
         weights_sha256=dict(d["weights_sha256"]) if isinstance(d.get("weights_sha256"), dict) else None,
@@ -169,7 +137,7 @@ def load_network(root: Path, which: str = "segmenter", info: ModelInfo | None = 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    except Exception as err:  # damaged file or wrong architecture: both are the user's to fix
+    except Exception as err:  # noqa: BLE001  (a damaged file or another architecture: both the user's to fix)
         raise ModelFormatError(f"{path} cannot be loaded ({err.__class__.__name__}); the file is damaged or from another model") from None
     return net
 

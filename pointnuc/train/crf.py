@@ -38,8 +38,8 @@ from pointnuc.errors import InputError
 
 def _offsets(radius: float) -> list[tuple[int, int]]:
     """Half of the disk of offsets within ``radius``, without the centre: one offset per unordered pair."""
-    r = int(math.floor(radius))
-    return [(dy, dx) for dy in range(0, r + 1) for dx in range(-r, r + 1)
+    r = math.floor(radius)
+    return [(dy, dx) for dy in range(r + 1) for dx in range(-r, r + 1)
             if (dy > 0 or dx > 0) and dy * dy + dx * dx <= radius * radius]
 
 
@@ -69,7 +69,7 @@ def bilateral_filter(
 def _filter(
     values: torch.Tensor, image: torch.Tensor, *, sigma_xy_px: float, sigma_rgb: float, radius_sigmas: float
 ) -> torch.Tensor:
-    b, c, h, w = values.shape
+    _b, _c, h, w = values.shape
     out = torch.zeros_like(values)
     r = radius_sigmas * sigma_xy_px
     img = image / (math.sqrt(2.0) * sigma_rgb)
@@ -135,7 +135,7 @@ class _CRFEnergy(torch.autograd.Function):
     """E(y) = Σ_i m_i y_i (W·m − W·(m y))_i / n, gradient (W·m − 2 W·(m y)) m / n."""
 
     @staticmethod
-    def forward(ctx, y, image, mask, sigma_xy_px, sigma_rgb, radius_sigmas):  # type: ignore[override]
+    def forward(ctx, y, image, mask, sigma_xy_px, sigma_rgb, radius_sigmas):
         my = (y * mask).unsqueeze(1)
         both = bilateral_filter(
             torch.cat([mask.unsqueeze(1), my], 1), image,
@@ -148,7 +148,7 @@ class _CRFEnergy(torch.autograd.Function):
         return energy
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         (g,) = ctx.saved_tensors
         return grad * g, None, None, None, None, None
 

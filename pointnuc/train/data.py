@@ -45,7 +45,7 @@ class Augment:
     stain: float = 0.0  #: stain jitter strength (:func:`pointnuc.stain.stain_jitter`; 0 = off)
 
     @staticmethod
-    def none() -> "Augment":
+    def none() -> Augment:
         return Augment(flips=False, rotation_deg=0.0, scale=(1.0, 1.0), shear=0.0, stain=0.0)
 
 
@@ -92,7 +92,7 @@ def warp_crop(
     if np.allclose(matrix, np.eye(2)) and float(centre_yx[0] - (size / 2.0 - 0.5)).is_integer() and float(
         centre_yx[1] - (size / 2.0 - 0.5)
     ).is_integer():
-        return _plain_crop(image, targets, valid, int(round(sy[0, 0])), int(round(sx[0, 0])), size)
+        return _plain_crop(image, targets, valid, round(sy[0, 0]), round(sx[0, 0]), size)
     iy = np.rint(sy).astype(np.intp)
     ix = np.rint(sx).astype(np.intp)
     inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)

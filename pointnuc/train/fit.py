@@ -21,9 +21,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from torch import nn
 from pointnuc.config import LR_SCHEDULES
 from pointnuc.errors import InputError, TrainingError
 from pointnuc.fileio import atomic_write
-from pointnuc.models.net import IMAGENET_MEAN, IMAGENET_STD
+from pointnuc.train.batches import default_workers, epoch_stream, normalise_batch
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class FitHistory:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "FitHistory":
+    def from_json(cls, d: Mapping[str, Any]) -> FitHistory:
         return cls(
             epochs=[EpochStats(**e) for e in d.get("epochs", [])],
             best_epoch=d.get("best_epoch"),
@@ -103,70 +102,6 @@ def fingerprint(model: nn.Module, **settings: Any) -> str:
     arch = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     blob = json.dumps({"arch": arch, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def normalise_batch(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> ImageNet-normalised float; float input is passed through."""
-    if images.dtype != torch.uint8:
-        return images.float()
-    t = images.float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=t.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=t.device).view(1, 3, 1, 1)
-    return (t - mean) / std
-
-
-def _seed_worker(worker_id: int) -> None:
-    torch.set_num_threads(1)
-
-
-def loader_start_method() -> str | None:
-    """How DataLoader workers start: ``"spawn"`` when a JVM runs in this process, else the default.
-
-    A worker forked from a process that runs QuPath's JVM (paquo, jpype) can hang on a lock
-    a JVM thread held at the fork; pointnuc itself runs QuPath in a child process
-    (:mod:`pointnuc.io.qupath`), but a script may have imported paquo.
-    """
-    import sys
-
-    jpype = sys.modules.get("jpype")
-    started = getattr(jpype, "isJVMStarted", None)
-    return "spawn" if started is not None and started() else None
-
-
-def default_workers(device: torch.device) -> int:
-    """DataLoader workers: 1 on CPU (the network already uses the cores), on CUDA enough
-    to keep the GPU fed (all cores but two, at most 12)."""
-    if device.type != "cuda":
-        return 1
-    return max(2, min(12, (os.cpu_count() or 4) - 2))
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """Batches of all epochs ``epochs`` in one stream, reshuffled per epoch from ``seed``.
-
-    With ``epoch_items`` each index is ``(epoch, i)``, so an epoch-aware dataset (such as
-    :class:`pointnuc.train.data.PatchDataset`) draws that epoch's crops in whatever worker
-    runs it. One DataLoader over all epochs keeps its workers and its prefetch running across
-    epoch ends instead of restarting them every epoch (on a GPU, where an epoch lasts a
-    second, the restarts dominated).
-    """
-
-    def __init__(self, n: int, batch_size: int, epochs: range, seed: int, epoch_items: bool) -> None:
-        self.n, self.batch_size, self.epochs, self.seed, self.epoch_items = n, batch_size, epochs, seed, epoch_items
-
-    def steps_per_epoch(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def __len__(self) -> int:
-        return len(self.epochs) * self.steps_per_epoch()
-
-    def __iter__(self):  # type: ignore[override]
-        for e in self.epochs:
-            g = torch.Generator().manual_seed(self.seed * 100003 + e)
-            perm = torch.randperm(self.n, generator=g).tolist()
-            for i in range(0, self.n, self.batch_size):
-                chunk = perm[i : i + self.batch_size]
-                yield [(e, j) for j in chunk] if self.epoch_items else chunk
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -222,29 +157,165 @@ def ema_update(average: dict[str, torch.Tensor], model: nn.Module, decay: float)
             average[k].copy_(v)
 
 
+@dataclass(frozen=True)
+class FitSettings:
+    """How one fit trains: its schedule and optimiser. With the fit's ``config`` they are what a
+    checkpoint must have been written with to be resumed (``epochs`` excepted)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int  #: crops, batch order and each epoch's randomness
+    weight_decay: float = 0.0  #: Adam's
+    #: the learning rate per step (:func:`scheduled_lr`), set from the step number, so a resumed
+    #: run continues on the same curve
+    schedule: str = "constant"
+    #: > 0: an exponential moving average of the weights (this decay per step, :func:`ema_decay`) is
+    #: what is scored, kept and returned; the optimiser trains the live weights
+    ema: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise InputError("epochs must be at least 1")
+        scheduled_lr(self.lr, self.schedule, 0, 1)  # an unknown schedule fails before any work
+
+
+def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class _Progress:
+    """What a fit carries from epoch to epoch, and its checkpoint holds besides the training state."""
+
+    history: FitHistory = field(default_factory=FitHistory)
+    best_state: dict[str, torch.Tensor] | None = None  #: the best-scoring state (None: no score yet)
+    average: dict[str, torch.Tensor] | None = None  #: the weights' moving average (settings.ema > 0)
+    epoch: int = 0  #: epochs done
+
+
+class _Fit:
+    """One fit's model, optimiser and AMP scaler, and the steps they take (see :func:`fit`)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, settings: FitSettings, device: torch.device,
+                 stage_name: str, checkpoint: Path) -> None:
+        self.model, self.loss_fn, self.settings, self.dev = model, loss_fn, settings, device
+        self.stage_name, self.checkpoint = stage_name, checkpoint
+        model.to(device)
+        self.opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.use_amp = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    def resume(self, fp: str) -> _Progress:
+        """The state of the checkpoint written under fingerprint ``fp``, loaded into the model and optimiser."""
+        ckpt = self.checkpoint
+        if not ckpt.is_file():
+            log.info("%s: no checkpoint to resume from; starting at epoch 1", self.stage_name)
+            return _Progress()
+        try:
+            state = torch.load(ckpt, map_location=self.dev, weights_only=False)
+        except Exception as err:  # noqa: BLE001  (any damage, whatever torch raises: the user deletes it)
+            raise TrainingError(f"checkpoint {ckpt} cannot be read ({err.__class__.__name__}); delete it or train without --resume") from None
+        if state.get("fingerprint") != fp:
+            raise TrainingError(
+                f"checkpoint {ckpt} was written with another configuration; "
+                "train into a new folder or without --resume"
+            )
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        log.info("%s: resuming after epoch %d", self.stage_name, int(state["epoch"]))
+        return _Progress(FitHistory.from_json(state["history"]), state.get("best_state"), state.get("average"),
+                         int(state["epoch"]))
+
+    def epoch(self, epoch: int, batches: Iterator[Any], steps: int, average: dict[str, torch.Tensor] | None,
+              bar: Any) -> EpochStats:
+        """Train one epoch of ``steps`` batches (the moving ``average`` follows each step)."""
+        s, model, dev = self.settings, self.model, self.dev
+        torch.manual_seed(s.seed * 100003 + epoch)
+        model.train()
+        t0 = time.perf_counter()
+        wait = 0.0
+        total, n_items = 0.0, 0
+        t_wait = time.perf_counter()
+        for i in range(steps):
+            step = (epoch - 1) * steps + i
+            for group in self.opt.param_groups:
+                group["lr"] = scheduled_lr(s.lr, s.schedule, step, s.epochs * steps)
+            images, targets = next(batches)
+            wait += time.perf_counter() - t_wait
+            x = normalise_batch(images.to(dev, non_blocking=True))
+            y = targets.to(dev, non_blocking=True)
+            with torch.autocast(device_type=dev.type, enabled=self.use_amp):
+                logits = model(x)
+            loss = self.loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                ckpt = self.checkpoint
+                raise TrainingError(
+                    f"{self.stage_name}: the loss became {loss.item()} in epoch {epoch}; stopped "
+                    f"(last good checkpoint: {ckpt if ckpt.is_file() else 'none yet'}); try a lower learning rate"
+                )
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if average is not None:
+                ema_update(average, model, ema_decay(s.ema, step))
+            total += float(loss.item()) * len(images)
+            n_items += len(images)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch}/{s.epochs}", loss=f"{loss.item():.4f}")
+            t_wait = time.perf_counter()
+        secs = time.perf_counter() - t0
+        return EpochStats(epoch=epoch, loss=total / max(n_items, 1), seconds=secs,
+                          patches_per_s=n_items / max(secs, 1e-9), data_wait_share=wait / max(secs, 1e-9))
+
+    def score(self, hook: EpochHook, stats: EpochStats, progress: _Progress) -> None:
+        """``hook``'s scores of the epoch (of the moving average when there is one); the best state is kept."""
+        model, history = self.model, progress.history
+        live = None
+        if progress.average is not None:  # the average is what gets scored and kept
+            live = _copy(model)
+            model.load_state_dict(progress.average)
+        scores = hook(stats.epoch, model) or {}
+        stats.scores = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in scores.items()}
+        score = scores.get("score")
+        if score is not None and np.isfinite(score) and (history.best_score is None or score > history.best_score):
+            history.best_score, history.best_epoch = float(score), stats.epoch
+            progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if live is not None:
+            model.load_state_dict(live)
+
+    def save(self, fp: str, progress: _Progress) -> None:
+        """Write the checkpoint after epoch ``progress.epoch`` (atomically)."""
+        _save_atomic(
+            {
+                "fingerprint": fp, "epoch": progress.epoch, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                "history": progress.history.to_json(), "best_state": progress.best_state, "average": progress.average,
+            },
+            self.checkpoint,
+        )
+
+
 def fit(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
     loss_fn: LossFn,
+    settings: FitSettings,
     *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
     device: str | torch.device,
     checkpoint_dir: Path,
     stage_name: str,
-    seed: int,
     resume: bool,
     progress: bool = True,
     on_epoch_end: EpochHook | None = None,
-    weight_decay: float = 0.0,
-    schedule: str = "constant",
-    ema: float = 0.0,
     num_workers: int | None = None,
     config: Mapping[str, Any] | None = None,
     checkpoint_interval_s: float | None = None,
 ) -> FitHistory:
-    """Train ``model`` on ``dataset`` with Adam; returns the per-epoch history.
+    """Train ``model`` on ``dataset`` with Adam as ``settings`` say; returns the per-epoch history.
 
     ``loss_fn(logits, targets) -> scalar``. Batches of uint8 images are ImageNet-normalised
     on the device. ``on_epoch_end(epoch, model)`` may return a dict; if it has a ``score``
@@ -252,150 +323,53 @@ def fit(
     A non-finite loss stops training with :class:`TrainingError`; the last checkpoint
     (end of the previous epoch) stays on disk. ``config``: extra settings that must match
     for a resume (e.g. the stage's TrainConfig as a dict). ``num_workers``: DataLoader
-    workers (default: 1 on CPU — the network already uses the cores —, 4 on CUDA).
-    ``schedule``: the learning rate per step (:func:`scheduled_lr`), set from the step
-    number, so a resumed run continues on the same curve. ``ema`` > 0: an exponential
-    moving average of the weights (this decay per step, :func:`ema_decay`) is what is
-    scored, kept and returned; the optimiser trains the live weights. Checkpoints: see
-    :func:`checkpoint_due` (``checkpoint_interval_s`` replaces its timing rule).
+    workers (default: :func:`default_workers`, 1 on CPU, up to 12 on CUDA). Checkpoints:
+    see :func:`checkpoint_due` (``checkpoint_interval_s`` replaces its timing rule).
     """
-    if epochs < 1:
-        raise InputError("epochs must be at least 1")
-    scheduled_lr(lr, schedule, 0, 1)  # an unknown schedule fails before any work
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise TrainingError(f"{stage_name}: the training set is empty")
+    s = settings
     dev = resolve_device(device)
-    model.to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    use_amp = dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    run = _Fit(model, loss_fn, s, dev, stage_name, checkpoint_path(checkpoint_dir, stage_name))
     fp = fingerprint(
-        model, stage=stage_name, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
-        schedule=schedule, ema=ema, n_items=len(dataset), config=dict(config or {}),  # type: ignore[arg-type]
+        model, stage=stage_name, lr=s.lr, batch_size=s.batch_size, seed=s.seed, weight_decay=s.weight_decay,
+        schedule=s.schedule, ema=s.ema, n_items=len(dataset), config=dict(config or {}),  # type: ignore[arg-type]
     )
-    ckpt = checkpoint_path(checkpoint_dir, stage_name)
-    history = FitHistory()
-    best_state: dict[str, torch.Tensor] | None = None
-    start = 0
-    average: dict[str, torch.Tensor] | None = None
-    if resume and ckpt.is_file():
-        try:
-            state = torch.load(ckpt, map_location=dev, weights_only=False)
-        except Exception as err:
-            raise TrainingError(f"checkpoint {ckpt} cannot be read ({err.__class__.__name__}); delete it or train without --resume") from None
-        if state.get("fingerprint") != fp:
-            raise TrainingError(
-                f"checkpoint {ckpt} was written with another configuration; "
-                "train into a new folder or without --resume"
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        history = FitHistory.from_json(state["history"])
-        best_state = state.get("best_state")
-        average = state.get("average")
-        start = int(state["epoch"])
-        log.info("%s: resuming after epoch %d", stage_name, start)
-    elif resume:
-        log.info("%s: no checkpoint to resume from; starting at epoch 1", stage_name)
-
-    if ema > 0 and average is None:
-        average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = run.resume(fp) if resume else _Progress()
+    if s.ema > 0 and state.average is None:
+        state.average = _copy(model)
+    start = state.epoch
     workers = num_workers if num_workers is not None else default_workers(dev)
-    epoch_items = hasattr(dataset, "set_epoch")  # epoch-aware: its items are keyed (epoch, i)
-    sampler = EpochBatches(len(dataset), batch_size, range(start + 1, epochs + 1), seed, epoch_items)  # type: ignore[arg-type]
-    loader_kw: dict[str, Any] = {}
-    if workers > 0:
-        loader_kw = {"worker_init_fn": _seed_worker, "prefetch_factor": 4,
-                     "multiprocessing_context": loader_start_method()}
-    steps_per_epoch = sampler.steps_per_epoch()
+    batches, steps = epoch_stream(dataset, s.batch_size, range(start + 1, s.epochs + 1), s.seed, workers,
+                                  pin_memory=run.use_amp)
     bar = None
-    if progress and start < epochs:
+    if progress and start < s.epochs:
         from pointnuc.progress import progress_bar
 
-        bar = progress_bar((epochs - start) * steps_per_epoch, stage_name, "batch")
-    batches = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=use_amp, **loader_kw,
-    )) if start < epochs else iter(())
+        bar = progress_bar((s.epochs - start) * steps, stage_name, "batch")
     last_save = time.monotonic()
     save_s: float | None = None  # how long the last checkpoint took to write
     try:
-        for epoch in range(start + 1, epochs + 1):
-            torch.manual_seed(seed * 100003 + epoch)
-            model.train()
-            t0 = time.perf_counter()
-            wait = 0.0
-            total, n_items = 0.0, 0
-            t_wait = time.perf_counter()
-            for i in range(steps_per_epoch):
-                step = (epoch - 1) * steps_per_epoch + i
-                for group in opt.param_groups:
-                    group["lr"] = scheduled_lr(lr, schedule, step, epochs * steps_per_epoch)
-                images, targets = next(batches)
-                wait += time.perf_counter() - t_wait
-                x = normalise_batch(images.to(dev, non_blocking=True))
-                y = targets.to(dev, non_blocking=True)
-                with torch.autocast(device_type=dev.type, enabled=use_amp):
-                    logits = model(x)
-                loss = loss_fn(logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"{stage_name}: the loss became {loss.item()} in epoch {epoch}; stopped "
-                        f"(last good checkpoint: {ckpt if ckpt.is_file() else 'none yet'}); try a lower learning rate"
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                if average is not None:
-                    ema_update(average, model, ema_decay(ema, step))
-                total += float(loss.item()) * len(images)
-                n_items += len(images)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss.item():.4f}")
-                t_wait = time.perf_counter()
-            secs = time.perf_counter() - t0
-            stats = EpochStats(
-                epoch=epoch, loss=total / max(n_items, 1), seconds=secs,
-                patches_per_s=n_items / max(secs, 1e-9), data_wait_share=wait / max(secs, 1e-9),
-            )
+        for epoch in range(start + 1, s.epochs + 1):
+            stats = run.epoch(epoch, batches, steps, state.average, bar)
             if on_epoch_end is not None:
-                live = None
-                if average is not None:  # the average is what gets scored and kept
-                    live = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    model.load_state_dict(average)
-                scores = on_epoch_end(epoch, model) or {}
-                stats.scores = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in scores.items()}
-                score = scores.get("score")
-                if score is not None and np.isfinite(score) and (history.best_score is None or score > history.best_score):
-                    history.best_score, history.best_epoch = float(score), epoch
-                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                if live is not None:
-                    model.load_state_dict(live)
-            history.epochs.append(stats)
+                run.score(on_epoch_end, stats, state)
+            state.history.epochs.append(stats)
+            state.epoch = epoch
             log.info(
                 "%s epoch %d/%d: loss %.5f, %.1f s, %.1f patches/s, data wait %.0f%%",
-                stage_name, epoch, epochs, stats.loss, secs, stats.patches_per_s, 100 * stats.data_wait_share,
+                stage_name, epoch, s.epochs, stats.loss, stats.seconds, stats.patches_per_s, 100 * stats.data_wait_share,
             )
-            if not checkpoint_due(epoch, start + 1, epochs, time.monotonic() - last_save, save_s, checkpoint_interval_s):
-                continue
-            t_save = time.monotonic()
-            _save_atomic(
-                {
-                    "fingerprint": fp, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(), "history": history.to_json(), "best_state": best_state,
-                    "average": average,
-                },
-                ckpt,
-            )
-            last_save = time.monotonic()
-            save_s = last_save - t_save
+            if checkpoint_due(epoch, start + 1, s.epochs, time.monotonic() - last_save, save_s, checkpoint_interval_s):
+                t_save = time.monotonic()
+                run.save(fp, state)
+                last_save = time.monotonic()
+                save_s = last_save - t_save
     finally:
         if bar is not None:
             bar.close()
-    if best_state is not None:
-        model.load_state_dict(copy.deepcopy(best_state))
-    elif average is not None:
-        model.load_state_dict(average)
-    return history
+    if state.best_state is not None:
+        model.load_state_dict(copy.deepcopy(state.best_state))
+    elif state.average is not None:
+        model.load_state_dict(state.average)
+    return state.history

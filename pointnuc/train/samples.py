@@ -1,20 +1,31 @@
-"""The unit both training stages consume: one image (or region) at the working resolution."""
+"""The unit both training stages consume: one image (or region) at the working resolution,
+and how a project's points and regions become such samples (boxes, held-back points, colour)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+from shapely.geometry.base import BaseGeometry
+
+from pointnuc.errors import TrainingError
+from pointnuc.models.calibration import ColourReference
 
 if TYPE_CHECKING:
     from pointnuc.config import TrainConfig
+    from pointnuc.io.base import ImageRef, Project
+
+log = logging.getLogger(__name__)
 
 #: Fewest points (training + held back) we train from. Below ~10 clicked nuclei a
 #: 16-crop batch holds on average less than one labeled nucleus, the network learns
 #: "background everywhere", and there is nothing left to hold back for tuning.
 MIN_POINTS = 10
+#: a large slide without regions is trained on in windows of this many working px (plus a margin) around its points
+WINDOW_PX = 1024
 
 
 @dataclass
@@ -33,13 +44,12 @@ class TrainingImage:
     valid: np.ndarray  #: bool (H, W): inside the training region; labels outside are ignored
     origin_xy: tuple[float, float] = (0.0, 0.0)  #: full-res x/y of this array's top-left corner
     scale: float = 1.0  #: full-res pixels per working pixel
-    gt_labels: np.ndarray | None = None  #: int instance labels (H, W); benchmarks / paper protocol only
 
-    def rescaled(self, pixel_size_ratio: float) -> "TrainingImage":
+    def rescaled(self, pixel_size_ratio: float) -> TrainingImage:
         """This sample with ``pixel_size_ratio`` times the pixel size (2: half the pixels a side).
 
-        Pixels are averaged (box filter) when shrinking, masks and labels taken by nearest
-        neighbour; points keep their full-resolution place.
+        Pixels are averaged (box filter) when shrinking, the mask taken by nearest neighbour;
+        points keep their full-resolution place.
         """
         from PIL import Image
 
@@ -48,19 +58,14 @@ class TrainingImage:
         if (hh, ww) == (h, w):
             return self
         f = w / ww  # old pixels per new pixel, as the slide reader counts scale
-        box = Image.BOX if pixel_size_ratio > 1 else Image.BILINEAR
-
-        def nearest(a: np.ndarray) -> np.ndarray:
-            return np.asarray(Image.fromarray(a).resize((ww, hh), Image.NEAREST))
-
+        box = Image.Resampling.BOX if pixel_size_ratio > 1 else Image.Resampling.BILINEAR
         return replace(
             self,
             image=np.asarray(Image.fromarray(self.image).resize((ww, hh), box)),
             points=self.points / f,
             holdout=self.holdout / f,
-            valid=nearest(self.valid),
+            valid=np.asarray(Image.fromarray(self.valid).resize((ww, hh), Image.Resampling.NEAREST)),
             scale=self.scale * f,
-            gt_labels=None if self.gt_labels is None else nearest(self.gt_labels.astype(np.int32)),
         )
 
     def to_full_res(self, xy: np.ndarray) -> np.ndarray:
@@ -76,9 +81,136 @@ def points_between(points: Mapping[str, np.ndarray], src: Sequence[TrainingImage
     return {d.name: np.asarray(points[d.name], float) * (scale[d.name] / d.scale) for d in dst if d.name in points}
 
 
-def detection_samples(samples: Sequence[TrainingImage], config: "TrainConfig") -> Sequence[TrainingImage]:
+def detection_samples(samples: Sequence[TrainingImage], config: TrainConfig) -> Sequence[TrainingImage]:
     """``samples`` (at ``config.data.pixel_size_um``) as stage 1 sees them, at ``detection.pixel_size_um``;
     ``samples`` itself when the two pixel sizes are the same."""
     ratio = config.for_detection().data.pixel_size_um / config.data.pixel_size_um
     return samples if ratio == 1 else [s.rescaled(ratio) for s in samples]
 
+
+def _boxes_for_image(
+    image: ImageRef, regions: Sequence[BaseGeometry], points_xy: np.ndarray, downsample: float, config: TrainConfig
+) -> list[tuple[int, int, int, int, BaseGeometry | None]]:
+    """Full-res boxes (x, y, w, h, region geometry or None) to train on for one image.
+
+    Regions: each region's bounding box. Otherwise the whole image when it is at most
+    ``max_whole_image_px`` working px a side, else a :data:`WINDOW_PX` grid cell around
+    each group of points plus ``region_margin_um`` on every side.
+    """
+    if regions:
+        out = []
+        for geom in regions:
+            x0, y0, x1, y1 = geom.bounds
+            x0, y0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+            x1, y1 = min(int(np.ceil(x1)), image.width), min(int(np.ceil(y1)), image.height)
+            if x1 - x0 < 2 or y1 - y0 < 2:
+                log.warning("a training region on %s has no pixels inside the image; skipped", image.name)
+                continue
+            out.append((x0, y0, x1 - x0, y1 - y0, geom))
+        return out
+    limit = config.data.max_whole_image_px * downsample
+    if image.width <= limit and image.height <= limit:
+        return [(0, 0, image.width, image.height, None)]
+    # a large slide: windows around the points (grid cells that hold points, plus a margin)
+    cell = int(WINDOW_PX * downsample)
+    image_um = config.data.pixel_size_um / downsample  # the image's own µm per pixel
+    margin = round(config.data.region_margin_um / image_um)
+    keys = sorted({(int(x // cell), int(y // cell)) for x, y in points_xy})
+    out = []
+    for cx, cy in keys:
+        x0, y0 = max(cx * cell - margin, 0), max(cy * cell - margin, 0)
+        x1, y1 = min((cx + 1) * cell + margin, image.width), min((cy + 1) * cell + margin, image.height)
+        out.append((x0, y0, x1 - x0, y1 - y0, None))
+    return out
+
+
+def split_holdout(points: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held back): a random ``fraction`` of ``points`` held back, but never all of them."""
+    n_hold = round(len(points) * fraction)
+    if len(points) - n_hold < 1:
+        n_hold = 0
+    order = rng.permutation(len(points))
+    return points[order[n_hold:]], points[order[:n_hold]]
+
+
+def load_training_images(
+    project: Project,
+    config: TrainConfig,
+    *,
+    point_class: str = "Nucleus",
+    region_class: str | None = None,
+    pixel_size_um: float | None = None,
+    image_names: Sequence[str] | None = None,
+) -> tuple[list[TrainingImage], ColourReference, dict[str, int]]:
+    """Read every image's points and regions at the working resolution, colour-normalised.
+
+    Returns the samples, the colour reference computed over them (:func:`pointnuc.stain.colour_reference`), and points per image.
+    """
+    from pointnuc.geometry import polygon_pixels
+    from pointnuc.io.slide import open_slide, pixel_size_or_error
+    from pointnuc.stain import colour_normalize, colour_reference
+
+    rng = np.random.default_rng(config.seed)
+    raw: list[TrainingImage] = []
+    counts: dict[str, int] = {}
+    total = 0  # distinct points inside the training boxes
+    others: dict[str, int] = {}  # points of other classes, for the hint when there are none of point_class
+    wanted = set(image_names) if image_names else None
+    for image in project.images():
+        if wanted is not None and image.name not in wanted:
+            continue
+        ann = project.annotations(image, point_class=point_class, region_class=region_class)
+        counts[image.name] = len(ann.points_xy)
+        for cls, n in ann.other_point_counts.items():
+            others[cls] = others.get(cls, 0) + n
+        if len(ann.points_xy) == 0:
+            log.info("%s: no %r points, not used for training", image.name, point_class)
+            continue
+        px = pixel_size_or_error(image, pixel_size_um)
+        ds = config.data.pixel_size_um / px
+        boxes = []  # (k, pixels, valid mask, points in working px, which points lie in the box)
+        with open_slide(image.path, pixel_size_um=px) as slide:
+            for k, (x, y, w, h, geom) in enumerate(_boxes_for_image(image, ann.regions, ann.points_xy, ds, config)):
+                arr = slide.read_region(x, y, w, h, downsample=ds)
+                hh, ww = arr.shape[:2]
+                scale = w / ww
+                if geom is not None:
+                    valid = np.zeros((hh, ww), bool)
+                    valid[polygon_pixels(geom, (hh, ww), origin_xy=(x, y), scale=scale)] = True
+                else:
+                    valid = np.ones((hh, ww), bool)
+                local = (ann.points_xy - np.array([x, y], float)) / scale
+                ij = np.floor(local).astype(int)
+                inside = (ij[:, 0] >= 0) & (ij[:, 1] >= 0) & (ij[:, 0] < ww) & (ij[:, 1] < hh)
+                inside[inside] = valid[ij[inside, 1], ij[inside, 0]]
+                if inside.any():
+                    boxes.append((k, arr, valid, local, inside, (float(x), float(y)), float(scale)))
+        # held-back points are drawn per image, so a point in two overlapping windows or regions
+        # is never trained on in one and held back in the other
+        in_any = np.flatnonzero(np.any([b[4] for b in boxes], axis=0)) if boxes else np.zeros(0, int)
+        train_idx, hold_idx = split_holdout(in_any, config.data.holdout_fraction, rng)
+        total += len(in_any)
+        for k, arr, valid, local, inside, origin, scale in boxes:
+            raw.append(
+                TrainingImage(
+                    name=f"{image.name}#{k}",
+                    image_name=image.name,
+                    image=arr,
+                    points=local[train_idx[inside[train_idx]]],
+                    holdout=local[hold_idx[inside[hold_idx]]],
+                    valid=valid,
+                    origin_xy=origin,
+                    scale=scale,
+                )
+            )
+    if total == 0:
+        found = ", ".join(f"{k!r} ({v})" for k, v in sorted(others.items()))
+        hint = f"; the project has points of {found}: pass --point-class to use them" if found else (
+            "; click points with QuPath's Points tool using that class, or choose the class with --point-class")
+        raise TrainingError(f"no {point_class!r} points found in any image of the project{hint}")
+    if total < MIN_POINTS:
+        raise TrainingError(f"only {total} {point_class!r} points in the project; pointnuc needs at least {MIN_POINTS}")
+    ref: dict[str, Sequence[float]] = {**colour_reference([s.image for s in raw], stain=config.data.stain_normalise)}
+    for s in raw:
+        s.image = colour_normalize(s.image, ref)
+    return raw, ColourReference.from_json(ref), counts
