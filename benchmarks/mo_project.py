@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1 import FULL_RES_UM, load_image, read_split, sample_points, shared_dir  # noqa: E402
+from stage1 import FULL_RES_UM, load_image, read_split, sample_points, shared_dir
 
-from pointnuc.metrics import gt_points_from_labels  # noqa: E402
+from pointnuc.metrics import gt_points_from_labels
 
 
 def _write(folder: Path, name: str, image: np.ndarray, points_xy: np.ndarray) -> None:

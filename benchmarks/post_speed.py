@@ -41,14 +41,15 @@ def main() -> None:
 
     from helpers import canonical_labels, watershed_reference
     from segment_speed import NORM_REF, make_slide
+
     from pointnuc.config import profile_config
     from pointnuc.infer import instances as inst
     from pointnuc.infer.polygons import TileContext, pack_nuclei, tile_nuclei, unpack_nuclei
     from pointnuc.infer.slide_tiles import plan_slide, read_tile, working_halo
     from pointnuc.infer.wsi import instance_params
-    from pointnuc.stain import colour_apply as normalise_tile
     from pointnuc.io.slide import open_slide
     from pointnuc.models.bundle import ModelInfo
+    from pointnuc.stain import colour_apply as normalise_tile
 
     info = ModelInfo(config=profile_config("quick", **{"data.pixel_size_um": args.model_px}), norm_reference=NORM_REF)
     ds = args.model_px / 0.25

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1 import parse_set  # noqa: E402
+from stage1 import parse_set
 
-from pointnuc.config import TrainConfig, profile_config  # noqa: E402
-from pointnuc.models.net import build_network  # noqa: E402
-from pointnuc.train.fit import fingerprint  # noqa: E402
+from pointnuc.config import TrainConfig, profile_config
+from pointnuc.models.net import build_network
+from pointnuc.train.fit import fingerprint
 
 N_TRAIN_IMAGES = 12  #: the MO split's training images
 

@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from synth_slide import SynthSlide, lattice_discs, write_slide  # noqa: E402
+from synth_slide import SynthSlide, lattice_discs, write_slide
 
-from pointnuc.config import profile_config  # noqa: E402
-from pointnuc.models.bundle import ModelInfo  # noqa: E402
-from pointnuc.models.net import IMAGENET_MEAN, IMAGENET_STD, UNet  # noqa: E402
+from pointnuc.config import profile_config
+from pointnuc.models.bundle import ModelInfo
+from pointnuc.models.net import IMAGENET_MEAN, IMAGENET_STD, UNet
 
 SLIDE_PX = 0.25
 #: MoNuSeg-like colour reference (LAB mean/std), so the Reinhard step is paid as in real use

@@ -30,15 +30,15 @@ import torch
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1 import machine_line, mo_samples  # noqa: E402
-from stage2 import METRICS, upsample  # noqa: E402
+from stage1 import machine_line, mo_samples
+from stage2 import METRICS, upsample
 
-from pointnuc.config import profile_config  # noqa: E402
-from pointnuc.infer.instances import _remove_small, fill_small_holes, instances_from_probability  # noqa: E402
-from pointnuc.infer.predict import nucleus_probability  # noqa: E402
-from pointnuc.metrics import mean_scores, segmentation_scores  # noqa: E402
-from pointnuc.models.net import build_network  # noqa: E402
-from pointnuc.train.detect import detect, predict_probabilities  # noqa: E402
+from pointnuc.config import profile_config
+from pointnuc.infer.instances import _remove_small, fill_small_holes, instances_from_probability
+from pointnuc.infer.predict import nucleus_probability
+from pointnuc.metrics import mean_scores, segmentation_scores
+from pointnuc.models.net import build_network
+from pointnuc.train.detect import detect, predict_probabilities
 
 EIGHT = np.ones((3, 3), bool)
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.setdefault(name, []).append(segmentation_scores(gt, _remove_small(fn().astype(np.int64), ma)))
         print(s.name, flush=True)
 
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M+00:00")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M+00:00")
     lines = [
         "# Splitting touching nuclei: variants on one probability map",
         "",

@@ -60,7 +60,7 @@ def shared_dir() -> Path:
 def read_split(data_dir: Path) -> dict[str, list[str]]:
     """The train/val/testA/testB lists from the data README's JSON block."""
     text = (data_dir / "README.md").read_text(encoding="utf-8")
-    m = re.search(r"```json\s*(\{.*?\})\s*```", text, re.S)
+    m = re.search(r"```json\s*(\{.*?\})\s*```", text, re.DOTALL)
     if not m:
         raise SystemExit(f"no split found in {data_dir / 'README.md'}")
     return json.loads(m.group(1))
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Stage 1 benchmark, profile `{args.profile}`",
         "",
         f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage1.py'] + (argv if argv is not None else sys.argv[1:]))}`",
-        f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
+        f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='minutes')}",
         f"- machine: {machine_line(device)}",
         f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px (r1 = {res.metrics['r1_px']:.2f} px), "
         f"{cfg.detection.epochs} epochs initial + {cfg.detection.rounds} round(s) x "

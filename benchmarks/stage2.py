@@ -26,19 +26,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PaperProtocol, Truth, rescaled_truth, train_supervised  # noqa: E402
-from stage1 import FULL_RES_UM, load_image, machine_line, mo_samples, parse_set, shared_dir  # noqa: E402
+from harness import PaperProtocol, Truth, rescaled_truth, train_supervised
+from stage1 import FULL_RES_UM, load_image, machine_line, mo_samples, parse_set, shared_dir
 
-from pointnuc.config import TrainConfig, profile_config  # noqa: E402
-from pointnuc.infer.instances import instances_from_probability  # noqa: E402
-from pointnuc.infer.predict import nucleus_probability  # noqa: E402
-from pointnuc.labels.voronoi import BACKGROUND, NUCLEUS  # noqa: E402
-from pointnuc.metrics import aji, mean_scores, segmentation_scores  # noqa: E402
-from pointnuc.models.calibration import Thresholds  # noqa: E402
-from pointnuc.models.layout import ModelLayout  # noqa: E402
-from pointnuc.train.fit import resolve_device  # noqa: E402
-from pointnuc.train.samples import TrainingImage, detection_samples, points_between  # noqa: E402
-from pointnuc.train.segment import train_segmenter  # noqa: E402
+from pointnuc.config import TrainConfig, profile_config
+from pointnuc.infer.instances import instances_from_probability
+from pointnuc.infer.predict import nucleus_probability
+from pointnuc.labels.voronoi import BACKGROUND, NUCLEUS
+from pointnuc.metrics import aji, mean_scores, segmentation_scores
+from pointnuc.models.calibration import Thresholds
+from pointnuc.models.layout import ModelLayout
+from pointnuc.train.fit import resolve_device
+from pointnuc.train.samples import TrainingImage, detection_samples, points_between
+from pointnuc.train.segment import train_segmenter
 
 PAPER_10 = {"acc": 0.8997, "F1": 0.7490, "dice_obj": 0.7033, "aji_authors": 0.5031}  # Table III, 10% points (authors' AJI)
 PAPER_GT = {"acc": 0.9097, "F1": 0.7716, "dice_obj": 0.7242, "aji_authors": 0.5174}
@@ -100,8 +100,8 @@ def evaluate(model, test: list[tuple[TrainingImage, np.ndarray]], thr: Threshold
 def crf_step_cost(cfg: TrainConfig, device, steps: int = 3) -> tuple[float, float]:
     """Seconds per training step (batch, crop of the profile) without and with the CRF term."""
     from pointnuc.models.net import build_network
-    from pointnuc.train.segment import crf_downsample
     from pointnuc.train.seg_losses import Stage2Loss
+    from pointnuc.train.segment import crf_downsample
 
     seg, c = cfg.segmentation, cfg.data.crop_size
     net = build_network(2, cfg.encoder, pretrained=False).to(device)
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Stage 2 benchmark, profile `{args.profile}`, " + ("fully supervised reference" if args.supervised else f"points: {args.points}"),
         "",
         f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage2.py'] + (argv if argv is not None else sys.argv[1:]))}`",
-        f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}",
+        f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='minutes')}",
         f"- machine: {machine_line(device)}",
         f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px, {seg.epochs} epochs (lr {seg.lr}, {seg.lr_schedule}{f', EMA {seg.ema}' if seg.ema else ''}) + "
         + (f"{seg.refine_epochs} self-training epochs (labels: p < {seg.refine_low} / > {seg.refine_high}) + " if seg.refine_epochs else "")

@@ -145,8 +145,8 @@ def _tail(text: str, n: int = 12) -> str:
 
 def _java() -> Any:
     """Start QuPath's JVM (through paquo) and return jpype."""
-    import paquo.java  # noqa: F401  (starts the JVM with QuPath's classpath)
     import jpype
+    import paquo.java  # noqa: F401  (starts the JVM with QuPath's classpath)
 
     return jpype
 

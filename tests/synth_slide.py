@@ -6,9 +6,9 @@ more than one tile of any level, so a 20,000 x 20,000 px slide costs no memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

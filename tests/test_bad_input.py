@@ -55,7 +55,7 @@ def _lines(text: str) -> list[str]:
 def test_full_scale_rule_by_hand() -> None:
     from pointnuc.io.pixels import full_scale
 
-    never = lambda: pytest.fail("the data maximum is not needed")  # noqa: E731
+    never = lambda: pytest.fail("the data maximum is not needed")
     assert full_scale(np.uint8, never) == 255
     assert full_scale(np.uint16, never, bits=16, max_value=1023) == 1023  # the file's maximum first
     assert full_scale(np.uint16, never, bits=12) == 4095  # BitsPerSample 12 in 16-bit samples
@@ -248,7 +248,7 @@ class _FullDisk:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
 
-    def __enter__(self) -> "_FullDisk":
+    def __enter__(self) -> _FullDisk:
         return self
 
     def __exit__(self, *exc: object) -> None:

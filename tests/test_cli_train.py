@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from synth import label_points, render_nuclei, write_geojson_project
 
 from pointnuc.cli import main
-from synth import label_points, render_nuclei, write_geojson_project
 
 
 def _project(tmp_path: Path, n_points: int = 12, pixel_size: float | None = 0.5) -> Path:

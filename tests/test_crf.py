@@ -120,7 +120,7 @@ def test_grouped_filter_equals_the_offset_loop(group_elements):
 
 def test_grouped_path_energy_and_gradient_equal_brute_force(monkeypatch):
     """The whole loss through the grouped filter (what runs on a GPU), full window: the exact energy and gradient."""
-    import pointnuc.train.crf as crf
+    from pointnuc.train import crf
 
     monkeypatch.setattr(crf, "_filter", lambda v, i, **kw: crf._filter_grouped(v, i, group_elements=20000, **kw))
     y, image, valid = _case()

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from synth import label_points, render_nuclei, write_geojson_project
 
 from pointnuc.cli import main
 from pointnuc.evaluate import evaluate
-from synth import label_points, render_nuclei, write_geojson_project
 
 NAMES = ("synth-a", "synth-b")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import pointnuc.models.net as net
 from pointnuc.errors import InputError
+from pointnuc.models import net
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from shapely import wkt
 from shapely.geometry import box, shape
 
-from pointnuc.errors import InputError, QuPathNotFoundError
+from pointnuc.errors import InputError
 from pointnuc.io import NucleusObject, WriteOptions, open_project
 from pointnuc.io.base import POINTNUC_MARKER
 from pointnuc.io.qupath_project import QuPathProjectFile, uri_to_path
@@ -100,7 +100,7 @@ class FakeHierarchy:
 
 
 class FakeEntry:
-    def __init__(self, project: "FakeProject", meta: dict) -> None:
+    def __init__(self, project: FakeProject, meta: dict) -> None:
         self._project = project
         self.entry_id = str(meta["entryID"])
         self.image_name = meta["imageName"]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from synth_slide import direct_and_zarr_reads
 
 from pointnuc.errors import ImageReadError, PixelSizeError
 from pointnuc.io.slide import open_slide, pixel_size_or_error
-from synth_slide import direct_and_zarr_reads
 
 
 @pytest.fixture
@@ -97,15 +97,13 @@ def test_missing_and_corrupt_files(tmp_path: Path):
         open_slide(tmp_path / "nope.tif")
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"II*\x00garbage" * 10)
-    with pytest.raises(ImageReadError, match="bad.tif"):
-        with open_slide(bad) as s:
-            s.read_region(0, 0, 4, 4)
+    with pytest.raises(ImageReadError, match="bad.tif"), open_slide(bad) as s:
+        s.read_region(0, 0, 4, 4)
     png = tmp_path / "trunc.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 9).save(png)
     png.write_bytes(png.read_bytes()[:60])
-    with pytest.raises(ImageReadError, match="trunc.png"):
-        with open_slide(png) as s:
-            s.read_region(0, 0, 64, 64)
+    with pytest.raises(ImageReadError, match="trunc.png"), open_slide(png) as s:
+        s.read_region(0, 0, 64, 64)
 
 
 def test_fixture_tiff_matches_png(shared: Path):

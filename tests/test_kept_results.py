@@ -99,8 +99,8 @@ def test_images_with_alike_names_keep_their_own_nuclei(trained, tmp_path: Path) 
 def test_a_kept_result_of_another_image_is_never_reused(trained, tmp_path: Path) -> None:
     """A kept result (with its record) that lies where another image's belongs is recomputed, and so is one
     without a record of how it was made (e.g. from an older pointnuc)."""
-    from pointnuc.io import open_project
     from pointnuc.infer.results import record_file
+    from pointnuc.io import open_project
     from pointnuc.pipeline import plan_segmentation
 
     proj, model, centres = trained

@@ -18,7 +18,6 @@ from pointnuc.metrics import (
     segmentation_scores,
 )
 
-
 # ------------------------------------------------------------------ detection
 
 

@@ -79,10 +79,9 @@ def test_segment_checks_every_pixel_size_before_any_work(tmp_path: Path) -> None
     from synth import write_geojson_project
 
     from pointnuc.errors import PixelSizeError
-    from pointnuc.io import open_project
     from pointnuc.infer.results import RESULTS_FOLDER
+    from pointnuc.io import open_project
     from pointnuc.pipeline import segment_project
-    from synth import write_geojson_project
 
     img = np.full((16, 16, 3), 200, np.uint8)
     proj = write_geojson_project(tmp_path / "p", "a", img, np.zeros((0, 2)), pixel_size_um=0.5)
@@ -94,13 +93,11 @@ def test_segment_checks_every_pixel_size_before_any_work(tmp_path: Path) -> None
 
 def test_overlapping_regions_never_train_on_a_held_back_point(tmp_path: Path) -> None:
     from shapely.geometry import box
-
-    from pointnuc.io import open_project
-    from pointnuc.train.samples import load_training_images
     from synth import write_geojson_project
 
     from pointnuc.io import open_project
     from pointnuc.train.samples import load_training_images
+
 
     img = np.full((40, 40, 3), 200, np.uint8)
     img[::3] = 90

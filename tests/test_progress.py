@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from synth import render_nuclei, write_geojson_project
 
 from pointnuc.progress import LogProgress, progress_bar
-from synth import render_nuclei, write_geojson_project
 
 
 def test_log_progress_lines_say_count_share_and_time_left(caplog) -> None:

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import shapely
 from shapely.geometry import MultiPoint, box
+from synth import label_points, render_nuclei, write_geojson_project, write_tiff
 
 from pointnuc.io.base import POINTNUC_MARKER
-from synth import label_points, render_nuclei, write_geojson_project, write_tiff
 
 pytestmark = pytest.mark.qupath
 
@@ -76,7 +76,7 @@ def stdout_json(out: str) -> Any:
 
 def reported(out: str) -> dict[str, int]:
     """The nuclei per image that ``pointnuc segment`` reported."""
-    return {m[1]: int(m[2]) for m in re.finditer(r"^  (\S+): (\d+) nuclei", out, re.M)}
+    return {m[1]: int(m[2]) for m in re.finditer(r"^  (\S+): (\d+) nuclei", out, re.MULTILINE)}
 
 
 def geom(wkb_hex: str) -> shapely.Geometry:

@@ -17,9 +17,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -214,7 +214,7 @@ def test_dataloader_workers_are_not_forked_from_a_process_running_a_jvm(monkeypa
 @POSIX
 def test_a_signal_is_one_line_with_the_exact_resume_command(tmp_path: Path, monkeypatch) -> None:
     # #29.8: "re-run the same command" was wrong with --out (refused) and without it (a new folder)
-    import pointnuc.pipeline as pipeline
+    from pointnuc import pipeline
     from pointnuc.cli import main
 
     proj = _geojson_project(tmp_path / "my project", 64, n=1)
@@ -473,8 +473,8 @@ def test_sigterm_in_train_on_a_qpproj(qp_project: Path, qupath_env, tmp_path: Pa
 @POSIX
 def test_ctrl_c_while_writing_into_a_qpproj_restores_it(qp_project: Path, qupath_env, tmp_path: Path) -> None:
     # #3: Ctrl-C during segment ended in SIGSEGV; the project must be as before (or as completed)
-    from pointnuc.io.geojson import write_nuclei_file
     from pointnuc.infer.results import results_dir
+    from pointnuc.io.geojson import write_nuclei_file
 
     model = _untrained_model(tmp_path / "model")
     # a kept, current result (segment --shard 1/1 keeps it with its record and writes nothing), then

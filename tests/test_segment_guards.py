@@ -161,7 +161,7 @@ def test_real_crops_are_looked_at_whole(shared: Path, tmp_path: Path) -> None:
 
 def _stand_in_model(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A model folder whose segmenter is replaced by the deterministic stand-in when loaded."""
-    import pointnuc.models.bundle as bundle
+    from pointnuc.models import bundle
     from pointnuc.models.net import UNet
 
     bundle.save_info(folder, _info())
@@ -239,11 +239,12 @@ def test_a_user_error_fails_one_image_and_a_bug_stops_the_run(tmp_path: Path, mo
     segmented; anything else is a bug and stops the run with its traceback (it was caught as "failed")."""
     import errno
 
-    import pointnuc.infer.wsi as wsi
+    from synth import render_nuclei
+
     from pointnuc.errors import ImageReadError
+    from pointnuc.infer import wsi
     from pointnuc.io import open_project
     from pointnuc.pipeline import segment_project
-    from synth import render_nuclei
 
     model = _stand_in_model(tmp_path / "model", monkeypatch)
     proj = _project(tmp_path)
@@ -352,7 +353,7 @@ def test_without_os_locks_the_lock_file_is_the_lock(tmp_path: Path, monkeypatch:
     """A file system without advisory locks: the lock file with pid and host decides; a dead holder's is stale."""
     import socket
 
-    import pointnuc.io.lock as lock
+    from pointnuc.io import lock
 
     def no_locks(fd: int, shared: bool) -> None:
         raise lock._NoLocks()

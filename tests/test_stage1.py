@@ -470,7 +470,7 @@ def test_points_only_tuning_counts_only_images_with_held_back_points() -> None:
 
     a_values = [0.9] * 8 + [0.32] * 4  # the last two are the spurious blobs
     nuclei = np.array([(6.5 + 20 * i, 6.5) for i in range(10)])
-    img = lambda p: np.zeros((*p.shape, 3), np.uint8)  # noqa: E731
+    img = lambda p: np.zeros((*p.shape, 3), np.uint8)
     pa, pb = blobs(a_values), blobs([0.9] * 10 + [0.32] * 20)
     a = TrainingImage("a", "a", img(pa), np.zeros((0, 2)), nuclei, np.ones(pa.shape, bool))
     b = TrainingImage("b", "b", img(pb), nuclei[:1], np.zeros((0, 2)), np.ones(pb.shape, bool))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth import label_points, render_nuclei  # noqa: E402
+from synth import label_points, render_nuclei
 
 from pointnuc.config import profile_config
 from pointnuc.metrics import pixel_scores

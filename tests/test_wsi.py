@@ -24,7 +24,7 @@ from pointnuc.models.net import IMAGENET_MEAN, IMAGENET_STD
 from pointnuc.stain import colour_apply as normalise_tile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_slide import SynthSlide, random_discs, render, write_slide  # noqa: E402
+from synth_slide import SynthSlide, random_discs, render, write_slide
 
 PX = 0.25  # slide µm/px (40x); the model works at 0.5 µm/px -> downsample 2
 W, H, TISSUE_X1 = 3072, 2560, 2100
@@ -73,7 +73,7 @@ def _rss_mb() -> float:
 class PeakRSS:
     """Peak resident memory (MiB) of this process while the block runs, sampled every 2 ms."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.base = self.peak = _rss_mb()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -180,7 +180,7 @@ def test_worker_processes_give_the_same_nuclei(slide_file: tuple[Path, SynthSlid
     with open_slide(path) as slide:
         a = segment_slide(slide, DarknessNet(), _info(), region=region, tile_size=TILE, progress=False)
         b = segment_slide(slide, DarknessNet(), _info(), region=region, tile_size=TILE, progress=False, post_processes=2)
-    key = lambda n: (round(n.polygon.centroid.x, 3), round(n.polygon.centroid.y, 3))  # noqa: E731
+    key = lambda n: (round(n.polygon.centroid.x, 3), round(n.polygon.centroid.y, 3))
     assert a.n_nuclei == b.n_nuclei > 50
     assert sorted(map(key, a.nuclei)) == sorted(map(key, b.nuclei))
     # sent back as arrays, rebuilt alike: same outlines and measurements, in the same order
@@ -296,9 +296,8 @@ def test_read_failure_half_way_is_reported(slide_file: tuple[Path, SynthSlide]) 
             return self.s.read_region(*a, **k)
 
     before = threading.active_count()
-    with open_slide(path) as slide:
-        with pytest.raises(ImageReadError):
-            segment_slide(Failing(slide), DarknessNet(), _info(), tile_size=TILE, progress=False)
+    with open_slide(path) as slide, pytest.raises(ImageReadError):
+        segment_slide(Failing(slide), DarknessNet(), _info(), tile_size=TILE, progress=False)
     assert threading.active_count() <= before  # no reader/post threads left behind
 
 
@@ -310,9 +309,9 @@ def test_pointnuc_segment_cli_on_a_pyramidal_tiff(
 
     from click.testing import CliRunner
 
-    import pointnuc.models.bundle as bundle
     from pointnuc.cli import main
     from pointnuc.io.geojson import read_nuclei
+    from pointnuc.models import bundle
     from pointnuc.models.net import UNet
 
     path, truth = slide_file
