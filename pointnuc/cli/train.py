@@ -76,7 +76,7 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     Interrupted (Ctrl-C), it prints the command that continues where it stopped:
     the same options with --out MODEL_FOLDER --resume.
     """
-    from pointnuc.cli import note_model_dir
+    from pointnuc.cli.stop import note_model_dir
     from pointnuc.config import profile_config
     from pointnuc.errors import InputError
     from pointnuc.io import open_project
