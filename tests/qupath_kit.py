@@ -250,12 +250,14 @@ def cmd_read_geojson(args: argparse.Namespace) -> dict[str, Any]:
     return {"files": files}
 
 
-def cmd_watershed(args: argparse.Namespace) -> dict[str, Any]:
+def watershed(jpype: Any, image: Path, params: dict[str, Any], threads: int = 0) -> dict[str, Any]:
     """QuPath's own cell detection (``WatershedCellDetection``) on the whole of a TIFF/PNG read by
-    QuPath's ImageJ server, as brightfield H&E: every cell's measurements, ROI and nucleus ROI."""
-    jpype = _java()
+    QuPath's ImageJ server, as brightfield H&E, with ``params`` over :data:`WATERSHED_DEFAULTS` and a
+    ``CommandLineTaskRunner`` of ``threads`` (0: QuPath's default). Every cell's measurements, ROI and
+    nucleus ROI, the seconds ``runPlugin`` took, and ``qupath_defaults``: the plugin's own default
+    parameter list for this image, as QuPath's dialog would show it."""
     J = jpype.JClass
-    image = Path(args.image).resolve()
+    image = Path(image).resolve()
     server = J("qupath.imagej.images.servers.ImageJServer")(J("java.net.URI")(image.as_uri()), jpype.JArray(jpype.JString)([]))
     data = J("qupath.lib.images.ImageData")(server, J("qupath.lib.images.ImageData$ImageType").BRIGHTFIELD_H_E)
     plane = J("qupath.lib.regions.ImagePlane").getDefaultPlane()
@@ -264,18 +266,36 @@ def cmd_watershed(args: argparse.Namespace) -> dict[str, Any]:
     hierarchy = data.getHierarchy()
     hierarchy.addObject(annotation)
     hierarchy.getSelectionModel().setSelectedObject(annotation)
-    params = {**WATERSHED_DEFAULTS, **json.loads(args.params)}
+    params = {**WATERSHED_DEFAULTS, **params}
     plugin = J("qupath.imagej.detect.cells.WatershedCellDetection")()
+    defaults = plugin.getDefaultParameterList(data).getKeyValueParameters(False)
     runner = J("qupath.lib.plugins.CommandLineTaskRunner")
     t0 = time.perf_counter()
-    ok = plugin.runPlugin(runner(args.threads) if args.threads > 0 else runner(), data, json.dumps(params))
+    ok = plugin.runPlugin(runner(threads) if threads > 0 else runner(), data, json.dumps(params))
     seconds = time.perf_counter() - t0
     cal = server.getPixelCalibration()
     cells = [describe(jpype, o) for o in hierarchy.getDetectionObjects()]
     return {"ok": bool(ok), "seconds": seconds, "params": params, "width": int(server.getWidth()),
             "height": int(server.getHeight()),
             "pixel_size_um": float(cal.getAveragedPixelSizeMicrons()) if cal.hasPixelSizeMicrons() else None,
+            "qupath_defaults": {str(k): _plain(defaults.get(k)) for k in defaults.keySet()},
             "cells": cells}
+
+
+def _plain(value: Any) -> Any:
+    """A Java parameter value as JSON (booleans, numbers, else its text)."""
+    text = str(value)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def cmd_watershed(args: argparse.Namespace) -> dict[str, Any]:
+    """QuPath's own cell detection (``WatershedCellDetection``) on the whole of a TIFF/PNG (:func:`watershed`)."""
+    return watershed(_java(), Path(args.image), json.loads(args.params), args.threads)
 
 
 def cmd_shape_measurements(args: argparse.Namespace) -> dict[str, Any]:

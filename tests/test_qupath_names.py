@@ -104,13 +104,14 @@ def test_names_and_values_are_qupaths_shape_features(qupath_dir: Path, tmp_path:
 def test_qupaths_own_cell_detection(qupath_dir: Path, tmp_path: Path) -> None:
     """QuPath's cell detection through the kit: its measurement names (the prefixes pointnuc shares),
     and its cells, which end at the image border as pointnuc's do."""
-    from qupath_kit import kit
+    from qupath_kit import WATERSHED_DEFAULTS, kit
     from synth import render_nuclei, write_tiff
 
     img, _ = render_nuclei((160, 192), 30, radius=5.5, seed=3)
     write_tiff(tmp_path / "cells.tif", img, 0.5)
     res = kit("watershed", tmp_path / "cells.tif")
     assert res["ok"] and res["pixel_size_um"] == 0.5 and (res["width"], res["height"]) == (192, 160)
+    assert res["qupath_defaults"] == WATERSHED_DEFAULTS  # the kit runs QuPath's own defaults (the benchmark says so)
     assert len(res["cells"]) >= 20  # 30 rendered, a few merged or at the border
     names = list(res["cells"][0]["measurements"])
     assert [k for k in names if k in WATERSHED_SHAPE_NAMES] == WATERSHED_SHAPE_NAMES
