@@ -223,7 +223,6 @@ def _train(
     from pointnuc.report import write_report
 
     report = write_report(layout, samples, det, seg, device=str(dev))
-    log.info(report.held_back.line())
     info.provenance["finished"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     save_info(out, info)  # finished: --resume now refuses this folder, so its checkpoints may go
     if not keep_checkpoints and layout.checkpoints.is_dir():
