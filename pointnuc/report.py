@@ -59,18 +59,6 @@ class HeldBackCheck:
                 f"and {self.added} more nuclei where no one clicked in the training images.")
 
 
-def _found(labels: np.ndarray, holdout_xy: np.ndarray, train_xy: np.ndarray) -> np.ndarray:
-    """Per held-back point: it lies in an outlined nucleus that holds no other point of the user's
-    (the rule of :func:`pointnuc.train.segment.holdout_counts`, point by point, for drawing)."""
-    hold = np.asarray(holdout_xy, float).reshape(-1, 2)
-    pts = np.concatenate([hold, np.asarray(train_xy, float).reshape(-1, 2)])
-    h, w = labels.shape
-    lab = labels[np.clip(np.floor(pts[:, 1]).astype(int), 0, h - 1), np.clip(np.floor(pts[:, 0]).astype(int), 0, w - 1)]
-    count = np.bincount(lab, minlength=int(labels.max()) + 1)
-    mine = lab[: len(hold)]
-    return (mine > 0) & (count[mine] == 1)
-
-
 def plot_curves(curves: dict[str, tuple[list[float], int | None]], path: Path, title: str = "training loss per epoch") -> Path:
     """One panel per named curve (values per epoch, selected epoch or None), written as a PNG."""
     n = max(len(curves), 1)
@@ -209,7 +197,7 @@ def write_report(layout: ModelLayout, samples: Sequence[TrainingImage], det: Any
     found; the ``n_images`` samples with the most held-back points get a review figure.
     """
     from pointnuc.train.segment import segment_image
-    from pointnuc.train.selection import holdout_counts
+    from pointnuc.train.selection import holdout_counts, holdout_found
 
     out = layout.report
     out.mkdir(parents=True, exist_ok=True)
@@ -235,10 +223,11 @@ def write_report(layout: ModelLayout, samples: Sequence[TrainingImage], det: Any
         zoom = max(1, round(s.scale))  # back to the image's own resolution
         y0, y1, x0, x1 = _tile_around(s, max(MAX_REVIEW_PX // zoom, 64))
         hold, keep = _in(s.holdout, y0, x0, y1, x1)
+        found = holdout_found(lab, s.holdout, s.points, same_radius=0.0)[keep]
         title = (f"{s.name}: {found_n} of {total} held-back points found, {added} nuclei outlined where no one "
                  f"clicked" + ("" if (y0, x0, y1, x1) == (0, 0, *s.image.shape[:2]) else " (whole image; crop shown)"))
         im = review_figure(s.image[y0:y1, x0:x1], lab[y0:y1, x0:x1], train_xy=_in(s.points, y0, x0, y1, x1)[0],
-                           holdout_xy=hold, found=_found(lab, s.holdout, s.points)[keep], zoom=zoom, title=title)
+                           holdout_xy=hold, found=found, zoom=zoom, title=title)
         p = out / f"review_{k:02d}_{safe_file_name(s.name)}.png"
         im.save(p)
         files.append(p)

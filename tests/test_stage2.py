@@ -149,7 +149,8 @@ def test_train_segmenter_on_synthetic_discs(tmp_path):
 
 def test_report_marks_held_back_points_as_holdout_counts_counts():
     """The review figure's found/missed marks and the end-of-train line use one rule (holdout_counts)."""
-    from pointnuc.report import HeldBackCheck, _found
+    from pointnuc.report import HeldBackCheck
+    from pointnuc.train.selection import holdout_found
 
     lab = np.zeros((20, 30), np.int32)
     lab[0:10, 0:10] = 1
@@ -157,7 +158,7 @@ def test_report_marks_held_back_points_as_holdout_counts_counts():
     lab[12:20, 0:8] = 3
     hold = np.array([[5.5, 5.5], [15.5, 5.5], [25.5, 15.5]])  # alone in 1: found; with a trained point in 2; background
     train = np.array([[25.5, 5.5]])
-    found = _found(lab, hold, train)
+    found = holdout_found(lab, hold, train, same_radius=0.0)
     c = holdout_counts(lab, hold, train, same_radius=0.0)
     assert found.tolist() == [True, False, False] and c["good"] == found.sum() == 1 and c["empty"] == 1
     check = HeldBackCheck()

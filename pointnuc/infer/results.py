@@ -66,10 +66,23 @@ def results_dir(project: Project, model_dir: Path, tta: bool = False) -> Path:
 
 
 def model_digest(model_dir: Path) -> str:
-    """Digest of what the model computes with: its description (config, thresholds) and segmenter weights."""
+    """Digest of what the model computes with: its description (config, thresholds) and segmenter weights.
+
+    A description that records its weights' SHA-256 (checked when the network is loaded) stands for
+    them; only an older folder without checksums has its weights read here.
+    """
+    import json
+
+    meta = Path(model_dir) / MODEL_JSON
+    names = [MODEL_JSON]
+    try:
+        if not isinstance(json.loads(meta.read_text(encoding="utf-8")).get("weights_sha256"), dict):
+            names.append(SEGMENTER_WEIGHTS)
+    except (OSError, ValueError, AttributeError):
+        names.append(SEGMENTER_WEIGHTS)
     h = hashlib.sha1()
     found = False
-    for name in (MODEL_JSON, SEGMENTER_WEIGHTS):
+    for name in names:
         f = Path(model_dir) / name
         if f.is_file():
             found = True

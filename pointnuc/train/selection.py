@@ -168,12 +168,10 @@ def tune_on_points(probs: Sequence[np.ndarray], samples: Sequence[TrainingImage]
 # ------------------------------------------------------------------------ stage 2
 
 
-def holdout_counts(labels: np.ndarray, holdout_xy: np.ndarray, known_xy: np.ndarray, same_radius: float) -> dict[str, int]:
-    """Counts behind the points-only score on one image (see the module docstring).
-
-    ``good``: held-back points whose instance holds no other known point; ``n``: held-back
-    points; ``instances``; ``empty``: instances holding neither a known nor a held-back point.
-    """
+def _occupancy(labels: np.ndarray, holdout_xy: np.ndarray, known_xy: np.ndarray,
+               same_radius: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """(instance under each held-back point, points per instance, known points kept): known points
+    within ``same_radius`` of a held-back point are the same nucleus and left out."""
     h, w = labels.shape
 
     def lab_at(xy: np.ndarray) -> np.ndarray:
@@ -189,20 +187,35 @@ def holdout_counts(labels: np.ndarray, holdout_xy: np.ndarray, known_xy: np.ndar
 
         d, _ = cKDTree(hold).query(known)
         known = known[d > same_radius]
-    n_inst = int(labels.max())
-    occupied = np.zeros(n_inst + 1, np.int64)
-    np.add.at(occupied, lab_at(known), 1)
+    any_pt = np.zeros(int(labels.max()) + 1, np.int64)
+    np.add.at(any_pt, lab_at(known), 1)
     lh = lab_at(hold)
-    any_pt = occupied.copy()
     np.add.at(any_pt, lh, 1)
-    # well segmented: inside an instance that holds no known point and no other held-back point
+    return lh, any_pt, len(known)
+
+
+def holdout_found(labels: np.ndarray, holdout_xy: np.ndarray, known_xy: np.ndarray, same_radius: float) -> np.ndarray:
+    """Per held-back point: well segmented, i.e. inside an instance that holds no known point and
+    no other held-back point."""
+    lh, any_pt, _ = _occupancy(labels, holdout_xy, known_xy, same_radius)
+    return (lh > 0) & (any_pt[lh] == 1)
+
+
+def holdout_counts(labels: np.ndarray, holdout_xy: np.ndarray, known_xy: np.ndarray, same_radius: float) -> dict[str, int]:
+    """Counts behind the points-only score on one image (see the module docstring).
+
+    ``good``: held-back points whose instance holds no other known point (:func:`holdout_found`);
+    ``n``: held-back points; ``instances``; ``empty``: instances holding neither a known nor a
+    held-back point.
+    """
+    lh, any_pt, n_known = _occupancy(labels, holdout_xy, known_xy, same_radius)
     good = int(np.count_nonzero((lh > 0) & (any_pt[lh] == 1)))
-    present = np.zeros(n_inst + 1, bool)
+    if n_known == 0:  # nothing known besides the held-back points: empty instances cannot be told
+        return {"good": good, "n": len(lh), "instances": 0, "empty": 0}
+    present = np.zeros(len(any_pt), bool)
     present[np.unique(labels)] = True
-    if len(known) == 0:  # nothing known besides the held-back points: empty instances cannot be told
-        return {"good": good, "n": len(hold), "instances": 0, "empty": 0}
     empty = int(np.count_nonzero(present[1:] & (any_pt[1:] == 0)))
-    return {"good": good, "n": len(hold), "instances": int(present[1:].sum()), "empty": empty}
+    return {"good": good, "n": len(lh), "instances": int(present[1:].sum()), "empty": empty}
 
 
 def points_score(counts: Sequence[dict[str, int]]) -> float:
