@@ -112,11 +112,14 @@ def test_speed_thousands_per_second():
 def test_measurements_hand_computed():
     sq = box(0, 0, 4, 4)
     m = nucleus_measurements(sq, 0.5)
-    assert m["Area µm^2"] == pytest.approx(4.0)  # 16 px² * 0.25
-    assert m["Length µm"] == pytest.approx(8.0)  # QuPath's name for an area's perimeter
-    assert m["Circularity"] == pytest.approx(4 * math.pi * 16 / 256)
-    mp = nucleus_measurements(sq, None)
-    assert mp["Area px^2"] == 16 and mp["Length px"] == 16 and "Area µm^2" not in mp
+    assert m["Nucleus: Area"] == pytest.approx(4.0)  # 16 px² * 0.25, in µm² (QuPath names no unit)
+    assert m["Nucleus: Perimeter"] == pytest.approx(8.0)
+    assert m["Nucleus: Circularity"] == pytest.approx(4 * math.pi * 16 / 256)
+    assert m["Nucleus: Max caliper"] == pytest.approx(math.sqrt(2) * 2)  # the diagonal, 4√2 px
+    assert m["Nucleus: Min caliper"] == pytest.approx(2.0)
+    assert m["Nucleus: Eccentricity"] == pytest.approx(0.0, abs=1e-7)
+    mp = nucleus_measurements(sq, None)  # without a pixel size: the same names, in px
+    assert mp["Nucleus: Area"] == 16 and mp["Nucleus: Perimeter"] == 16
 
 
 def test_valid_polygon_fixes_bowtie_and_picks_largest():

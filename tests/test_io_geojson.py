@@ -88,7 +88,7 @@ def test_written_detections_match_qupath_layout(shared: Path, tmp_path: Path):
     out = write_nuclei_file(tmp_path / "out.geojson", nuclei, pixel_size_um=0.25)
     text = out.read_text(encoding="utf-8")
     assert text.startswith('{"type":"FeatureCollection","features":[{"type":"Feature","id":"')
-    assert "µm^2" in text and "\\u00b5" not in text
+    assert "\\u00b5" not in text  # (µ in QuPath's own text round-trips raw: test above)
     ours = json.loads(text)["features"]
     for o, q, e in zip(ours, qupath, exp):
         assert list(o) == ["type", "id", "geometry", "properties"]
@@ -97,7 +97,8 @@ def test_written_detections_match_qupath_layout(shared: Path, tmp_path: Path):
         assert o["properties"]["classification"] == {"name": "Nucleus", "color": [255, 228, 22]}
         assert o["geometry"] == q["geometry"]
         m = o["properties"]["measurements"]
-        assert m["Area µm^2"] == q["properties"]["measurements"]["Area µm^2"] == e["measurements_put"]["Area µm^2"]
+        # QuPath's cell-detection name for the area QuPath's shape features call "Area µm^2": the same value
+        assert m["Nucleus: Area"] == q["properties"]["measurements"]["Area µm^2"] == e["measurements_put"]["Area µm^2"]
         assert m["pointnuc score"] == q["properties"]["measurements"]["pointnuc score"]
     # the geometry text itself is QuPath's (integers without .0, ", " inside pairs)
     q_geom = re.search(r'"geometry":(\{.*?\]\]\]\})', (fx / "single-detection.geojson").read_text(encoding="utf-8"))
@@ -119,8 +120,8 @@ def test_cells_have_nucleus_geometry_and_expansion(tmp_path: Path):
         assert nuc.equals(n.polygon) and cell.covers(nuc)
         assert cell.bounds[1] == pytest.approx(6.0)  # 2 µm = 4 px at 0.5 µm/px
     m = feats[0]["properties"]["measurements"]
-    assert m["Nucleus: Area µm^2"] == 25.0  # nucleus area, 100 px² * 0.25, named as QuPath names a cell's
-    assert m["Cell: Area µm^2"] > 25.0 and "Area µm^2" not in m
+    assert m["Nucleus: Area"] == 25.0  # nucleus area, 100 px² * 0.25 µm², named as QuPath names a cell's
+    assert m["Cell: Area"] > 25.0
     path = write_nuclei_file(tmp_path / "c.geojson", nuclei, options=WriteOptions("cell"))
     assert [n.polygon.area for n in read_nuclei(path)] == [100.0, 100.0]
 
@@ -132,7 +133,7 @@ def test_no_pixel_size_uses_px_units_and_invalid_polygons_are_fixed():
     geom = Polygon(feats[0]["geometry"]["coordinates"][0])
     assert geom.is_valid and geom.area == pytest.approx(4.0)
     m = feats[0]["properties"]["measurements"]
-    assert m["Area px^2"] == 4.0 and "Area µm^2" not in m
+    assert m["Nucleus: Area"] == 4.0  # px² (QuPath's names carry no unit)
     # coordinates at most 2 decimals, integers without .0
     t = feature_text(nuclei_features([NucleusObject(box(1.004, 2, 3.256, 4.5), 0.5)])[0])
     assert "[1, 2]" in t and "[3.26, 4.5]" in t and "1.004" not in t

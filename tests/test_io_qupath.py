@@ -221,7 +221,7 @@ def test_writing_replaces_marked_detections_and_keeps_backup(fake_project: Path)
     data = json.loads(written[0].read_text())
     assert len(data["detections"]) == 2 and len(data["annotations"]) == 1
     m = data["detections"][0]["measurements"]
-    assert m[POINTNUC_MARKER] == pytest.approx(0.9) and m["Area µm^2"] == pytest.approx(100 * 0.0625)
+    assert m[POINTNUC_MARKER] == pytest.approx(0.9) and m["Nucleus: Area"] == pytest.approx(100 * 0.0625)
     assert data["detections"][0]["class"] == "Nucleus"
     backups = list((fake_project / "pointnuc-backup").iterdir())
     assert len(backups) == 1 and (backups[0] / "project.qpproj").is_file()

@@ -131,8 +131,8 @@ def test_another_pixel_size_is_segmented_again(trained, tmp_path: Path) -> None:
     _segment(fresh, model, "--pixel-size", "0.25")
     for stem in IMAGES:
         got, want = _features(copy, stem), _features(fresh, stem)
-        areas = sorted(f["properties"]["measurements"]["Area µm^2"] for f in got)
-        assert areas == sorted(f["properties"]["measurements"]["Area µm^2"] for f in want)
+        areas = sorted(f["properties"]["measurements"]["Nucleus: Area"] for f in got)
+        assert areas == sorted(f["properties"]["measurements"]["Nucleus: Area"] for f in want)
         from shapely.geometry import shape
 
         px_area = sorted(shape(f["geometry"]).area * 0.25**2 for f in got)  # µm² at 0.25 µm/px
@@ -213,4 +213,4 @@ def test_merge_writes_only_current_kept_results(trained, tmp_path: Path) -> None
     res = CliRunner().invoke(main, ["segment", str(copy), "--model", str(model), "--merge", "--pixel-size", "0.25"])
     assert res.exit_code == 1 and "slide a.tif: not merged: pixel size changed 0.5 -> 0.25 µm/px" in res.stderr, res.output
     feats = _features(copy, "slide_a")
-    assert feats and all(f["properties"]["measurements"]["Area µm^2"] < 60 for f in feats)  # r 5.5 px at 0.25 µm/px
+    assert feats and all(f["properties"]["measurements"]["Nucleus: Area"] < 60 for f in feats)  # r 5.5 px at 0.25 µm/px

@@ -27,6 +27,7 @@ from shapely.geometry import MultiPoint, box
 from synth import label_points, render_nuclei, write_geojson_project, write_tiff
 
 from pointnuc.io.base import POINTNUC_MARKER
+from pointnuc.measurements import measurement_names
 
 pytestmark = pytest.mark.qupath
 
@@ -35,9 +36,9 @@ H, W = 192, 224
 PX = 0.5
 TUMOR = box(0, 0, 112, H)  # the left half of every image
 STROMA = box(150, 150, 166, 162)
-DETECTION_KEYS = ["Area µm^2", "Length µm", "Circularity", POINTNUC_MARKER]
-CELL_KEYS = ["Nucleus: Area µm^2", "Nucleus: Length µm", "Nucleus: Circularity", "Cell: Area µm^2", "Cell: Length µm",
-             "Cell: Circularity", "Nucleus/Cell area ratio", POINTNUC_MARKER]
+#: QuPath's cell-detection measurements (shape and H&E stains: segment measures the image's pixels)
+DETECTION_KEYS = [*measurement_names(cells=False), POINTNUC_MARKER]
+CELL_KEYS = [*measurement_names(cells=True), POINTNUC_MARKER]
 # enough for a model that finds the synthetic nuclei (40 of 40 per image), no more: no self-training round
 TRAIN_SETTINGS = ["--profile", "tiny", "--set", "data.pixel_size_um=0.5", "--set", "detection.epochs=6",
                   "--set", "detection.rounds=0", "--set", "segmentation.epochs=4", "--set", "data.patches_per_image=8"]

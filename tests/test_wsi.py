@@ -124,7 +124,7 @@ def test_seams_no_duplicates_no_cuts_bounded_memory(slide_file: tuple[Path, Synt
     assert 0.7 < ratio.min() and ratio.max() < 1.3
     on_seam = np.abs(((truth.centres[nearest] + 128) % 256) - 128).min(1) < 3
     assert on_seam.sum() >= 20  # the seam discs were really there and really found
-    assert all(n.polygon.is_valid and n.measurements["Area µm^2"] > 0 for n in res.nuclei)
+    assert all(n.polygon.is_valid and n.measurements["Nucleus: Area"] > 0 for n in res.nuclei)
     # memory: bounded by the tile batch, not by the area. tracemalloc counts every numpy/Python
     # byte exactly (it grows with batch size and workers); a corner of the slide and the whole
     # slide (over 3x the tiles) must peak alike (the run's fixed costs, thumbnail and first-call

@@ -37,6 +37,7 @@ from pointnuc.errors import InputError
 from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, NucleusObject, WriteOptions
 from pointnuc.io.objects import QuPathObject
 from pointnuc.io.records import class_color, inside, nucleus_records
+from pointnuc.measurements import RegionReader
 
 # --------------------------------------------------------------------------- reading
 
@@ -248,12 +249,15 @@ def nuclei_features(
     pixel_size_um: float | None = None,
     color: tuple[int, int, int] | None = None,
     clip_to: BaseGeometry | None = None,
+    pixels: RegionReader | None = None,
 ) -> list[dict[str, Any]]:
-    """QuPath Features for pointnuc's nuclei (see :func:`~pointnuc.io.records.nucleus_records`), each with
-    a new UUID4, of type and class ``options`` says (``color``: the class colour, QuPath's by default)."""
+    """QuPath Features for pointnuc's nuclei (see :func:`~pointnuc.io.records.nucleus_records`, which
+    measures stains when given the image's ``pixels``), each with a new UUID4, of type and class
+    ``options`` says (``color``: the class colour, QuPath's by default)."""
     rgb = list(color if color is not None else class_color(options.class_name))
     feats = []
-    for geom, nucleus, meas in nucleus_records(nuclei, options=options, pixel_size_um=pixel_size_um, clip_to=clip_to):
+    for geom, nucleus, meas in nucleus_records(nuclei, options=options, pixel_size_um=pixel_size_um, clip_to=clip_to,
+                                               pixels=pixels):
         f: dict[str, Any] = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": _geometry_dict(geom)}
         if nucleus is not None:
             f["nucleusGeometry"] = _geometry_dict(nucleus)

@@ -38,6 +38,7 @@ from pointnuc.io.geojson import (
     write_features,
 )
 from pointnuc.io.objects import summarise
+from pointnuc.io.records import image_pixels
 from pointnuc.io.slide import IMAGE_SUFFIXES, open_slide
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,9 @@ class GeoJSONFolderProject:
             ref = refs[name]
             path = self.output_path(name)
             area = (replace_within or {}).get(name)
-            new = nuclei_features(nuclei, options=options, pixel_size_um=ref.pixel_size_um,
-                                  clip_to=object_area(ref.width, ref.height, area))
+            with image_pixels(ref) as pixels:
+                new = nuclei_features(nuclei, options=options, pixel_size_um=ref.pixel_size_um,
+                                      clip_to=object_area(ref.width, ref.height, area), pixels=pixels)
             previous = read_features(path) if path.is_file() else []
             feats = merge_features(previous, new, area, path)
             if path.is_file():  # the backup is written as atomically as the file: a full disk never truncates it

@@ -35,7 +35,7 @@ from pointnuc.io.objects import QuPathObject, summarise
 from pointnuc.io.qupath import QPDATA, InProcess
 from pointnuc.io.qupath_backup import BACKUP_FOLDER, backup_project, prune_backups, restore_project
 from pointnuc.io.qupath_process import QuPathProcess
-from pointnuc.io.records import class_color, nucleus_records
+from pointnuc.io.records import class_color, image_pixels, nucleus_records
 from pointnuc.io.slide import open_slide
 
 log = logging.getLogger(__name__)
@@ -251,11 +251,12 @@ class QuPathProjectFile:
         all_dirs = [Path(e["entry_path"]) for e in entries.values()]
         for n, d in zip(names, dirs):
             check_qpdata(d, n)
-        records = {
-            n: nucleus_records(nuc, options=options, pixel_size_um=refs[n].pixel_size_um,
-                               clip_to=object_area(refs[n].width, refs[n].height, (replace_within or {}).get(n)))
-            for n, nuc in results.items()
-        }
+        records = {}
+        for n, nuc in results.items():
+            with image_pixels(refs[n]) as pixels:
+                records[n] = nucleus_records(
+                    nuc, options=options, pixel_size_um=refs[n].pixel_size_um, pixels=pixels,
+                    clip_to=object_area(refs[n].width, refs[n].height, (replace_within or {}).get(n)))
         backup = backup_project(self.qpproj, self.output_dir / BACKUP_FOLDER, names, dirs, all_dirs)
         try:
             done = self._qupath.call(

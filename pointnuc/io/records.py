@@ -8,19 +8,24 @@ class the colour QuPath shows for it, and both replace earlier objects by the sa
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from pointnuc.errors import PointnucError
 from pointnuc.geometry import clip_polygons, expand_cells, valid_polygon
-from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, NucleusObject, WriteOptions
-from pointnuc.measurements import cell_measurements, is_shape_measurement, measurements_many
+from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, ImageRef, NucleusObject, WriteOptions
+from pointnuc.measurements import RegionReader, Stains, is_computed_measurement, measure
 
 #: one written object: geometry, the nucleus geometry of a cell (None for a detection), measurements
 Record = tuple[BaseGeometry, BaseGeometry | None, dict[str, float]]
+
+log = logging.getLogger(__name__)
 
 #: colours QuPath 0.6 shows for these classes (built-ins, and the one it derives for "Nucleus")
 CLASS_COLORS: dict[str, tuple[int, int, int]] = {
@@ -67,6 +72,8 @@ def nucleus_records(
     options: WriteOptions = DEFAULT_WRITE,
     pixel_size_um: float | None = None,
     clip_to: BaseGeometry | None = None,
+    pixels: RegionReader | None = None,
+    stains: Stains | None = None,
 ) -> list[Record]:
     """(geometry, nucleus geometry or None, measurements) per nucleus, ready to write.
 
@@ -77,10 +84,12 @@ def nucleus_records(
     (as 4 px per µm when the pixel size is unknown), limited by its neighbours; the nucleus is the
     nucleus geometry. (``options.class_name`` is the writer's business.)
 
-    Measurements, all as 32-bit floats: QuPath's shape measurements of the written outlines
-    (a detection's ``Area µm^2``, ``Length µm``, ``Circularity``; a cell's ``Nucleus: ...``,
-    ``Cell: ...`` and ``Nucleus/Cell area ratio``; see :mod:`pointnuc.measurements`), the nucleus'
-    other measurements, and the marker ``pointnuc score``.
+    Measurements, all as 32-bit floats: those QuPath's own cell detection makes, under its names and
+    in its order (:mod:`pointnuc.measurements`): shape (``Nucleus: Area``, ``Nucleus: Perimeter``,
+    ...; a cell's also ``Cell: ...`` and ``Nucleus/Cell area ratio``) of the outlines written, and
+    with ``pixels`` (the image) the stains' optical densities (``Nucleus: Hematoxylin OD mean``, ...,
+    a cell's also ``Cell: ...`` and ``Cytoplasm: ...``; ``stains``: QuPath's H&E default unless
+    given); then the nucleus' other measurements, and the marker ``pointnuc score``.
     """
     cell = options.object_type == "cell"
     polys = [n.polygon for n in nuclei]
@@ -98,18 +107,37 @@ def nucleus_records(
         dist_px = options.cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
         cells = [_rounded_polygon(c) for c in expand_cells(nuc, dist_px, within=clip_to)]
         geoms = [c if c is not None and c.covers(p) else p for c, p in zip(cells, nuc)]
-        shape_meas = cell_measurements(geoms, nuc, pixel_size_um)
+        computed = measure(nuc, geoms, pixel_size_um=pixel_size_um, pixels=pixels, stains=stains)
     else:
         geoms = nuc
-        shape_meas = measurements_many(np.asarray(nuc, dtype=object), pixel_size_um)
+        computed = measure(nuc, pixel_size_um=pixel_size_um, pixels=pixels, stains=stains)
     out = []
-    for (n, poly), geom, meas in zip(kept, geoms, shape_meas):
-        # shape measurements are always those of the outlines written here (cut, rounded)
-        meas.update({k: v for k, v in n.measurements.items() if k != POINTNUC_MARKER and not is_shape_measurement(k)})
+    for (n, poly), geom, meas in zip(kept, geoms, computed):
+        # computed measurements are always those of the outlines written here (cut, rounded)
+        meas.update({k: v for k, v in n.measurements.items()
+                     if k != POINTNUC_MARKER and not is_computed_measurement(k)})
         meas[POINTNUC_MARKER] = float(n.score)
         meas = {k: float32(v) for k, v in meas.items() if v is not None and math.isfinite(float(v))}
         out.append((geom, poly if cell else None, meas))
     return out
+
+
+@contextmanager
+def image_pixels(image: ImageRef) -> Iterator[RegionReader | None]:
+    """The image's pixels for the stain measurements of :func:`nucleus_records`, or None (the shape
+    measurements only, with a warning) when the image cannot be opened."""
+    from pointnuc.io.slide import open_slide
+
+    try:
+        slide = open_slide(image.path, pixel_size_um=image.pixel_size_um)
+    except (PointnucError, OSError) as err:
+        log.warning("%s: no stain measurements, the image cannot be read: %s", image.name, err)
+        slide = None
+    if slide is None:
+        yield None
+        return
+    with slide:
+        yield slide
 
 
 def inside(geom: BaseGeometry, area: BaseGeometry | None) -> bool:
