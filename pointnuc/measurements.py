@@ -180,17 +180,21 @@ def calipers(geoms: np.ndarray, batch: int = 1024) -> tuple[np.ndarray, np.ndarr
     counts = np.bincount(idx, minlength=n)
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     pos = np.arange(len(idx)) - start[idx]
+    by_size = np.argsort(counts, kind="stable")  # batches of similar hull sizes: little padding
+    rank = np.empty(n, np.int64)
+    rank[by_size] = np.arange(n)
     for b0 in range(0, n, batch):
-        sel = (idx >= b0) & (idx < b0 + batch)
-        k = int(counts[b0:b0 + batch].max(initial=0))
+        members = by_size[b0:b0 + batch]
+        sel = (rank[idx] >= b0) & (rank[idx] < b0 + batch)
+        cnt = counts[members]
+        k = int(cnt.max(initial=0))
         if k < 3:
             continue
-        pts = np.full((min(batch, n - b0), k, 2), np.nan)
-        pts[idx[sel] - b0, pos[sel]] = coords[sel]
-        cnt = counts[b0:b0 + batch]
+        pts = np.full((len(members), k, 2), np.nan)
+        pts[rank[idx[sel]] - b0, pos[sel]] = coords[sel]
         d = pts[:, :, None, :] - pts[:, None, :, :]
         with np.errstate(invalid="ignore"):
-            out_max[b0:b0 + len(cnt)] = np.sqrt(np.nanmax(np.nan_to_num((d * d).sum(-1), nan=-1.0), axis=(1, 2)).clip(0))
+            far = np.sqrt(np.nanmax(np.nan_to_num((d * d).sum(-1), nan=-1.0), axis=(1, 2)).clip(0))
         nxt = (np.arange(k)[None, :] + 1) % np.maximum(cnt, 1)[:, None]  # each edge's end vertex (wraps per hull)
         p1 = np.take_along_axis(pts, nxt[:, :, None], axis=1)
         e = p1 - pts  # (B, k edges, 2)
@@ -201,8 +205,8 @@ def calipers(geoms: np.ndarray, batch: int = 1024) -> tuple[np.ndarray, np.ndarr
             width = np.nanmax(np.where(np.isnan(dist), -1.0, dist), axis=2)
             width = np.where((elen > 0) & ~np.isnan(elen), width, np.inf)
         mn = width.min(axis=1)
-        out_min[b0:b0 + len(cnt)] = np.where((cnt >= 3) & np.isfinite(mn), mn, 0.0)
-        out_max[b0:b0 + len(cnt)] = np.where(cnt >= 2, out_max[b0:b0 + len(cnt)], 0.0)
+        out_min[members] = np.where((cnt >= 3) & np.isfinite(mn), mn, 0.0)
+        out_max[members] = np.where(cnt >= 2, far, 0.0)
     return out_max, out_min
 
 
@@ -254,24 +258,39 @@ def eccentricity(geoms: np.ndarray) -> np.ndarray:
 
 def _label_image(geoms: Sequence[BaseGeometry], shape: tuple[int, int], x0: float, y0: float,
                  scale: float) -> np.ndarray:
-    """int32 labels 1..N of the pixels whose centres lie inside each geometry (later wins; a hole's
-    pixels are not the object's), on the grid of pixels of size ``scale`` (full-res px) whose
-    top-left corner is at (x0, y0)."""
-    from skimage.draw import polygon as fill
+    """int32 labels 1..N of the pixels whose centres lie inside each geometry (holes excluded), on the
+    grid of pixels of size ``scale`` (full-res px) whose top-left corner is at (x0, y0).
 
-    def pixels(ring: BaseGeometry) -> tuple[np.ndarray, np.ndarray]:
-        xy = shapely.get_coordinates(ring)
-        return fill((xy[:, 1] - y0) / scale - 0.5, (xy[:, 0] - x0) / scale - 0.5, shape)
-
+    One even-odd scanline fill of all rings at once: each edge's crossings of the pixel-centre rows
+    (half-open in y), sorted by object, row and x, paired into spans ``x_in <= centre < x_out``.
+    """
+    h, w = shape
     labels = np.zeros(shape, np.int32)
-    for i, g in enumerate(geoms, start=1):
-        for part in shapely.get_parts(g):
-            if part.is_empty:
-                continue
-            labels[pixels(part.exterior)] = i
-            for hole in part.interiors:
-                rr, cc = pixels(hole)
-                labels[rr[labels[rr, cc] == i], cc[labels[rr, cc] == i]] = 0
+    parts, owner = shapely.get_parts(np.asarray(list(geoms), dtype=object), return_index=True)
+    rings, ring_part = shapely.get_rings(parts, return_index=True)
+    xy, ring_of = shapely.get_coordinates(rings, return_index=True)
+    if len(xy) < 2:
+        return labels
+    lab = owner[ring_part[ring_of]] + 1
+    x, y = (xy[:, 0] - x0) / scale - 0.5, (xy[:, 1] - y0) / scale - 0.5  # pixel centres at integers
+    same = ring_of[:-1] == ring_of[1:]
+    xa, ya, xb, yb, le = x[:-1][same], y[:-1][same], x[1:][same], y[1:][same], lab[:-1][same]
+    lo = np.clip(np.ceil(np.minimum(ya, yb)), 0, h).astype(np.int64)
+    hi = np.clip(np.ceil(np.maximum(ya, yb)), 0, h).astype(np.int64)
+    n = np.maximum(hi - lo, 0)
+    if n.sum() == 0:
+        return labels
+    e = np.repeat(np.arange(len(n)), n)
+    row = lo[e] + np.arange(len(e)) - np.repeat(np.cumsum(n) - n, n)
+    xr = xa[e] + (row - ya[e]) * (xb[e] - xa[e]) / (yb[e] - ya[e])  # (horizontal edges cross no row)
+    order = np.lexsort((xr, row, le[e]))
+    xr, row, obj = xr[order], row[order], le[e][order]
+    c0 = np.clip(np.ceil(xr[0::2]), 0, w).astype(np.int64)
+    c1 = np.clip(np.ceil(xr[1::2]), 0, w).astype(np.int64)
+    cnt = np.maximum(c1 - c0, 0)
+    k = np.repeat(np.arange(len(cnt)), cnt)
+    cols = c0[k] + np.arange(len(k)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    labels[row[0::2][k], cols] = obj[0::2][k]
     return labels
 
 
@@ -283,7 +302,8 @@ def _label_stats(values: np.ndarray, labels: np.ndarray, n: int) -> dict[str, np
     if labels.size == 0:
         return out
     count = np.bincount(labels, minlength=n + 1)[1:].astype(np.float64)
-    order = np.argsort(labels, kind="stable")
+    small = labels.astype(np.int16) if n < 32767 else labels  # (numpy radix-sorts 16-bit integers)
+    order = np.argsort(small, kind="stable")
     lab_sorted = labels[order]
     starts = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
     present = lab_sorted[starts] - 1
