@@ -283,3 +283,41 @@ def test_both_project_forms_read_the_same_marks(shared: Path, tmp_path: Path, sc
     assert got_gj == got_qp
     assert got_gj["counts"] == {"points": len(scene["points"]) - 1, "outlines": 1, "background_areas": 1,
                                 "background_points": 1, "deleted_detections": 1}
+
+
+@pytest.mark.qupath
+def test_real_qupath_a_deleted_detection_is_found_by_its_id(shared: Path, tmp_path: Path, qupath_dir: Path):
+    """In a real QuPath project: pointnuc records the ids QuPath gave its detections; one deleted in QuPath is
+    background, the one kept is not. QuPath's own GeoJSON import keeps the ids pointnuc writes (the folder form)."""
+    from qupath_kit import kit, python_with_qupath
+
+    work = shutil.copytree(shared / "fixtures/qupath-0.6.0/points-project", tmp_path / "points-project")
+    got = python_with_qupath(f"""
+from shapely.geometry import box
+from pointnuc.io import NucleusObject, open_project
+from pointnuc.io.written import read_written
+proj = open_project({str(work)!r})
+name = proj.images()[0].name
+proj.write_nuclei({{name: [NucleusObject(box(10, 10, 20, 20), 0.9), NucleusObject(box(40, 40, 50, 52), 0.8)]}})
+proj.close()
+ids = [o.id for o in read_written({str(work)!r}, name)]
+from paquo.projects import QuPathProject
+with QuPathProject({str(work)!r}, mode="r+") as qp:  # the user deletes the first detection in QuPath
+    qp.update_image_paths(try_relative=True)
+    h = qp.images[0].hierarchy
+    gone = next(d for d in h.detections if d.roi.bounds == (10.0, 10.0, 20.0, 20.0))
+    h.detections.discard(gone)
+ann = open_project({str(work)!r}).annotations(open_project({str(work)!r}).images()[0])
+answer({{"ids": ids, "deleted": [list(g.bounds) for g in ann.deleted], "counts": ann.mark_counts()}})
+""")
+    assert len(got["ids"]) == 2 and all(isinstance(i, str) and len(i) == 36 for i in got["ids"])
+    assert got["deleted"] == [[10.0, 10.0, 20.0, 20.0]] and got["counts"]["deleted_detections"] == 1
+    # the folder form relies on QuPath keeping pointnuc's ids through File > Import objects
+    folder = tmp_path / "folder"
+    shutil.copytree(shared / "fixtures/qupath-0.6.0/points-project/images", folder)
+    gj = open_project(folder)
+    gj.write_nuclei({gj.images()[0].name: [NucleusObject(box(10, 10, 20, 20), 0.9)]})
+    out = next((folder / "pointnuc-geojson").glob("*.geojson"))
+    read = kit("read-geojson", out)["files"][str(out)]
+    assert read["error"] is None
+    assert [o["id"] for o in read["objects"]] == [f["id"] for f in read_features(out)]
