@@ -321,3 +321,21 @@ answer({{"ids": ids, "deleted": [list(g.bounds) for g in ann.deleted], "counts":
     read = kit("read-geojson", out)["files"][str(out)]
     assert read["error"] is None
     assert [o["id"] for o in read["objects"]] == [f["id"] for f in read_features(out)]
+
+
+def test_train_cli_reads_the_background_class_it_is_given(tmp_path: Path, scene: dict):
+    """One tiny run: ``--background-class`` reaches the training and is recorded in the model's provenance."""
+    from click.testing import CliRunner
+
+    from pointnuc.cli import main
+
+    folder = _project(tmp_path, scene, [_feature(box(*scene["places"][0], scene["places"][0][0] + 8,
+                                                     scene["places"][0][1] + 8), "Stroma")])
+    out = tmp_path / "model"
+    res = CliRunner().invoke(main, ["train", str(folder), "--profile", "tiny", "--background-class", "Stroma",
+                                    "--out", str(out), "--offline", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    from pointnuc.models.layout import MODEL_JSON
+
+    meta = json.loads((out / MODEL_JSON).read_text())
+    assert meta["provenance"]["background_class"] == "Stroma"
