@@ -8,7 +8,16 @@ from typing import Any
 
 import click
 
-from pointnuc.cli.options import pixel_size_option, point_class_option, project_argument, region_class_option
+from pointnuc.cli.options import (
+    background_class_option,
+    pixel_size_option,
+    point_class_option,
+    project_argument,
+    region_class_option,
+)
+
+#: the kinds of marks ``inspect`` counts, as :meth:`pointnuc.io.base.ImageAnnotations.mark_counts` names them
+MARK_KINDS = ("points", "outlines", "background_areas", "background_points", "deleted_detections")
 
 
 def inspect_project(
@@ -17,15 +26,18 @@ def inspect_project(
     point_class: str = "Nucleus",
     region_class: str | None = None,
     pixel_size_um: float | None = None,
+    background_class: str | None = "Background",
 ) -> dict[str, Any]:
     """Per image: name, size, pixel size, points per class, training regions, pointnuc objects,
-    and ``problem``: why its pixels cannot be used (:func:`image_problem`), or None."""
+    ``marks``: each kind of mark pointnuc learns from (:data:`MARK_KINDS`), and ``problem``: why
+    its pixels cannot be used (:func:`image_problem`), or None. ``total_marks`` sums the marks."""
     from pointnuc.io import open_project
 
     project = open_project(project_path, pixel_size_um=pixel_size_um)
     images: list[dict[str, Any]] = []
     for image in project.images():
-        ann = project.annotations(image, point_class=point_class, region_class=region_class)
+        ann = project.annotations(image, point_class=point_class, region_class=region_class,
+                                  background_class=background_class)
         problem = image_problem(image.path)
         points = {point_class: len(ann.points_xy), **{k: int(v) for k, v in ann.other_point_counts.items()}}
         images.append({
@@ -37,6 +49,8 @@ def inspect_project(
             "points": points,
             "n_regions": len(ann.regions),
             "n_pointnuc_objects": ann.n_pointnuc_objects,
+            "marks": ann.mark_counts(),
+            # (suggestions answered / unanswered: added here by `pointnuc suggest`'s reading)
             "problem": problem,
         })
     return {
@@ -44,8 +58,10 @@ def inspect_project(
         "kind": project.kind,
         "point_class": point_class,
         "region_class": region_class if region_class is not None else "Region*",
+        "background_class": background_class,
         "images": images,
         "total_points": sum(im["points"][point_class] for im in images),
+        "total_marks": {k: sum(im["marks"][k] for im in images) for k in MARK_KINDS},
     }
 
 
@@ -80,7 +96,18 @@ def format_report(report: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"{len(report['images'])} image(s), {report['total_points']} {pc!r} points in all "
                  f"({report['kind']}; regions: class {report['region_class']!r})")
+    lines.append(format_marks(report))
     return "\n".join(lines)
+
+
+def format_marks(report: dict[str, Any]) -> str:
+    """The marks pointnuc learns from, per image and in all, as a table."""
+    bg = report.get("background_class") or "-"
+    head = ("marks", "points", "outlines", f"{bg} areas", f"{bg} points", "deleted detections")
+    rows = [head] + [(im["name"], *(str(im["marks"][k]) for k in MARK_KINDS)) for im in report["images"]]
+    rows.append(("all", *(str(report["total_marks"][k]) for k in MARK_KINDS)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 @click.command("inspect", short_help="Show the images, pixel sizes, points and regions pointnuc finds.")
@@ -88,11 +115,13 @@ def format_report(report: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 @point_class_option
 @region_class_option
+@background_class_option
 @pixel_size_option
 def inspect_cmd(project: Path, as_json: bool, point_class: str, region_class: str | None,
-                pixel_size: float | None) -> None:
+                pixel_size: float | None, background_class: str = "Background") -> None:
     """Show what pointnuc reads from PROJECT: per image its size, pixel size, points per
-    class, training regions, the objects an earlier pointnuc run wrote, and whether its
+    class, training regions, the objects an earlier pointnuc run wrote, the marks it learns
+    from (points, outlines, background areas and points, deleted detections), and whether its
     pixels can be used (a cheap read check: truncated or damaged files, images that are
     not RGB brightfield). Exits with status 2 when an image cannot be used.
 
@@ -101,7 +130,8 @@ def inspect_cmd(project: Path, as_json: bool, point_class: str, region_class: st
     """
     from pointnuc.errors import ImageReadError
 
-    report = inspect_project(project, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size)
+    report = inspect_project(project, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size,
+                             background_class=background_class)
     click.echo(json.dumps(report, indent=1, ensure_ascii=False) if as_json else format_report(report))
     bad = [im for im in report["images"] if im["problem"] is not None]
     if bad:  # the report is printed whole, then the exit status says that something cannot be used

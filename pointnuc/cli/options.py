@@ -18,6 +18,12 @@ region_class_option = click.option(
     help='QuPath class of training-region annotations [default: "Region*"]. Where an image has '
     "none, the whole image (or windows around the points on a large slide) is used.",
 )
+background_class_option = click.option(
+    "--background-class",
+    default="Background",
+    show_default=True,
+    help="QuPath class of background marks: areas with no nucleus inside, points where there is none.",
+)
 pixel_size_option = click.option(
     "--pixel-size",
     type=click.FloatRange(min=0, min_open=True),

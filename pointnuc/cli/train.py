@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from pointnuc.cli.options import (
+    background_class_option,
     device_option,
     pixel_size_option,
     point_class_option,
@@ -44,6 +45,7 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
               help="Stage-1 label variant (paper Table I) [default: ST-bg].")
 @point_class_option
 @region_class_option
+@background_class_option
 @pixel_size_option
 @device_option
 @click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
@@ -62,7 +64,8 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None, point_class: str,
               region_class: str | None, pixel_size: float | None, device: str, weights: Path | None, offline: bool, seed: int,
-              settings: tuple[str, ...], resume: bool, overwrite: bool, keep_checkpoints: bool, no_progress: bool) -> None:
+              settings: tuple[str, ...], resume: bool, overwrite: bool, keep_checkpoints: bool, no_progress: bool,
+              background_class: str = "Background") -> None:
     """Train a nuclei detector, then a segmenter, from the points clicked in PROJECT.
 
     PROJECT is a QuPath project (.qpproj or its folder) or a folder of images with
@@ -101,7 +104,8 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     note_model_dir(out, resume_command(options, out))  # what the interrupt message tells the user to run
     summary = train_project(proj, out, config, device=device, point_class=point_class, region_class=region_class,
                             pixel_size_um=pixel_size, weights=weights, offline=offline, resume=resume, overwrite=overwrite,
-                            progress=not no_progress, keep_checkpoints=keep_checkpoints)
+                            progress=not no_progress, keep_checkpoints=keep_checkpoints,
+                            background_class=background_class)
     minutes = summary.seconds / 60
     click.echo(
         f"Trained on {summary.n_images} image(s) from {summary.n_points} points; stage 1 found "

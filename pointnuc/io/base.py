@@ -27,6 +27,8 @@ from pointnuc.errors import InputError
 POINTNUC_MARKER = "pointnuc score"
 #: default growth of a nucleus into its cell (µm) for object_type="cell", as QuPath's cell expansion
 CELL_EXPANSION_UM = 2.0
+#: default class of the user's background marks (areas and points that say "no nucleus here")
+DEFAULT_BACKGROUND_CLASS = "Background"
 #: what pointnuc writes each nucleus as: a detection (its outline), or a cell (outline grown, nucleus inside)
 OBJECT_TYPES = ("detection", "cell")
 
@@ -42,14 +44,52 @@ class ImageRef:
     pixel_size_um: float | None  #: µm per pixel at full resolution, None when unknown
 
 
+def _no_points() -> np.ndarray:
+    return np.zeros((0, 2), np.float64)
+
+
 @dataclass(frozen=True)
 class ImageAnnotations:
-    """What a user drew on one image, as pointnuc needs it."""
+    """What a user drew on one image, as pointnuc needs it.
+
+    Every mark is supervision (:func:`pointnuc.io.objects.summarise` reads them): points and
+    outlines of the point class are nuclei; areas and points of the background class, and
+    pointnuc's detections the user deleted since the last ``segment``, are background.
+    """
 
     points_xy: np.ndarray  #: (N, 2) float64, QuPath x/y of the points of the chosen class
     regions: tuple[BaseGeometry, ...] = ()  #: training/processing regions (area annotations of the region class)
     other_point_counts: dict[str, int] = field(default_factory=dict)  #: points of other classes (ignored)
     n_pointnuc_objects: int = 0  #: objects an earlier pointnuc run wrote
+    outlines: tuple[BaseGeometry, ...] = ()  #: nucleus outlines: area annotations (Polygons) of the point class
+    background_areas: tuple[BaseGeometry, ...] = ()  #: area annotations of the background class: no nucleus inside
+    background_points_xy: np.ndarray = field(default_factory=_no_points)  #: points of the background class
+    deleted: tuple[BaseGeometry, ...] = ()  #: outlines of pointnuc detections the user deleted since the last segment
+
+    @property
+    def outline_centroids_xy(self) -> np.ndarray:
+        """(K, 2) x/y of the outlines' centres (a point inside each, its centroid when that lies inside)."""
+        out = []
+        for g in self.outlines:
+            c = g.centroid
+            out.append((c.x, c.y) if g.contains(c) else tuple(g.representative_point().coords[0]))
+        return np.asarray(out, np.float64).reshape(-1, 2)
+
+    @property
+    def nucleus_points_xy(self) -> np.ndarray:
+        """The points that stand for nuclei: the clicked points, then the outlines' centres."""
+        return np.concatenate([self.points_xy, self.outline_centroids_xy]) if self.outlines else self.points_xy
+
+    @property
+    def has_background_marks(self) -> bool:
+        """Any background area, background point or deleted detection."""
+        return bool(self.background_areas or self.deleted or len(self.background_points_xy))
+
+    def mark_counts(self) -> dict[str, int]:
+        """How many marks of each kind (what ``pointnuc inspect`` shows)."""
+        return {"points": len(self.points_xy), "outlines": len(self.outlines),
+                "background_areas": len(self.background_areas), "background_points": len(self.background_points_xy),
+                "deleted_detections": len(self.deleted)}
 
 
 @dataclass(frozen=True)
@@ -92,9 +132,11 @@ class Project(Protocol):
         ...
 
     def annotations(
-        self, image: ImageRef, point_class: str = "Nucleus", region_class: str | None = None
+        self, image: ImageRef, point_class: str = "Nucleus", region_class: str | None = None,
+        background_class: str | None = DEFAULT_BACKGROUND_CLASS,
     ) -> ImageAnnotations:
-        """The points of ``point_class`` and the regions of ``region_class`` on ``image``."""
+        """The marks on ``image``: points and outlines of ``point_class``, regions of ``region_class``,
+        areas and points of ``background_class`` (None: none read), and pointnuc's deleted detections."""
         ...
 
     def write_nuclei(

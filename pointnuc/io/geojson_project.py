@@ -29,7 +29,14 @@ from shapely.geometry.base import BaseGeometry
 from pointnuc.errors import InputError
 from pointnuc.fileio import backup_file
 from pointnuc.geometry import object_area
-from pointnuc.io.base import DEFAULT_WRITE, ImageAnnotations, ImageRef, NucleusObject, WriteOptions
+from pointnuc.io.base import (
+    DEFAULT_BACKGROUND_CLASS,
+    DEFAULT_WRITE,
+    ImageAnnotations,
+    ImageRef,
+    NucleusObject,
+    WriteOptions,
+)
 from pointnuc.io.geojson import (
     merge_features,
     nuclei_features,
@@ -40,6 +47,7 @@ from pointnuc.io.geojson import (
 from pointnuc.io.objects import summarise
 from pointnuc.io.records import image_pixels
 from pointnuc.io.slide import IMAGE_SUFFIXES, open_slide
+from pointnuc.io.written import WrittenObject, read_written, record_written
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,14 @@ def export_candidates(image_name: str) -> list[str]:
         [f"{image_name}.geojson"] + [f"{s}.geojson" for s in stems]
         + [f"{image_name}.featurecollection.geojson"] + [f"{s}.featurecollection.geojson" for s in stems]
     )
+
+
+def _written(feature: dict) -> WrittenObject:
+    """A Feature pointnuc writes as the record of :mod:`pointnuc.io.written` keeps it (a cell by its nucleus)."""
+    from shapely.geometry import shape
+
+    geom = feature.get("nucleusGeometry") or feature["geometry"]
+    return WrittenObject(feature.get("id"), shape(geom))
 
 
 class GeoJSONFolderProject:
@@ -135,20 +151,23 @@ class GeoJSONFolderProject:
         return self.output_dir / OUTPUT_FOLDER / f"{image_name if clash else stem}.geojson"
 
     def annotations(
-        self, image: ImageRef, point_class: str = "Nucleus", region_class: str | None = None
+        self, image: ImageRef, point_class: str = "Nucleus", region_class: str | None = None,
+        background_class: str | None = DEFAULT_BACKGROUND_CLASS,
     ) -> ImageAnnotations:
-        """Points, regions and counts from the image's export.
+        """The marks of the image's export (:func:`~pointnuc.io.objects.summarise`).
 
         ``n_pointnuc_objects`` counts pointnuc's objects in pointnuc's own output file for
         the image when there is one, else in the user's export (objects imported into QuPath
-        and exported again).
+        and exported again). Deleted detections: those pointnuc last wrote that the export
+        lacks, once it holds any of them (:mod:`pointnuc.io.written`).
         """
         export = self.export_path(image)
         objects = read_objects(export) if export is not None else []
         out = self.output_path(image.name)
         n_marked = sum(o.is_pointnuc for o in read_objects(out)) if out.is_file() else None
         return summarise(objects, image, point_class=point_class, region_class=region_class,
-                         source=export.name if export else "", n_pointnuc_objects=n_marked)
+                         background_class=background_class, source=export.name if export else "",
+                         n_pointnuc_objects=n_marked, written=read_written(self.root, image.name))
 
     # ------------------------------------------------------------------ writing
 
@@ -181,6 +200,7 @@ class GeoJSONFolderProject:
             if path.is_file():  # the backup is written as atomically as the file: a full disk never truncates it
                 backup_file(path, path.with_name(path.name + ".bak"))
             write_features(path, feats)
+            record_written(self.root, name, [_written(f) for f in new], area)
             log.info("%s: wrote %d objects to %s (File > Import objects in QuPath)", name, len(feats), path)
             written.append(path)
         return written

@@ -94,6 +94,25 @@ def _owner_roi(obj: Any) -> BaseGeometry:
     return obj.roi
 
 
+def _object_id(obj: Any) -> str | None:
+    """A QuPath object's id (its UUID, kept through GeoJSON export and import); None when unknown."""
+    java = getattr(obj, "java_object", None)
+    if java is None or not hasattr(java, "getID"):
+        return None
+    return str(java.getID())
+
+
+def _id_and_centre(obj: Any) -> tuple[str | None, float, float]:
+    """(id, x, y of the centre of its nucleus or ROI) of a detection; Java's centroid, no shapely conversion."""
+    java = getattr(obj, "java_object", None)
+    if java is not None:
+        nucleus = java.getNucleusROI() if hasattr(java, "getNucleusROI") else None
+        roi = nucleus if nucleus is not None else java.getROI()
+        return _object_id(obj), float(roi.getCentroidX()), float(roi.getCentroidY())
+    c = _owner_roi(obj).centroid
+    return None, float(c.x), float(c.y)
+
+
 class PaquoSession:
     """Every call pointnuc makes into paquo, on plain data in and out.
 
@@ -131,8 +150,10 @@ class PaquoSession:
             for e in self._read().images
         ]
 
-    def objects(self, name: str) -> tuple[list[tuple[BaseGeometry, str | None, dict[str, float]]], int]:
-        """(annotations as (roi, class name, measurements), number of pointnuc's detections) of one image."""
+    def objects(
+        self, name: str
+    ) -> tuple[list[tuple[BaseGeometry, str | None, dict[str, float]]], list[tuple[str | None, float, float]]]:
+        """(annotations as (roi, class name, measurements), pointnuc's detections as (id, centre x, y)) of one image."""
         entry = next((e for e in self._read().images if e.image_name == name), None)
         if entry is None:
             raise InputError(f"no image named {name!r} in {self.qpproj}")
@@ -141,9 +162,9 @@ class PaquoSession:
         for a in h.annotations:
             pc = a.path_class
             anns.append((a.roi, pc.name if pc is not None else None, dict(a.measurements)))
-        # d.roi would convert Java -> shapely (slow): counting needs only the measurements
-        n_marked = sum(1 for d in h.detections if POINTNUC_MARKER in d.measurements)
-        return anns, n_marked
+        # d.roi would convert Java -> shapely (slow): the ids and Java's centroids are enough
+        marked = [_id_and_centre(d) for d in h.detections if POINTNUC_MARKER in d.measurements]
+        return anns, marked
 
     def write(
         self,
@@ -151,8 +172,9 @@ class PaquoSession:
         class_name: str,
         color: tuple[int, int, int],
         replace_within: dict[str, BaseGeometry | None],
-    ) -> list[tuple[str, int, int]]:
-        """Replace pointnuc's objects of each image by ``records`` and save; (data.qpdata, removed, added) per image.
+    ) -> list[tuple[str, int, int, list[str | None]]]:
+        """Replace pointnuc's objects of each image by ``records`` and save; (data.qpdata, removed, added,
+        the added objects' ids) per image.
 
         The caller keeps the backup: a failure here leaves the project to be restored.
         """
@@ -171,15 +193,17 @@ class PaquoSession:
             # d.roi converts Java -> shapely (slow): only when an area limits the replacement
             old = [d for d in h.detections
                    if POINTNUC_MARKER in d.measurements and (area is None or inside(_owner_roi(d), area))]
+            ids: list[str | None] = []
             with h.no_autoflush():
                 for d in old:
                     h.detections.discard(d)
                 for geom, nucleus, meas in recs:
                     if nucleus is not None:
-                        h.add_cell(roi=geom, path_class=path_class, measurements=meas, nucleus_roi=nucleus)
+                        added = h.add_cell(roi=geom, path_class=path_class, measurements=meas, nucleus_roi=nucleus)
                     else:
-                        h.add_detection(roi=geom, path_class=path_class, measurements=meas)
-            done.append((str(Path(entry.entry_path) / QPDATA), len(old), len(recs)))
+                        added = h.add_detection(roi=geom, path_class=path_class, measurements=meas)
+                    ids.append(_object_id(added))
+            done.append((str(Path(entry.entry_path) / QPDATA), len(old), len(recs), ids))
         qp.save()
         return done
 

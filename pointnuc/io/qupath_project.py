@@ -30,13 +30,21 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError
 from pointnuc.geometry import object_area
-from pointnuc.io.base import DEFAULT_WRITE, ImageAnnotations, ImageRef, NucleusObject, WriteOptions
+from pointnuc.io.base import (
+    DEFAULT_BACKGROUND_CLASS,
+    DEFAULT_WRITE,
+    ImageAnnotations,
+    ImageRef,
+    NucleusObject,
+    WriteOptions,
+)
 from pointnuc.io.objects import QuPathObject, summarise
 from pointnuc.io.qupath import QPDATA, InProcess
 from pointnuc.io.qupath_backup import BACKUP_FOLDER, backup_project, prune_backups, restore_project
 from pointnuc.io.qupath_process import QuPathProcess
 from pointnuc.io.records import class_color, image_pixels, nucleus_records
 from pointnuc.io.slide import open_slide
+from pointnuc.io.written import WrittenObject, read_written, record_written
 
 log = logging.getLogger(__name__)
 
@@ -212,18 +220,21 @@ class QuPathProjectFile:
         return list(self._refs)
 
     def annotations(
-        self, image: ImageRef, point_class: str = "Nucleus", region_class: str | None = None
+        self, image: ImageRef, point_class: str = "Nucleus", region_class: str | None = None,
+        background_class: str | None = DEFAULT_BACKGROUND_CLASS,
     ) -> ImageAnnotations:
-        """Points and regions from the image's annotations; pointnuc's detections are counted."""
+        """The marks of the image's annotations (:func:`~pointnuc.io.objects.summarise`); pointnuc's
+        detections are counted, and those it last wrote that are gone are the deleted ones."""
         entry = self._entry(image.name)
         check_qpdata(Path(entry["entry_path"]), image.name)
-        anns, n_marked = self._qupath.call(
+        anns, marked = self._qupath.call(
             "objects", what=f"the objects of image {image.name!r} ({Path(entry['entry_path']) / QPDATA})",
             name=image.name,
         )
         objects = [QuPathObject("annotation", roi, cls, meas) for roi, cls, meas in anns]
         return summarise(objects, image, point_class=point_class, region_class=region_class,
-                         source=str(self.qpproj), n_pointnuc_objects=n_marked)
+                         background_class=background_class, source=str(self.qpproj), n_pointnuc_objects=len(marked),
+                         written=read_written(self.root, image.name), present=marked)
 
     # ------------------------------------------------------------------ writing
 
@@ -272,7 +283,10 @@ class QuPathProjectFile:
         finally:
             self._refs = None
             self._entries = None
-        for (path, removed, added), name in zip(done, names):
+        for (path, removed, added, ids), name in zip(done, names):
             log.info("%s: replaced %d pointnuc objects with %d", name, removed, added)
+            written = [WrittenObject(i, nucleus if nucleus is not None else geom)
+                       for i, (geom, nucleus, _) in zip(ids, records[name])]
+            record_written(self.root, name, written, (replace_within or {}).get(name))
         prune_backups(self.output_dir / BACKUP_FOLDER, self.qpproj.name)
-        return [Path(p) for p, _, _ in done]
+        return [Path(p) for p, _, _, _ in done]

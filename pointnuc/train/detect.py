@@ -36,6 +36,7 @@ from pointnuc.labels.detection import (
     ignore_near,
     nuclei_propagation,
 )
+from pointnuc.labels.marks import detection_marks
 from pointnuc.models.bundle import ModelLayout, save_weights
 from pointnuc.models.net import build_network
 from pointnuc.train.data import PatchDataset
@@ -79,7 +80,8 @@ class DetectorResult:
 
 
 def initial_mask(sample: TrainingImage, variant: str, radii: Radii) -> np.ndarray:
-    """The round-0 target of one sample: plain Gaussian mask for GM, Eq. 1 otherwise.
+    """The round-0 target of one sample: plain Gaussian mask for GM, Eq. 1 otherwise, with the user's
+    background marks as background (:func:`~pointnuc.labels.marks.detection_marks`).
 
     Within r1 of a held-back point nothing is taught (see :func:`ignore_near`).
     """
@@ -88,24 +90,29 @@ def initial_mask(sample: TrainingImage, variant: str, radii: Radii) -> np.ndarra
         m = gaussian_mask(sample.points, shape, radii.r1, radii.sigma, sample.valid)
     else:
         m = extended_gaussian_mask(sample.points, shape, radii.r1, radii.r2, radii.sigma, sample.valid)
-    return ignore_near(m, sample.holdout, radii.r1)
+    return ignore_near(detection_marks(m, sample.marks, sample.valid), sample.holdout, radii.r1)
 
 
 def self_training_mask(
     sample: TrainingImage, variant: str, radii: Radii, mask0: np.ndarray, prob: np.ndarray,
     detected: np.ndarray, low: float, high: float,
 ) -> np.ndarray:
-    """The next round's target: Eq. 3 on the initial mask (ST-bg) or Eq. 1 with detections added (ST-nu).
+    """The next round's target: Eq. 3 on the initial mask (ST-bg) or Eq. 1 with detections added (ST-nu);
+    the user's background marks stay background.
 
     Within r1 of a held-back point nothing is taught, as in :func:`initial_mask`.
     """
     if variant == "ST-bg":
         m = background_propagation(mask0, sample.points, prob, radii.r1, radii.r2, low, high, sample.valid)
     elif variant == "ST-nu":
+        if sample.marks is not None and len(detected):  # no detection is added on a background mark
+            r = np.clip(detected[:, 1].astype(int), 0, sample.marks.shape[0] - 1)
+            c = np.clip(detected[:, 0].astype(int), 0, sample.marks.shape[1] - 1)
+            detected = detected[sample.marks[r, c] == 0]
         m = nuclei_propagation(sample.points, detected, mask0.shape, radii.r1, radii.r2, radii.sigma, sample.valid)
     else:
         raise InputError(f"variant {variant} has no self-training")
-    return ignore_near(m, sample.holdout, radii.r1)
+    return ignore_near(detection_marks(m, sample.marks, sample.valid), sample.holdout, radii.r1)
 
 
 # ------------------------------------------------------------------------ prediction and tuning

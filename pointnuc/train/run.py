@@ -60,8 +60,11 @@ def train_project(
     overwrite: bool = False,
     progress: bool = True,
     keep_checkpoints: bool = False,
+    background_class: str | None = "Background",
 ) -> TrainSummary:
-    """Stage 1 then stage 2 on a project's points; leaves a complete model folder at ``out``.
+    """Stage 1 then stage 2 on a project's marks; leaves a complete model folder at ``out``.
+
+    ``background_class``: the class of the user's background areas and points (None: none read).
 
     ``resume``: continue the interrupted run in ``out`` from its checkpoints (same
     configuration and the same points, else a TrainingError); a missing or empty ``out``
@@ -93,7 +96,8 @@ def train_project(
 
     # read and check all input before anything is written
     samples, ref, counts = load_training_images(
-        project, config, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size_um
+        project, config, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size_um,
+        background_class=background_class,
     )
     if prev is not None:
         _check_same_input(out, prev.provenance, counts, point_class, region_class, pixel_size_um)
@@ -108,7 +112,7 @@ def train_project(
                       region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, offline=offline,
                       resume=prev is not None,
                       progress=progress, keep_checkpoints=keep_checkpoints,
-                      previous=prev.provenance if prev is not None else None)
+                      previous=prev.provenance if prev is not None else None, background_class=background_class)
     finally:
         logging.getLogger("pointnuc").removeHandler(handler)
         handler.close()
@@ -151,6 +155,7 @@ def _train(
     progress: bool,
     keep_checkpoints: bool = False,
     previous: dict | None = None,
+    background_class: str | None = "Background",
 ) -> TrainSummary:
     """Stage 1 and stage 2 on loaded samples, saving the model description after each.
 
@@ -185,6 +190,7 @@ def _train(
         "images": counts,
         "point_class": point_class,
         "region_class": region_class,
+        "background_class": background_class,
         "pixel_size_override_um": pixel_size_um,
         "seed": config.seed,
         "device": str(dev),

@@ -16,7 +16,7 @@ from pointnuc.models.calibration import ColourReference
 
 if TYPE_CHECKING:
     from pointnuc.config import TrainConfig
-    from pointnuc.io.base import ImageRef, Project
+    from pointnuc.io.base import ImageAnnotations, ImageRef, Project
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,14 @@ class TrainingImage:
     valid: np.ndarray  #: bool (H, W): inside the training region; labels outside are ignored
     origin_xy: tuple[float, float] = (0.0, 0.0)  #: full-res x/y of this array's top-left corner
     scale: float = 1.0  #: full-res pixels per working pixel
+    #: uint8 (H, W) codes of the user's other marks (background, outlines: :mod:`pointnuc.labels.marks`); None: none
+    marks: np.ndarray | None = None
 
     def rescaled(self, pixel_size_ratio: float) -> TrainingImage:
         """This sample with ``pixel_size_ratio`` times the pixel size (2: half the pixels a side).
 
-        Pixels are averaged (box filter) when shrinking, the mask taken by nearest neighbour;
-        points keep their full-resolution place.
+        Pixels are averaged (box filter) when shrinking, the mask and the marks taken by nearest
+        neighbour; points keep their full-resolution place.
         """
         from PIL import Image
 
@@ -66,6 +68,8 @@ class TrainingImage:
             holdout=self.holdout / f,
             valid=np.asarray(Image.fromarray(self.valid).resize((ww, hh), Image.Resampling.NEAREST)),
             scale=self.scale * f,
+            marks=None if self.marks is None else np.asarray(
+                Image.fromarray(self.marks).resize((ww, hh), Image.Resampling.NEAREST)),
         )
 
     def to_full_res(self, xy: np.ndarray) -> np.ndarray:
@@ -133,6 +137,26 @@ def split_holdout(points: np.ndarray, fraction: float, rng: np.random.Generator)
     return points[order[n_hold:]], points[order[:n_hold]]
 
 
+def mark_anchors(ann: ImageAnnotations) -> np.ndarray:
+    """Places (full-res x/y) a large slide's training windows must hold: the background marks' centres."""
+    geoms = [*ann.background_areas, *ann.deleted]
+    centres = np.asarray([(g.centroid.x, g.centroid.y) for g in geoms], float).reshape(-1, 2)
+    return np.concatenate([ann.background_points_xy.reshape(-1, 2), centres])
+
+
+def sample_marks(ann: ImageAnnotations, shape: tuple[int, int], origin_xy: tuple[float, float], scale: float,
+                 config: TrainConfig) -> np.ndarray | None:
+    """The image's marks rasterised on one sample's grid (:func:`pointnuc.labels.marks.rasterise_marks`)."""
+    from pointnuc.labels.marks import RING_UM, rasterise_marks
+
+    if not (ann.outlines or ann.has_background_marks):
+        return None
+    return rasterise_marks(shape, origin_xy=origin_xy, scale=scale, r1_px=config.data.px(config.data.nucleus_radius_um),
+                           ring_px=config.data.px(RING_UM), background_areas=ann.background_areas,
+                           background_points_xy=ann.background_points_xy, deleted=ann.deleted,
+                           outlines=ann.outlines, nucleus_points_xy=ann.points_xy)
+
+
 def load_training_images(
     project: Project,
     config: TrainConfig,
@@ -141,10 +165,15 @@ def load_training_images(
     region_class: str | None = None,
     pixel_size_um: float | None = None,
     image_names: Sequence[str] | None = None,
+    background_class: str | None = "Background",
 ) -> tuple[list[TrainingImage], ColourReference, dict[str, int]]:
-    """Read every image's points and regions at the working resolution, colour-normalised.
+    """Read every image's marks at the working resolution, colour-normalised.
 
-    Returns the samples, the colour reference computed over them (:func:`pointnuc.stain.colour_reference`), and points per image.
+    Nucleus points are the clicked points and the centres of the user's outlines; the other
+    marks (background areas and points of ``background_class``, deleted detections, outlines)
+    go into each sample's ``marks``. An image with marks but no points is trained on too.
+    Returns the samples, the colour reference computed over them (:func:`pointnuc.stain.colour_reference`),
+    and nucleus points per image.
     """
     from pointnuc.geometry import polygon_pixels
     from pointnuc.io.slide import open_slide, pixel_size_or_error
@@ -159,18 +188,21 @@ def load_training_images(
     for image in project.images():
         if wanted is not None and image.name not in wanted:
             continue
-        ann = project.annotations(image, point_class=point_class, region_class=region_class)
-        counts[image.name] = len(ann.points_xy)
+        ann = project.annotations(image, point_class=point_class, region_class=region_class,
+                                  background_class=background_class)
+        nuclei_xy = ann.nucleus_points_xy
+        counts[image.name] = len(nuclei_xy)
         for cls, n in ann.other_point_counts.items():
             others[cls] = others.get(cls, 0) + n
-        if len(ann.points_xy) == 0:
+        if len(nuclei_xy) == 0 and not ann.has_background_marks:
             log.info("%s: no %r points, not used for training", image.name, point_class)
             continue
         px = pixel_size_or_error(image, pixel_size_um)
         ds = config.data.pixel_size_um / px
-        boxes = []  # (k, pixels, valid mask, points in working px, which points lie in the box)
+        boxes = []  # (k, pixels, valid mask, points in working px, which points lie in the box, origin, scale, marks)
+        anchors = np.concatenate([nuclei_xy, mark_anchors(ann)])
         with open_slide(image.path, pixel_size_um=px) as slide:
-            for k, (x, y, w, h, geom) in enumerate(_boxes_for_image(image, ann.regions, ann.points_xy, ds, config)):
+            for k, (x, y, w, h, geom) in enumerate(_boxes_for_image(image, ann.regions, anchors, ds, config)):
                 arr = slide.read_region(x, y, w, h, downsample=ds)
                 hh, ww = arr.shape[:2]
                 scale = w / ww
@@ -179,18 +211,21 @@ def load_training_images(
                     valid[polygon_pixels(geom, (hh, ww), origin_xy=(x, y), scale=scale)] = True
                 else:
                     valid = np.ones((hh, ww), bool)
-                local = (ann.points_xy - np.array([x, y], float)) / scale
+                local = (nuclei_xy - np.array([x, y], float)) / scale
                 ij = np.floor(local).astype(int)
                 inside = (ij[:, 0] >= 0) & (ij[:, 1] >= 0) & (ij[:, 0] < ww) & (ij[:, 1] < hh)
                 inside[inside] = valid[ij[inside, 1], ij[inside, 0]]
-                if inside.any():
-                    boxes.append((k, arr, valid, local, inside, (float(x), float(y)), float(scale)))
+                marks = sample_marks(ann, (hh, ww), (float(x), float(y)), float(scale), config)
+                if marks is not None and not (marks[valid] != 0).any():
+                    marks = None
+                if inside.any() or marks is not None:
+                    boxes.append((k, arr, valid, local, inside, (float(x), float(y)), float(scale), marks))
         # held-back points are drawn per image, so a point in two overlapping windows or regions
         # is never trained on in one and held back in the other
         in_any = np.flatnonzero(np.any([b[4] for b in boxes], axis=0)) if boxes else np.zeros(0, int)
         train_idx, hold_idx = split_holdout(in_any, config.data.holdout_fraction, rng)
         total += len(in_any)
-        for k, arr, valid, local, inside, origin, scale in boxes:
+        for k, arr, valid, local, inside, origin, scale, marks in boxes:
             raw.append(
                 TrainingImage(
                     name=f"{image.name}#{k}",
@@ -201,6 +236,7 @@ def load_training_images(
                     valid=valid,
                     origin_xy=origin,
                     scale=scale,
+                    marks=marks,
                 )
             )
     if total == 0:

@@ -30,6 +30,7 @@ from pointnuc.errors import InputError, TrainingError
 from pointnuc.infer.instances import instances_from_probability
 from pointnuc.infer.predict import nucleus_probability
 from pointnuc.labels.cluster import labels_for_image
+from pointnuc.labels.marks import segmentation_marks
 from pointnuc.labels.voronoi import IGNORE as LABEL_IGNORE
 from pointnuc.models.bundle import ModelLayout, save_weights
 from pointnuc.models.calibration import Thresholds
@@ -76,9 +77,11 @@ def merge_points(detected: np.ndarray, user: np.ndarray, radius: float) -> np.nd
 def stage2_targets(sample: TrainingImage, points_xy: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Target array (5, H, W) for :class:`~pointnuc.train.data.PatchDataset`, plus the two labels.
 
-    Channels: Voronoi label, cluster label (0/1, IGNORE elsewhere), then RGB in [0, 1].
+    Channels: Voronoi label, cluster label (0/1, IGNORE elsewhere), then RGB in [0, 1]. The user's
+    outlines and background marks override both labels (:func:`~pointnuc.labels.marks.segmentation_marks`).
     """
     vor, clu = labels_for_image(sample.image, points_xy, config.segmentation, config.data.pixel_size_um, seed=config.seed)
+    vor, clu = segmentation_marks(vor, sample.marks), segmentation_marks(clu, sample.marks)
     t = np.empty((5,) + vor.shape, np.float32)
     t[0] = np.where(vor == LABEL_IGNORE, IGNORE, vor)
     t[1] = np.where(clu == LABEL_IGNORE, IGNORE, clu)
@@ -86,15 +89,28 @@ def stage2_targets(sample: TrainingImage, points_xy: np.ndarray, config: TrainCo
     return t, vor, clu
 
 
-def refined_targets(targets: np.ndarray, prob: np.ndarray, low: float, high: float) -> np.ndarray:
+def unmarked_points(points_xy: np.ndarray, marks: np.ndarray | None) -> np.ndarray:
+    """The points that lie on no mark of the user's (stage-1 detections on a background mark or
+    inside an outline are dropped: the marks say what is there)."""
+    pts = np.asarray(points_xy, float).reshape(-1, 2)
+    if marks is None or not len(pts):
+        return pts
+    r = np.clip(np.floor(pts[:, 1]).astype(int), 0, marks.shape[0] - 1)
+    c = np.clip(np.floor(pts[:, 0]).astype(int), 0, marks.shape[1] - 1)
+    return pts[marks[r, c] == 0]
+
+
+def refined_targets(targets: np.ndarray, prob: np.ndarray, low: float, high: float,
+                    marks: np.ndarray | None = None) -> np.ndarray:
     """Stage-2 targets with the cluster channel replaced by the segmenter's confident predictions.
 
-    Nucleus where ``prob > high``, background where ``prob < low``, ignored between. The
-    Voronoi channel (nucleus at the points, background on the edges between them) is
-    kept and goes on pulling the round towards one nucleus per point.
+    Nucleus where ``prob > high``, background where ``prob < low``, ignored between; the user's
+    ``marks`` still override it. The Voronoi channel (nucleus at the points, background on the
+    edges between them) is kept and goes on pulling the round towards one nucleus per point.
     """
     t = targets.copy()
-    t[CLUSTER] = np.where(prob > high, 1.0, np.where(prob < low, 0.0, IGNORE)).astype(np.float32)
+    t[CLUSTER] = segmentation_marks(np.where(prob > high, 1.0, np.where(prob < low, 0.0, IGNORE)).astype(np.float32),
+                                    marks)
     return t
 
 
@@ -211,7 +227,7 @@ def train_segmenter(
     targets: list[np.ndarray] = []
     known: dict[str, np.ndarray] = {}
     for s in samples:
-        pts = np.asarray(points[s.name], float).reshape(-1, 2)
+        pts = unmarked_points(points[s.name], s.marks)
         if merge_user_points:
             pts = merge_points(pts, s.points, run.r1)
         if len(pts) == 0:
@@ -232,7 +248,7 @@ def train_segmenter(
     if seg.refine_epochs > 0:
         before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         refined = [refined_targets(t, nucleus_probability(model, s.image, device=run.dev, tta=True), seg.refine_low,
-                                   seg.refine_high) for s, t in zip(samples, targets)]
+                                   seg.refine_high, s.marks) for s, t in zip(samples, targets)]
         ds_refined = PatchDataset(samples, refined, config.data, nearest=TARGET_NEAREST, seed=config.seed + 11)
         history["refine"] = run.fit(model, ds_refined, loss, "refine", name="segmenter-refine",
                                     epochs=seg.refine_epochs, lr=seg.lr)
