@@ -13,6 +13,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,10 @@ def main() -> None:
     t_tile, (nuc, _) = best(lambda: tile_nuclei(prob, tile, ctx), args.repeats)
     print(f"tile_nuclei (instances + ownership + polygons + measurements): {t_tile * 1e3:.0f} ms, "
           f"{len(nuc)} nuclei, {(t_tile - t_ws) / max(len(nuc), 1) * 1e3:.3f} ms per nucleus beyond instances")
+    old = replace(ctx, outline="pixels")
+    t_old, (nuc_old, _) = best(lambda: tile_nuclei(prob, tile, old), args.repeats)
+    print(f"  the same with the pixel-staircase outlines of sessions <= 18: {t_old * 1e3:.0f} ms, {len(nuc_old)} nuclei "
+          f"(sub-pixel outlines cost {(t_tile - t_old) * 1e3:.0f} ms more per tile)")
     # the GPU path: a worker process packs the tile's nuclei, the main process unpacks them (serial work there)
     t_pack, packed = best(lambda: pack_nuclei(nuc), args.repeats)
     t_unpack, _ = best(lambda: unpack_nuclei(packed), args.repeats)

@@ -260,8 +260,10 @@ def test_simplified_polygons_look_the_same() -> None:
     prob = np.zeros((256, 256), np.float32)
     for cy, cx, r in [(100, 90, 7.3), (140, 150, 5.1), (90, 160, 9.7)]:
         prob[(yy - cy) ** 2 + ((xx - cx) / 1.3) ** 2 <= r * r] = 0.9
-    ctx = TileContext((0, 0), 2.0, 0.25, InstanceParams())
-    exact, _ = tile_nuclei(prob, g.tiles[0], TileContext((0, 0), 2.0, 0.25, InstanceParams(), simplify_px=0.0))
+    # the pixel staircase (benchmarks/outlines.py's "before"; sub-pixel outlines: tests/test_outlines.py)
+    ctx = TileContext((0, 0), 2.0, 0.25, InstanceParams(), outline="pixels")
+    exact, _ = tile_nuclei(prob, g.tiles[0], TileContext((0, 0), 2.0, 0.25, InstanceParams(), simplify_px=0.0,
+                                                         outline="pixels"))
     simple, _ = tile_nuclei(prob, g.tiles[0], ctx)
     assert len(exact) == len(simple) == 3
     for a, b in zip(exact, simple):

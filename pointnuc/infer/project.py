@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from shapely.geometry.base import BaseGeometry
 
+from pointnuc.config import MIN_NUCLEUS_AREA_UM2
 from pointnuc.errors import InputError, PointnucError, is_user_error
 from pointnuc.infer.results import (
     ResultKey,
@@ -130,6 +131,7 @@ def plan_segmentation(
     redo: bool = False,
     tta: bool = False,
     pixel_size_um: float | None = None,
+    min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
 ) -> list[ImagePlan]:
     """Which images (and areas) to segment, and for each whether its kept result is reused or why not.
 
@@ -183,7 +185,7 @@ def plan_segmentation(
                 size, sample = -1, ""
             plan.key = ResultKey(image=name, width=image.width, height=image.height, file_size=size,
                                  file_sample=sample, pixel_size_um=float(px), model=digest,
-                                 within=region_digest(region), tta=tta)
+                                 within=region_digest(region), tta=tta, min_area_um2=float(min_area_um2))
         if plan.result.is_file():
             if redo:
                 plan.why = "--redo"
@@ -247,6 +249,7 @@ def segment_project(
     batch_size: int | None = None,
     progress: bool = True,
     tta: bool = False,
+    min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
 ) -> SegmentSummary:
     """Segment the planned images; per-image results are kept so a re-run continues.
 
@@ -263,20 +266,20 @@ def segment_project(
         return _segment_locked(
             project, model_dir, image_names=image_names, within_class=within_class, device=device,
             pixel_size_um=pixel_size_um, write_options=write_options, shard=shard, write=write,
-            redo=redo, batch_size=batch_size, progress=progress, tta=tta,
+            redo=redo, batch_size=batch_size, progress=progress, tta=tta, min_area_um2=min_area_um2,
         )
 
 
 def _segment_locked(
     project: Project, model_dir: Path, *, image_names: Sequence[str], within_class: str | None, device: str,
     pixel_size_um: float | None, write_options: WriteOptions, shard: tuple[int, int] | None, write: bool,
-    redo: bool, batch_size: int | None, progress: bool, tta: bool,
+    redo: bool, batch_size: int | None, progress: bool, tta: bool, min_area_um2: float,
 ) -> SegmentSummary:
     from pointnuc.io.geojson import read_nuclei
     from pointnuc.io.slide import pixel_size_or_error
 
     plans = plan_segmentation(project, model_dir, image_names=image_names, within_class=within_class, shard=shard,
-                              redo=redo, tta=tta, pixel_size_um=pixel_size_um)
+                              redo=redo, tta=tta, pixel_size_um=pixel_size_um, min_area_um2=min_area_um2)
     # every image's pixel size before any work, so a missing one stops the run with nothing half-done
     for p in plans:
         if not p.reuse and not p.error:
@@ -311,7 +314,8 @@ def _segment_locked(
                 log.info("%s: segmenting again: %s", name, plan.why)
                 summary.recomputed[name] = plan.why
             assert net is not None and info is not None and dev is not None
-            res = _segment_one(plan, net, info, dev, batch_size=batch_size, progress=progress, tta=tta, summary=summary)
+            res = _segment_one(plan, net, info, dev, batch_size=batch_size, progress=progress, tta=tta, summary=summary,
+                               min_area_um2=min_area_um2)
             if res is None:
                 continue
             nuclei = res.nuclei
@@ -324,7 +328,8 @@ def _segment_locked(
 
 
 def _segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: torch.device, *,
-                 batch_size: int | None, progress: bool, tta: bool, summary: SegmentSummary) -> SlideResult | None:
+                 batch_size: int | None, progress: bool, tta: bool, summary: SegmentSummary,
+                 min_area_um2: float = MIN_NUCLEUS_AREA_UM2) -> SlideResult | None:
     """Segment one planned image and keep its result; None (and ``summary.failed``) when it fails."""
     from pointnuc.infer.wsi import segment_slide
     from pointnuc.io.slide import open_slide
@@ -337,7 +342,7 @@ def _segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: to
     try:
         with open_slide(plan.image.path, pixel_size_um=px) as slide:
             res = segment_slide(slide, net, info, region=plan.region, device=dev, batch_size=batch_size,
-                                progress=progress, name=name, tta=tta)
+                                progress=progress, name=name, tta=tta, min_area_um2=min_area_um2)
     except (PointnucError, OSError) as err:  # the user's to fix: this image fails, the others go on
         if not is_user_error(err):
             raise  # a bug: it stops the run with its traceback (pointnuc.errors)
@@ -349,13 +354,30 @@ def _segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: to
     summary.tiles[name] = (res.n_tiles, res.n_tiles_total)
     if res.n_tiles == 0:
         log.warning("%s: no tissue found: nothing was looked at", name)
+    res.nuclei = drop_small(res.nuclei, plan, min_area_um2)
+    res.n_nuclei = len(res.nuclei)
     keep_result(plan, res.nuclei, seconds=seconds, tiles=(res.n_tiles, res.n_tiles_total), device=str(dev))
     return res
 
 
+def drop_small(nuclei: list[NucleusObject], plan: ImagePlan, min_area_um2: float) -> list[NucleusObject]:
+    """The nuclei whose part inside the image (and area) is at least ``min_area_um2``: segmentation dropped the
+    smaller ones already; this catches the few an image's edge cuts below it when they are written."""
+    import shapely
+
+    from pointnuc.geometry import clip_polygons, object_area
+
+    if not nuclei or min_area_um2 <= 0:
+        return nuclei
+    assert plan.pixel_size_um is not None
+    clipped = clip_polygons([n.polygon for n in nuclei], object_area(plan.image.width, plan.image.height, plan.region))
+    area = [0.0 if c is None else float(shapely.area(c)) * plan.pixel_size_um**2 for c in clipped]
+    return [n for n, a in zip(nuclei, area) if a >= min_area_um2]
+
+
 def merge_results(
     project: Project, model_dir: Path, *, write_options: WriteOptions = DEFAULT_WRITE,
-    within_class: str | None = None, tta: bool = False,
+    within_class: str | None = None, tta: bool = False, min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
 ) -> SegmentSummary:
     """Write every current per-image result of ``model_dir`` (e.g. from --shard runs, with ``tta`` as they
     ran) into the project. Images without one, or whose kept result no longer fits (another pixel size, a
@@ -364,7 +386,7 @@ def merge_results(
     from pointnuc.io.lock import project_lock
 
     with project_lock(project.root, "segment --merge"):
-        plans = plan_segmentation(project, model_dir, within_class=within_class, tta=tta)
+        plans = plan_segmentation(project, model_dir, within_class=within_class, tta=tta, min_area_um2=min_area_um2)
         out_dir = results_dir(project, model_dir, tta)
         summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
         batch: dict[str, Sequence[NucleusObject]] = {}

@@ -21,7 +21,7 @@ from pointnuc.models.layout import MODEL_JSON, SEGMENTER_WEIGHTS, ModelLayout
 
 RESULTS_FOLDER = "pointnuc-results"
 #: what a kept result holds and how it is made: bump it when either changes, and older kept results are recomputed
-RESULT_FORMAT = 2
+RESULT_FORMAT = 3  # 3: sub-pixel outlines, and a minimum nucleus area
 #: an image's file is recognised by its size and this many evenly spread chunks of this many bytes
 SAMPLE_CHUNKS, SAMPLE_BYTES = 8, 32 * 1024
 
@@ -48,6 +48,7 @@ class ResultKey:
     model: str  #: digest of the model's description (config, thresholds) and segmenter weights
     within: str | None  #: digest of the --within area, None for the whole image
     tta: bool
+    min_area_um2: float = 0.0  #: ``--min-area``: no nucleus under it was kept
     format: int = RESULT_FORMAT
     pointnuc: str = field(default_factory=lambda: pointnuc.__version__)
 
@@ -167,6 +168,8 @@ def reuse_problem(record: dict | None, key: ResultKey, path: Path) -> str | None
         return "the --within area changed"
     if old.get("tta") != key.tta:
         return "--tta changed"
+    if old.get("min_area_um2") != key.min_area_um2:
+        return f"--min-area changed {old.get('min_area_um2')} -> {key.min_area_um2:g} µm²"
     if any(old.get(k) != new[k] for k in ("width", "height", "file_size", "file_sample")):
         return "the image file changed"
     file_info = record.get("file") or {}

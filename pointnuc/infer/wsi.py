@@ -38,6 +38,7 @@ import shapely
 import torch
 from shapely.geometry.base import BaseGeometry
 
+from pointnuc.config import MIN_NUCLEUS_AREA_UM2
 from pointnuc.infer.polygons import (
     InstanceParams,
     TileContext,
@@ -106,6 +107,9 @@ class SegmentSettings:
     normalise_on_device: bool | None = None
     tta: bool = False  #: average the network's output over the four flips of each tile (4x the network time)
     tissue: bool = True  #: leave out the glass (:func:`plan_slide`)
+    #: nuclei whose outline is smaller than this (µm², at the slide's pixel size) are dropped
+    min_area_um2: float = MIN_NUCLEUS_AREA_UM2
+    outline: str = "subpixel"  #: how outlines are traced (:data:`pointnuc.infer.polygons.OUTLINES`)
     progress: bool = True  #: a progress bar (or log lines, :mod:`pointnuc.progress`)
 
     def for_device(self) -> SegmentSettings:
@@ -223,7 +227,7 @@ class SlideSegmenter:
         r1_px = self.info.config.data.nucleus_radius_um / self.info.pixel_size_um
         margin = min(plan.grid.halo, math.ceil(2 * MAX_NUCLEUS_RADIUS_FACTOR * r1_px) + 4)
         return TileContext(plan.origin, plan.downsample, plan.pixel_size_um, instance_params(self.info), region,
-                           keep_margin=margin)
+                           keep_margin=margin, outline=self.settings.outline, min_area_um2=self.settings.min_area_um2)
 
     def start_workers(self, plan: SlidePlan, context: TileContext) -> Executor | None:
         """Polygon worker processes (None: post-processing runs in threads).
@@ -333,6 +337,7 @@ def segment_slide(
     post_processes: int | None = None,
     normalise_on_device: bool | None = None,
     tta: bool = False,
+    min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
 ) -> SlideResult:
     """Every nucleus of ``slide`` (a :class:`pointnuc.io.slide.Slide`) with the stage-2 ``network``.
 
@@ -340,12 +345,13 @@ def segment_slide(
     ``sink``: if given, receives the nuclei tile by tile (and the result's list stays
     empty), so memory does not grow with the number of nuclei either.
     ``pixel_size_um`` overrides the slide's; without either, :class:`PixelSizeError`.
+    ``min_area_um2``: smaller nuclei are dropped (0: none).
     The other arguments are :class:`SegmentSettings`.
     """
     settings = SegmentSettings(
         device=device, tile_size=tile_size, batch_size=batch_size, halo=halo, num_workers=num_workers,
         post_processes=post_processes, amp=amp, normalise_on_device=normalise_on_device, tta=tta, tissue=tissue,
-        progress=progress,
+        min_area_um2=min_area_um2, progress=progress,
     )
     return SlideSegmenter(network, info, settings).run(slide, region=region, name=name, pixel_size_um=pixel_size_um,
                                                        sink=sink)

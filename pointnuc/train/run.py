@@ -23,6 +23,7 @@ from pointnuc.errors import InputError, TrainingError
 from pointnuc.io.base import Project
 from pointnuc.models.calibration import ColourReference, Thresholds
 from pointnuc.models.layout import ModelLayout, check_model_dir
+from pointnuc.progress import overall_progress
 from pointnuc.train.samples import TrainingImage, detection_samples, load_training_images, points_between
 
 if TYPE_CHECKING:
@@ -118,6 +119,25 @@ def train_project(
         handler.close()
 
 
+def training_plan(config: TrainConfig, n_detection: int, n_segmentation: int) -> list[tuple[str, int]]:
+    """The batches each stage of a training will run, named as the stages are (``fit``'s ``stage_name``),
+    estimated from the configuration and the number of training images/regions of each stage (the
+    overall progress bar's first total; each stage's own count replaces its estimate when it starts)."""
+    det_cfg = config.for_detection()
+    d, s = det_cfg.detection, config.segmentation
+    det_steps = -(-n_detection * det_cfg.data.patches_per_image // d.batch_size)
+    seg_steps = -(-n_segmentation * config.data.patches_per_image // s.batch_size)
+    rounds = d.rounds if d.variant in ("ST-bg", "ST-nu") else 0
+    plan = [(f"detector-round{k}", det_steps * (d.round_epochs if k > 0 and d.round_epochs > 0 else d.epochs))
+            for k in range(rounds + 1)]
+    plan.append(("segmenter", seg_steps * s.epochs))
+    if s.refine_epochs > 0:
+        plan.append(("segmenter-refine", seg_steps * s.refine_epochs))
+    if s.crf_epochs > 0 and s.crf_beta > 0:
+        plan.append(("segmenter-crf", seg_steps * s.crf_epochs))
+    return plan
+
+
 def _check_same_input(
     out: Path, provenance: dict, counts: dict[str, int], point_class: str, region_class: str | None,
     pixel_size_um: float | None,
@@ -208,24 +228,26 @@ def _train(
 
     # stage 1 may work at a coarser pixel size (detection.pixel_size_um): the same regions, resampled
     samples1 = detection_samples(samples, config)
-    det = train_detector(samples1, config.for_detection(), layout, device=dev, resume=resume, progress=progress, weights=weights)
-    if samples1 is not samples:
-        det.points = points_between(det.points, samples1, samples)  # now at the segmenter's pixel size
-    info.thresholds = replace(info.thresholds, detection_prob=float(det.threshold),
-                              detection_min_area_px=float(det.min_area_px))
-    info.metrics["detection"] = det.metrics
-    info.provenance["stage1_seconds"] = round(time.time() - t0, 1)
-    save_info(out, info)
+    # one progress bar for all stages (stage 1's rounds, stage 2's phases), with the time left for all of them
+    with overall_progress(training_plan(config, len(samples1), len(samples)), "training", "batch", enabled=progress):
+        det = train_detector(samples1, config.for_detection(), layout, device=dev, resume=resume, progress=progress, weights=weights)
+        if samples1 is not samples:
+            det.points = points_between(det.points, samples1, samples)  # now at the segmenter's pixel size
+        info.thresholds = replace(info.thresholds, detection_prob=float(det.threshold),
+                                  detection_min_area_px=float(det.min_area_px))
+        info.metrics["detection"] = det.metrics
+        info.provenance["stage1_seconds"] = round(time.time() - t0, 1)
+        save_info(out, info)
 
-    t1 = time.time()
-    seg = train_segmenter(samples, det.points, config, layout, device=dev, resume=resume, progress=progress, weights=weights,
-                          detector_state=det.model.state_dict())
-    info.thresholds = replace(seg.thresholds, detection_prob=info.thresholds.detection_prob,
-                              detection_min_area_px=info.thresholds.detection_min_area_px)
-    info.metrics["segmentation"] = seg.metrics
-    info.provenance["stage2_seconds"] = round(time.time() - t1, 1)
-    info.provenance["seconds"] = round(time.time() - t0, 1)
-    save_info(out, info)
+        t1 = time.time()
+        seg = train_segmenter(samples, det.points, config, layout, device=dev, resume=resume, progress=progress, weights=weights,
+                              detector_state=det.model.state_dict())
+        info.thresholds = replace(seg.thresholds, detection_prob=info.thresholds.detection_prob,
+                                  detection_min_area_px=info.thresholds.detection_min_area_px)
+        info.metrics["segmentation"] = seg.metrics
+        info.provenance["stage2_seconds"] = round(time.time() - t1, 1)
+        info.provenance["seconds"] = round(time.time() - t0, 1)
+        save_info(out, info)
     from pointnuc.report import write_report
 
     report = write_report(layout, samples, det, seg, device=str(dev))
