@@ -39,6 +39,11 @@ def inspect_project(
             "n_pointnuc_objects": ann.n_pointnuc_objects,
             "problem": problem,
         })
+    from pointnuc.suggest import project_answers
+
+    answers = project_answers(project)  # the latest `pointnuc suggest`: answered and unanswered per image
+    for im in images:
+        im["suggestions"] = None if answers is None else dict(zip(("answered", "unanswered"), answers.get(im["name"], (0, 0))))
     return {
         "project": str(project_path),
         "kind": project.kind,
@@ -80,6 +85,12 @@ def format_report(report: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"{len(report['images'])} image(s), {report['total_points']} {pc!r} points in all "
                  f"({report['kind']}; regions: class {report['region_class']!r})")
+    asked = [im["suggestions"] for im in report["images"] if im.get("suggestions") is not None]
+    if asked:
+        a, u = sum(s["answered"] for s in asked), sum(s["unanswered"] for s in asked)
+        per = ", ".join(f"{im['name']}: {im['suggestions']['answered']}/{sum(im['suggestions'].values())}"
+                        for im in report["images"] if im.get("suggestions") and sum(im["suggestions"].values()))
+        lines.append(f"suggestions (pointnuc suggest): {a} answered, {u} unanswered ({per})")
     return "\n".join(lines)
 
 

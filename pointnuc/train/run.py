@@ -23,6 +23,7 @@ from pointnuc.errors import InputError, TrainingError
 from pointnuc.io.base import Project
 from pointnuc.models.calibration import ColourReference, Thresholds
 from pointnuc.models.layout import ModelLayout, check_model_dir
+from pointnuc.train.correction import ParentModel
 from pointnuc.train.samples import TrainingImage, detection_samples, load_training_images, points_between
 
 if TYPE_CHECKING:
@@ -60,8 +61,13 @@ def train_project(
     overwrite: bool = False,
     progress: bool = True,
     keep_checkpoints: bool = False,
+    parent: ParentModel | None = None,
 ) -> TrainSummary:
     """Stage 1 then stage 2 on a project's points; leaves a complete model folder at ``out``.
+
+    ``parent``: a correction round (:mod:`pointnuc.train.correction`): both stages start from its
+    weights, the images are normalised to its colour reference, and it is recorded in provenance
+    (``config`` is then its short schedule, :func:`~pointnuc.train.correction.correction_config`).
 
     ``resume``: continue the interrupted run in ``out`` from its checkpoints (same
     configuration and the same points, else a TrainingError); a missing or empty ``out``
@@ -77,6 +83,8 @@ def train_project(
 
     t0 = time.time()
     layout = ModelLayout(out)
+    if parent is not None and Path(out).resolve() == parent.root.resolve():
+        raise InputError(f"--from: the new model cannot replace its parent {parent.root}; choose another --out")
     check_model_dir(out, overwrite=overwrite, resume=resume)
     prev = None
     if resume and layout.meta.is_file():
@@ -93,7 +101,8 @@ def train_project(
 
     # read and check all input before anything is written
     samples, ref, counts = load_training_images(
-        project, config, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size_um
+        project, config, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size_um,
+        reference=parent.norm_reference if parent is not None else None,
     )
     if prev is not None:
         _check_same_input(out, prev.provenance, counts, point_class, region_class, pixel_size_um)
@@ -108,7 +117,7 @@ def train_project(
                       region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, offline=offline,
                       resume=prev is not None,
                       progress=progress, keep_checkpoints=keep_checkpoints,
-                      previous=prev.provenance if prev is not None else None)
+                      previous=prev.provenance if prev is not None else None, parent=parent)
     finally:
         logging.getLogger("pointnuc").removeHandler(handler)
         handler.close()
@@ -151,10 +160,12 @@ def _train(
     progress: bool,
     keep_checkpoints: bool = False,
     previous: dict | None = None,
+    parent: ParentModel | None = None,
 ) -> TrainSummary:
     """Stage 1 and stage 2 on loaded samples, saving the model description after each.
 
     ``previous``: the provenance of the interrupted run being resumed (its start is kept).
+    ``parent``: the model a correction round starts from (see :func:`train_project`).
     """
     import torch
 
@@ -177,11 +188,23 @@ def _train(
         config.for_detection().data.pixel_size_um,
         dev,
     )
-    start = resolve_encoder_start(config.encoder, weights, offline=offline, progress=progress)
-    weights = start.file
+    det_start = seg_start = None
+    if parent is None:
+        start = resolve_encoder_start(config.encoder, weights, offline=offline, progress=progress)
+        weights, encoder_start = start.file, start.to_json()
+    else:  # a correction round: no ImageNet start, the parent's weights
+        from pointnuc.models.bundle import load_network
+        from pointnuc.train.detect import DetectorStart
+
+        det_start = DetectorStart(load_network(parent.root, "detector").state_dict(),
+                                  parent.thresholds.detection_prob, parent.thresholds.detection_min_area_px)
+        seg_start = load_network(parent.root, "segmenter").state_dict()
+        weights, encoder_start = None, {"source": "parent model", "parent": str(parent.root.resolve())}
+        log.info("correction round from %s (digest %s): %d detector and %d segmenter epochs", parent.root,
+                 parent.digest, config.detection.epochs, config.segmentation.epochs + config.segmentation.crf_epochs)
     provenance: dict[str, Any] = {
         "project": str(project.root),
-        "encoder_start": start.to_json(),
+        "encoder_start": encoder_start,
         "images": counts,
         "point_class": point_class,
         "region_class": region_class,
@@ -194,6 +217,8 @@ def _train(
         "pointnuc": pointnuc.__version__,
         "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+    if parent is not None:
+        provenance["correction"] = parent.record()
     if previous is not None:  # a resumed run: when it first started, and each time it was resumed
         provenance["resumed"] = [*previous.get("resumed", []), provenance["started"]]
         provenance["started"] = previous.get("started", provenance["started"])
@@ -202,7 +227,8 @@ def _train(
 
     # stage 1 may work at a coarser pixel size (detection.pixel_size_um): the same regions, resampled
     samples1 = detection_samples(samples, config)
-    det = train_detector(samples1, config.for_detection(), layout, device=dev, resume=resume, progress=progress, weights=weights)
+    det = train_detector(samples1, config.for_detection(), layout, device=dev, resume=resume, progress=progress,
+                         weights=weights, start=det_start)
     if samples1 is not samples:
         det.points = points_between(det.points, samples1, samples)  # now at the segmenter's pixel size
     info.thresholds = replace(info.thresholds, detection_prob=float(det.threshold),
@@ -213,7 +239,7 @@ def _train(
 
     t1 = time.time()
     seg = train_segmenter(samples, det.points, config, layout, device=dev, resume=resume, progress=progress, weights=weights,
-                          detector_state=det.model.state_dict())
+                          detector_state=det.model.state_dict(), start_state=seg_start)
     info.thresholds = replace(seg.thresholds, detection_prob=info.thresholds.detection_prob,
                               detection_min_area_px=info.thresholds.detection_min_area_px)
     info.metrics["segmentation"] = seg.metrics
