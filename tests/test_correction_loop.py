@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from synth import label_points, render_nuclei, write_geojson_project
+from test_io_qupath import fake_project  # noqa: F401  (the fixture)
 
 from pointnuc.cli import main
 from pointnuc.io.base import SUGGESTION_MARKER
-from test_io_qupath import fake_project  # noqa: F401  (the fixture)
 
 NAMES = ("a", "b")
 QUICK = ["--set", "data.pixel_size_um=0.5", "--set", "detection.epochs=2", "--set", "detection.rounds=0",
@@ -134,7 +134,7 @@ def test_suggestion_answers_rules() -> None:
     assert suggestion_answers(rec, {"i": objs}, {"i": np.array([[11.0, 9.0]])}) == {"i": (2, 2)}
 
 
-def test_suggest_in_a_qupath_project_keeps_user_objects(trained, fake_project: Path) -> None:
+def test_suggest_in_a_qupath_project_keeps_user_objects(trained, fake_project: Path) -> None:  # noqa: F811
     from test_io_qupath import A7, FAKE
 
     from pointnuc.io.qupath_project import QuPathProjectFile

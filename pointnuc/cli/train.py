@@ -89,9 +89,8 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     from pointnuc.errors import InputError
     from pointnuc.io import open_project
     from pointnuc.pipeline import default_model_dir, train_project
-    from pointnuc.train.fit import resolve_device
-
     from pointnuc.train.correction import correction_config, load_parent
+    from pointnuc.train.fit import resolve_device
 
     parent_model = load_parent(parent) if parent is not None else None
     if profile == "auto" and parent_model is None:  # with --from, "auto" is the parent's (its base configuration)
