@@ -91,6 +91,12 @@ class FakeHierarchy:
     def add_cell(self, roi, path_class=None, measurements=None, *, nucleus_roi):
         return self._add(FakeObject(roi, path_class, measurements, nucleus_roi))
 
+    def add_annotation(self, roi, path_class=None, measurements=None):
+        o = self._add(FakeObject(roi, path_class, measurements))
+        self.detections.discard(o)
+        self.annotations.append(o)
+        return o
+
     def to_json(self) -> dict:
         def d(o):
             return {"roi": o.roi.wkt, "class": o.path_class.name if o.path_class else None,

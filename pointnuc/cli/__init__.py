@@ -70,9 +70,10 @@ def _register() -> None:
     from pointnuc.cli.evaluate import evaluate_cmd
     from pointnuc.cli.inspect import inspect_cmd
     from pointnuc.cli.segment import segment_cmd
+    from pointnuc.cli.suggest import suggest_cmd
     from pointnuc.cli.train import train_cmd
 
-    for cmd in (inspect_cmd, train_cmd, segment_cmd, evaluate_cmd):
+    for cmd in (inspect_cmd, train_cmd, segment_cmd, suggest_cmd, evaluate_cmd):
         main.add_command(cmd)
 
 

@@ -53,6 +53,11 @@ def inspect_project(
             # (suggestions answered / unanswered: added here by `pointnuc suggest`'s reading)
             "problem": problem,
         })
+    from pointnuc.suggest import project_answers
+
+    answers = project_answers(project)  # the latest `pointnuc suggest`: answered and unanswered per image
+    for im in images:
+        im["suggestions"] = None if answers is None else dict(zip(("answered", "unanswered"), answers.get(im["name"], (0, 0))))
     return {
         "project": str(project_path),
         "kind": project.kind,
@@ -97,6 +102,12 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"{len(report['images'])} image(s), {report['total_points']} {pc!r} points in all "
                  f"({report['kind']}; regions: class {report['region_class']!r})")
     lines.append(format_marks(report))
+    asked = [im["suggestions"] for im in report["images"] if im.get("suggestions") is not None]
+    if asked:
+        a, u = sum(s["answered"] for s in asked), sum(s["unanswered"] for s in asked)
+        per = ", ".join(f"{im['name']}: {im['suggestions']['answered']}/{sum(im['suggestions'].values())}"
+                        for im in report["images"] if im.get("suggestions") and sum(im["suggestions"].values()))
+        lines.append(f"suggestions (pointnuc suggest): {a} answered, {u} unanswered ({per})")
     return "\n".join(lines)
 
 

@@ -61,11 +61,14 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--overwrite", is_flag=True, help="Replace the pointnuc model folder at --out (never a folder of other files).")
 @click.option("--keep-checkpoints", is_flag=True,
               help="Keep the model folder's checkpoints/ when training finishes (removed by default: most of its size).")
+@click.option("--from", "parent", type=click.Path(path_type=Path), default=None, metavar="MODEL",
+              help="A correction round: start both stages from MODEL (its weights, colour reference and threshold) "
+                   "and train a quarter of its schedule on all the current marks; --profile defaults to MODEL's.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None, point_class: str,
               region_class: str | None, pixel_size: float | None, device: str, weights: Path | None, offline: bool, seed: int,
-              settings: tuple[str, ...], resume: bool, overwrite: bool, keep_checkpoints: bool, no_progress: bool,
-              background_class: str = "Background") -> None:
+              settings: tuple[str, ...], resume: bool, overwrite: bool, keep_checkpoints: bool, parent: Path | None,
+              no_progress: bool, background_class: str = "Background") -> None:
     """Train a nuclei detector, then a segmenter, from the points clicked in PROJECT.
 
     PROJECT is a QuPath project (.qpproj or its folder) or a folder of images with
@@ -78,22 +81,32 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
 
     Interrupted (Ctrl-C), it prints the command that continues where it stopped:
     the same options with --out MODEL_FOLDER --resume.
+
+    With --from MODEL (after answering `pointnuc suggest`'s questions or correcting
+    its results) it is a correction round: a quarter of the epochs, starting from MODEL,
+    which the new model's pointnuc-model.json names (its digest) as its parent.
     """
     from pointnuc.cli.stop import note_model_dir
     from pointnuc.config import profile_config
     from pointnuc.errors import InputError
     from pointnuc.io import open_project
     from pointnuc.pipeline import default_model_dir, train_project
+    from pointnuc.train.correction import correction_config, load_parent
     from pointnuc.train.fit import resolve_device
 
-    if profile == "auto":
+    parent_model = load_parent(parent) if parent is not None else None
+    if profile == "auto" and parent_model is None:  # with --from, "auto" is the parent's (its base configuration)
         profile = "paper" if resolve_device(device).type == "cuda" else "quick"
     overrides = _parse_set(settings)
     if variant:
         overrides["detection.variant"] = variant
     overrides["seed"] = seed
     try:
-        config = profile_config(profile, **overrides)
+        if parent_model is not None:
+            base = profile_config(profile) if profile != "auto" else None
+            config = correction_config(parent_model, base, overrides)
+        else:
+            config = profile_config(profile, **overrides)
     except (TypeError, ValueError) as err:
         raise InputError(f"bad --set value: {err}") from None
     proj = open_project(project, pixel_size_um=pixel_size)
@@ -104,11 +117,12 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
     note_model_dir(out, resume_command(options, out))  # what the interrupt message tells the user to run
     summary = train_project(proj, out, config, device=device, point_class=point_class, region_class=region_class,
                             pixel_size_um=pixel_size, weights=weights, offline=offline, resume=resume, overwrite=overwrite,
-                            progress=not no_progress, keep_checkpoints=keep_checkpoints,
+                            progress=not no_progress, keep_checkpoints=keep_checkpoints, parent=parent_model,
                             background_class=background_class)
     minutes = summary.seconds / 60
     click.echo(
-        f"Trained on {summary.n_images} image(s) from {summary.n_points} points; stage 1 found "
+        (f"Correction round from {parent}.\n" if parent is not None else "")
+        + f"Trained on {summary.n_images} image(s) from {summary.n_points} points; stage 1 found "
         f"{summary.n_detected} nuclei on the training images ({minutes:.1f} min on {summary.device}).\n"
         f"{summary.held_back_line}\n"
         f"Model: {summary.model_dir}\n"

@@ -13,18 +13,26 @@ corner of the top-left pixel, x = column, y = row; pixel (r, c) has its centre a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError
 
+if TYPE_CHECKING:
+    from pointnuc.io.objects import QuPathObject
+
+#: one point annotation to write: x, y (full-resolution QuPath coordinates) and its measurements
+PointMark = tuple[float, float, dict[str, float]]
+
 #: Measurement name that marks an object as written by pointnuc (QuPath shows it as a column).
 POINTNUC_MARKER = "pointnuc score"
+#: Measurement that marks a point annotation as a ``pointnuc suggest`` question (its value: the suggestion's rank)
+SUGGESTION_MARKER = "pointnuc suggestion"
 #: default growth of a nucleus into its cell (µm) for object_type="cell", as QuPath's cell expansion
 CELL_EXPANSION_UM = 2.0
 #: default class of the user's background marks (areas and points that say "no nucleus here")
@@ -152,4 +160,13 @@ class Project(Protocol):
         replaced (None = the whole image). User objects are never touched. Keeps a
         backup of what is replaced; returns the files written.
         """
+        ...
+
+    def annotation_objects(self, image: ImageRef) -> list[QuPathObject]:
+        """Every annotation the user's project holds for ``image`` (points, areas), as plain objects."""
+        ...
+
+    def write_suggestions(self, points: Mapping[str, Sequence[PointMark]], *, class_name: str) -> list[Path]:
+        """Write point annotations of ``class_name`` per image name, replacing the earlier ones of that class
+        that carry :data:`SUGGESTION_MARKER` (pointnuc's own questions) and nothing else; keeps a backup."""
         ...

@@ -34,9 +34,9 @@ from shapely.geometry.base import BaseGeometry
 
 from pointnuc import fileio
 from pointnuc.errors import InputError
-from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, NucleusObject, WriteOptions
+from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, SUGGESTION_MARKER, NucleusObject, WriteOptions
 from pointnuc.io.objects import QuPathObject
-from pointnuc.io.records import class_color, inside, nucleus_records
+from pointnuc.io.records import class_color, float32, inside, nucleus_records
 from pointnuc.measurements import RegionReader
 
 # --------------------------------------------------------------------------- reading
@@ -288,6 +288,26 @@ def write_nuclei_file(
     """Write nuclei as a QuPath FeatureCollection (File > Import objects reads it)."""
     feats = nuclei_features(nuclei, options=options, pixel_size_um=pixel_size_um, color=color, clip_to=clip_to)
     return write_features(path, feats)
+
+
+def point_features(points: Sequence[tuple[float, float, dict[str, float]]], class_name: str) -> list[dict[str, Any]]:
+    """Point annotations of ``class_name`` (each its own, so each can be reclassified on its own in QuPath),
+    with their measurements as QuPath stores them (32-bit floats)."""
+    rgb = list(class_color(class_name))
+    return [
+        {"type": "Feature", "id": str(uuid.uuid4()),
+         "geometry": {"type": "Point", "coordinates": [float(round(x, 2)), float(round(y, 2))]},
+         "properties": {"objectType": "annotation", "classification": {"name": class_name, "color": rgb},
+                        "measurements": {k: float32(v) for k, v in meas.items()}}}
+        for x, y, meas in points
+    ]
+
+
+def feature_is_suggestion(feature: dict[str, Any], class_name: str) -> bool:
+    """Whether a raw Feature is one of pointnuc's suggestions still in ``class_name`` (not yet answered)."""
+    props = feature.get("properties") or {}
+    m = props.get("measurements")
+    return isinstance(m, dict) and SUGGESTION_MARKER in m and _classification(props) == class_name
 
 
 def feature_is_pointnuc(feature: dict[str, Any]) -> bool:

@@ -21,7 +21,7 @@ one is kept as ``NAME.geojson.bak``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from shapely.geometry.base import BaseGeometry
@@ -35,16 +35,19 @@ from pointnuc.io.base import (
     ImageAnnotations,
     ImageRef,
     NucleusObject,
+    PointMark,
     WriteOptions,
 )
 from pointnuc.io.geojson import (
+    feature_is_suggestion,
     merge_features,
     nuclei_features,
+    point_features,
     read_features,
     read_objects,
     write_features,
 )
-from pointnuc.io.objects import summarise
+from pointnuc.io.objects import QuPathObject, summarise
 from pointnuc.io.records import image_pixels
 from pointnuc.io.slide import IMAGE_SUFFIXES, open_slide
 from pointnuc.io.written import WrittenObject, read_written, record_written
@@ -202,5 +205,30 @@ class GeoJSONFolderProject:
             write_features(path, feats)
             record_written(self.root, name, [_written(f) for f in new], area)
             log.info("%s: wrote %d objects to %s (File > Import objects in QuPath)", name, len(feats), path)
+            written.append(path)
+        return written
+
+    def annotation_objects(self, image: ImageRef) -> list[QuPathObject]:
+        """The annotations of the image's export (the user's objects; pointnuc's own file is not read)."""
+        export = self.export_path(image)
+        return [o for o in read_objects(export) if o.object_type == "annotation"] if export is not None else []
+
+    def write_suggestions(self, points: Mapping[str, Sequence[PointMark]], *, class_name: str) -> list[Path]:
+        """Write the suggestions into pointnuc's file of each image (``pointnuc-geojson/NAME.geojson``, with its
+        ``.bak``), replacing the unanswered suggestions of ``class_name`` there; the user's export is never written."""
+        refs = {r.name for r in self.images()}
+        unknown = [n for n in points if n not in refs]
+        if unknown:
+            raise InputError(f"no image named {unknown[0]!r} in {self.root}")
+        written = []
+        for name, marks in points.items():
+            path = self.output_path(name)
+            previous = read_features(path) if path.is_file() else []
+            kept = [f for f in previous if not feature_is_suggestion(f, class_name)]
+            if path.is_file():
+                backup_file(path, path.with_name(path.name + ".bak"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_features(path, kept + point_features(marks, class_name))
+            log.info("%s: wrote %d suggestions to %s (File > Import objects in QuPath)", name, len(marks), path)
             written.append(path)
         return written

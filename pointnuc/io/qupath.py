@@ -29,7 +29,7 @@ from typing import Any
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import InputError, PointnucError, QuPathNotFoundError
-from pointnuc.io.base import POINTNUC_MARKER
+from pointnuc.io.base import POINTNUC_MARKER, SUGGESTION_MARKER
 from pointnuc.io.qupath_process import read_frames, send_frame
 from pointnuc.io.records import Record, inside
 
@@ -204,6 +204,36 @@ class PaquoSession:
                         added = h.add_detection(roi=geom, path_class=path_class, measurements=meas)
                     ids.append(_object_id(added))
             done.append((str(Path(entry.entry_path) / QPDATA), len(old), len(recs), ids))
+        qp.save()
+        return done
+
+
+    def write_points(
+        self, points: dict[str, list[tuple[float, float, dict[str, float]]]], class_name: str, color: tuple[int, int, int],
+    ) -> list[tuple[str, int, int]]:
+        """Replace each image's annotations of ``class_name`` that carry :data:`SUGGESTION_MARKER` by one Point
+        annotation per ``(x, y, measurements)`` and save; (data.qpdata, removed, added) per image."""
+        from shapely.geometry import Point
+
+        self._reader = None
+        qp = self._Project(self.qpproj, mode="r+")
+        qp.update_image_paths(try_relative=True)
+        path_class = self._PathClass(class_name, color=color)
+        by_name = {e.image_name: e for e in qp.images}
+        done = []
+        for name, marks in points.items():
+            entry = by_name[name]
+            if not entry.is_readable():
+                raise InputError(f"QuPath cannot find the image file of {name!r} ({entry.uri}); nothing was written")
+            h = self._hierarchy(entry, name)
+            old = [a for a in h.annotations if SUGGESTION_MARKER in a.measurements
+                   and a.path_class is not None and a.path_class.name == class_name]
+            with h.no_autoflush():
+                for a in old:
+                    h.annotations.discard(a)
+                for x, y, meas in marks:
+                    h.add_annotation(roi=Point(x, y), path_class=path_class, measurements=meas)
+            done.append((str(Path(entry.entry_path) / QPDATA), len(old), len(marks)))
         qp.save()
         return done
 

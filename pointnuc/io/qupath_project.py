@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -36,6 +36,7 @@ from pointnuc.io.base import (
     ImageAnnotations,
     ImageRef,
     NucleusObject,
+    PointMark,
     WriteOptions,
 )
 from pointnuc.io.objects import QuPathObject, summarise
@@ -236,7 +237,51 @@ class QuPathProjectFile:
                          background_class=background_class, source=str(self.qpproj), n_pointnuc_objects=len(marked),
                          written=read_written(self.root, image.name), present=marked)
 
+    def annotation_objects(self, image: ImageRef) -> list[QuPathObject]:
+        """Every annotation of the image's hierarchy (points, areas) as plain objects."""
+        entry = self._entry(image.name)
+        check_qpdata(Path(entry["entry_path"]), image.name)
+        anns, _ = self._qupath.call(
+            "objects", what=f"the objects of image {image.name!r} ({Path(entry['entry_path']) / QPDATA})",
+            name=image.name,
+        )
+        return [QuPathObject("annotation", roi, cls, meas) for roi, cls, meas in anns]
+
     # ------------------------------------------------------------------ writing
+
+    def write_suggestions(self, points: Mapping[str, Sequence[PointMark]], *, class_name: str) -> list[Path]:
+        """Point annotations of ``class_name`` per image, replacing that class's unanswered suggestions only.
+
+        As :meth:`write_nuclei`: a backup first, restored on any failure or interruption.
+        """
+        if ":" in class_name or "\n" in class_name:
+            raise InputError(f"class name {class_name!r} cannot contain ':' (QuPath's derived classes are not supported)")
+        entries = {e["name"]: e for e in self._image_entries()}
+        unknown = [n for n in points if n not in entries]
+        if unknown:
+            raise InputError(f"no image named {unknown[0]!r} in {self.qpproj}")
+        names = list(points)
+        dirs = [Path(entries[n]["entry_path"]) for n in names]
+        all_dirs = [Path(e["entry_path"]) for e in entries.values()]
+        for n, d in zip(names, dirs):
+            check_qpdata(d, n)
+        backup = backup_project(self.qpproj, self.output_dir / BACKUP_FOLDER, names, dirs, all_dirs)
+        try:
+            done = self._qupath.call("write_points", what=f"writing to {self.qpproj}",
+                                     points={n: [(float(x), float(y), dict(m)) for x, y, m in points[n]] for n in names},
+                                     class_name=class_name, color=class_color(class_name))
+        except BaseException as err:
+            restore_project(self.qpproj, backup, dirs, all_dirs)
+            (log.debug if isinstance(err, KeyboardInterrupt) else log.error)(
+                "writing to %s failed; the project was restored from %s", self.qpproj, backup)
+            raise
+        finally:
+            self._refs = None
+            self._entries = None
+        for (_, removed, added), name in zip(done, names):
+            log.info("%s: replaced %d pointnuc suggestions with %d", name, removed, added)
+        prune_backups(self.output_dir / BACKUP_FOLDER, self.qpproj.name)
+        return [Path(p) for p, _, _ in done]
 
     def write_nuclei(
         self,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,15 @@ def detection_radii(config: TrainConfig) -> Radii:
     """r1 = nucleus radius at the working pixel size, r2 = r2_factor·r1, σ = sigma_factor·r1."""
     r1 = config.data.px(config.data.nucleus_radius_um)
     return Radii(r1=r1, r2=config.detection.r2_factor * r1, sigma=config.detection.sigma_factor * r1)
+
+
+@dataclass(frozen=True)
+class DetectorStart:
+    """A trained detector to start from (a correction round, :mod:`pointnuc.train.correction`)."""
+
+    state: Mapping[str, torch.Tensor]  #: its weights
+    threshold: float  #: its tuned detection threshold: its detections for the first self-training targets
+    min_area_px: float
 
 
 @dataclass
@@ -201,8 +210,13 @@ def train_detector(
     progress: bool = True,
     weights: Path | None = None,
     selection: DetectorSelection | None = None,
+    start: DetectorStart | None = None,
 ) -> DetectorResult:
     """Train the stage-1 detector, tune its threshold, save weights and detected points.
+
+    ``start``: a trained detector the network starts from instead of ImageNet's encoder; for the
+    self-training variants the first fit's targets are then already Eq. 3's (or ST-nu's), made
+    from its predictions at its threshold, so the background its rounds taught is kept.
 
     ``selection`` chooses the (threshold, minimum area) after each round (default: the
     held-back points, :class:`~pointnuc.train.selection.HeldBackPoints`); every tuning it
@@ -216,13 +230,21 @@ def train_detector(
     variant = det_cfg.variant
     rounds = det_cfg.rounds if variant in ("ST-bg", "ST-nu") else 0
     torch.manual_seed(config.seed)
-    model = build_network(1, config.encoder, weights, pretrained=True)
+    if start is not None:
+        model = build_network(1, config.encoder, pretrained=False)
+        model.load_state_dict(dict(start.state))
+    else:
+        model = build_network(1, config.encoder, weights, pretrained=True)
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return weighted_mse(logits, targets, det_cfg.fg_weight)
 
     masks0 = [initial_mask(s, variant, radii) for s in samples]
     targets = masks0
+    if start is not None and variant in ("ST-bg", "ST-nu"):
+        targets = [self_training_mask(s, variant, radii, m0, p, detect(p, s.valid, start.threshold, start.min_area_px),
+                                      det_cfg.bg_low, det_cfg.bg_high)
+                   for s, m0, p in zip(samples, masks0, predict_probabilities(model, samples, dev))]
     histories: dict[str, FitHistory] = {}
     metrics: dict[str, Any] = {"variant": variant, "r1_px": radii.r1, "r2_px": radii.r2, "sigma_px": radii.sigma,
                                "n_points": int(sum(len(s.points) for s in samples)),

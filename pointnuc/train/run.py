@@ -24,6 +24,7 @@ from pointnuc.io.base import Project
 from pointnuc.models.calibration import ColourReference, Thresholds
 from pointnuc.models.layout import ModelLayout, check_model_dir
 from pointnuc.progress import overall_progress
+from pointnuc.train.correction import ParentModel
 from pointnuc.train.samples import TrainingImage, detection_samples, load_training_images, points_between
 
 if TYPE_CHECKING:
@@ -62,10 +63,15 @@ def train_project(
     progress: bool = True,
     keep_checkpoints: bool = False,
     background_class: str | None = "Background",
+    parent: ParentModel | None = None,
 ) -> TrainSummary:
     """Stage 1 then stage 2 on a project's marks; leaves a complete model folder at ``out``.
 
     ``background_class``: the class of the user's background areas and points (None: none read).
+
+    ``parent``: a correction round (:mod:`pointnuc.train.correction`): both stages start from its
+    weights, the images are normalised to its colour reference, and it is recorded in provenance
+    (``config`` is then its short schedule, :func:`~pointnuc.train.correction.correction_config`).
 
     ``resume``: continue the interrupted run in ``out`` from its checkpoints (same
     configuration and the same points, else a TrainingError); a missing or empty ``out``
@@ -81,6 +87,8 @@ def train_project(
 
     t0 = time.time()
     layout = ModelLayout(out)
+    if parent is not None and Path(out).resolve() == parent.root.resolve():
+        raise InputError(f"--from: the new model cannot replace its parent {parent.root}; choose another --out")
     check_model_dir(out, overwrite=overwrite, resume=resume)
     prev = None
     if resume and layout.meta.is_file():
@@ -99,6 +107,7 @@ def train_project(
     samples, ref, counts = load_training_images(
         project, config, point_class=point_class, region_class=region_class, pixel_size_um=pixel_size_um,
         background_class=background_class,
+        reference=parent.norm_reference if parent is not None else None,
     )
     if prev is not None:
         _check_same_input(out, prev.provenance, counts, point_class, region_class, pixel_size_um)
@@ -113,7 +122,8 @@ def train_project(
                       region_class=region_class, pixel_size_um=pixel_size_um, weights=weights, offline=offline,
                       resume=prev is not None,
                       progress=progress, keep_checkpoints=keep_checkpoints,
-                      previous=prev.provenance if prev is not None else None, background_class=background_class)
+                      previous=prev.provenance if prev is not None else None, background_class=background_class,
+                      parent=parent)
     finally:
         logging.getLogger("pointnuc").removeHandler(handler)
         handler.close()
@@ -176,10 +186,12 @@ def _train(
     keep_checkpoints: bool = False,
     previous: dict | None = None,
     background_class: str | None = "Background",
+    parent: ParentModel | None = None,
 ) -> TrainSummary:
     """Stage 1 and stage 2 on loaded samples, saving the model description after each.
 
     ``previous``: the provenance of the interrupted run being resumed (its start is kept).
+    ``parent``: the model a correction round starts from (see :func:`train_project`).
     """
     import torch
 
@@ -202,11 +214,23 @@ def _train(
         config.for_detection().data.pixel_size_um,
         dev,
     )
-    start = resolve_encoder_start(config.encoder, weights, offline=offline, progress=progress)
-    weights = start.file
+    det_start = seg_start = None
+    if parent is None:
+        start = resolve_encoder_start(config.encoder, weights, offline=offline, progress=progress)
+        weights, encoder_start = start.file, start.to_json()
+    else:  # a correction round: no ImageNet start, the parent's weights
+        from pointnuc.models.bundle import load_network
+        from pointnuc.train.detect import DetectorStart
+
+        det_start = DetectorStart(load_network(parent.root, "detector").state_dict(),
+                                  parent.thresholds.detection_prob, parent.thresholds.detection_min_area_px)
+        seg_start = load_network(parent.root, "segmenter").state_dict()
+        weights, encoder_start = None, {"source": "parent model", "parent": str(parent.root.resolve())}
+        log.info("correction round from %s (digest %s): %d detector and %d segmenter epochs", parent.root,
+                 parent.digest, config.detection.epochs, config.segmentation.epochs + config.segmentation.crf_epochs)
     provenance: dict[str, Any] = {
         "project": str(project.root),
-        "encoder_start": start.to_json(),
+        "encoder_start": encoder_start,
         "images": counts,
         "point_class": point_class,
         "region_class": region_class,
@@ -220,6 +244,8 @@ def _train(
         "pointnuc": pointnuc.__version__,
         "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+    if parent is not None:
+        provenance["correction"] = parent.record()
     if previous is not None:  # a resumed run: when it first started, and each time it was resumed
         provenance["resumed"] = [*previous.get("resumed", []), provenance["started"]]
         provenance["started"] = previous.get("started", provenance["started"])
@@ -230,7 +256,8 @@ def _train(
     samples1 = detection_samples(samples, config)
     # one progress bar for all stages (stage 1's rounds, stage 2's phases), with the time left for all of them
     with overall_progress(training_plan(config, len(samples1), len(samples)), "training", "batch", enabled=progress):
-        det = train_detector(samples1, config.for_detection(), layout, device=dev, resume=resume, progress=progress, weights=weights)
+        det = train_detector(samples1, config.for_detection(), layout, device=dev, resume=resume, progress=progress, weights=weights,
+                               start=det_start)
         if samples1 is not samples:
             det.points = points_between(det.points, samples1, samples)  # now at the segmenter's pixel size
         info.thresholds = replace(info.thresholds, detection_prob=float(det.threshold),
@@ -241,7 +268,7 @@ def _train(
 
         t1 = time.time()
         seg = train_segmenter(samples, det.points, config, layout, device=dev, resume=resume, progress=progress, weights=weights,
-                              detector_state=det.model.state_dict())
+                              detector_state=det.model.state_dict(), start_state=seg_start)
         info.thresholds = replace(seg.thresholds, detection_prob=info.thresholds.detection_prob,
                                   detection_min_area_px=info.thresholds.detection_min_area_px)
         info.metrics["segmentation"] = seg.metrics

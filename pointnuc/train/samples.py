@@ -166,14 +166,15 @@ def load_training_images(
     pixel_size_um: float | None = None,
     image_names: Sequence[str] | None = None,
     background_class: str | None = "Background",
+    reference: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[list[TrainingImage], ColourReference, dict[str, int]]:
     """Read every image's marks at the working resolution, colour-normalised.
 
     Nucleus points are the clicked points and the centres of the user's outlines; the other
     marks (background areas and points of ``background_class``, deleted detections, outlines)
     go into each sample's ``marks``. An image with marks but no points is trained on too.
-    Returns the samples, the colour reference computed over them (:func:`pointnuc.stain.colour_reference`),
-    and nucleus points per image.
+    Returns the samples, the colour reference computed over them (:func:`pointnuc.stain.colour_reference`)
+    or ``reference`` when given (a parent model's: :mod:`pointnuc.train.correction`), and nucleus points per image.
     """
     from pointnuc.geometry import polygon_pixels
     from pointnuc.io.slide import open_slide, pixel_size_or_error
@@ -246,7 +247,9 @@ def load_training_images(
         raise TrainingError(f"no {point_class!r} points found in any image of the project{hint}")
     if total < MIN_POINTS:
         raise TrainingError(f"only {total} {point_class!r} points in the project; pointnuc needs at least {MIN_POINTS}")
-    ref: dict[str, Sequence[float]] = {**colour_reference([s.image for s in raw], stain=config.data.stain_normalise)}
+    ref: dict[str, Sequence[float]] = (
+        {**reference} if reference is not None
+        else {**colour_reference([s.image for s in raw], stain=config.data.stain_normalise)})
     for s in raw:
         s.image = colour_normalize(s.image, ref)
     return raw, ColourReference.from_json(ref), counts

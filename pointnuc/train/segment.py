@@ -141,9 +141,15 @@ class SegmenterTraining:
         if not self.selection.active:
             log.warning("no held-back points: the last epoch is kept and the threshold stays at 0.5")
 
-    def network(self, weights: Path | None, detector_state: Mapping[str, torch.Tensor] | None) -> nn.Module:
-        """The segmenter's start: the detector's weights (``segmentation.init_from_detector``), else ImageNet's."""
+    def network(self, weights: Path | None, detector_state: Mapping[str, torch.Tensor] | None,
+                start_state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """The segmenter's start: a trained segmenter's weights (``start_state``, a correction round), else
+        the detector's (``segmentation.init_from_detector``), else ImageNet's."""
         torch.manual_seed(self.config.seed)
+        if start_state is not None:
+            model = build_network(2, self.config.encoder, pretrained=False)
+            model.load_state_dict(dict(start_state))
+            return model
         init = self.config.segmentation.init_from_detector
         if init and detector_state is not None:
             model = build_network(2, self.config.encoder, pretrained=False)
@@ -208,6 +214,7 @@ def train_segmenter(
     merge_user_points: bool = True,
     detector_state: Mapping[str, torch.Tensor] | None = None,
     selection: SegmenterSelection | None = None,
+    start_state: Mapping[str, torch.Tensor] | None = None,
 ) -> SegmenterResult:
     """Train the stage-2 segmenter, pick its checkpoint, save its weights.
 
@@ -215,7 +222,8 @@ def train_segmenter(
     points for the "GT points" row); with ``merge_user_points`` the samples' own training
     points are added (detections within r1 of one are dropped). ``detector_state``: the
     stage-1 detector's weights, the segmenter's start when ``segmentation.init_from_detector``
-    is set. ``selection``: how checkpoints are scored (default: the held-back points).
+    is set. ``selection``: how checkpoints are scored (default: the held-back points). ``start_state``:
+    a trained segmenter's weights to start from (a correction round).
     """
     run = SegmenterTraining(samples, config, layout, device=device, resume=resume, progress=progress,
                             selection=selection or HeldBackPoints())
@@ -240,7 +248,7 @@ def train_segmenter(
     log.info("stage 2 labels for %d images in %.1f s", len(samples), t_labels)
     run.prepare_selection(known, points)
 
-    model = run.network(weights, detector_state)
+    model = run.network(weights, detector_state, start_state)
     ds = PatchDataset(samples, targets, config.data, nearest=TARGET_NEAREST, seed=config.seed + 7)
     loss = Stage2Loss(alpha=seg.alpha)
     history = {"segmentation": run.fit(model, ds, loss, "plain", name="segmenter", epochs=seg.epochs, lr=seg.lr)}
