@@ -35,10 +35,13 @@ def inspect_project(
 
     project = open_project(project_path, pixel_size_um=pixel_size_um)
     images: list[dict[str, Any]] = []
+    deleted_xy: dict[str, Any] = {}  # centres of deleted pointnuc detections: a suggestion answered by deleting
     for image in project.images():
         ann = project.annotations(image, point_class=point_class, region_class=region_class,
                                   background_class=background_class)
         problem = image_problem(image.path)
+        if ann.deleted:
+            deleted_xy[image.name] = [(g.centroid.x, g.centroid.y) for g in ann.deleted]
         points = {point_class: len(ann.points_xy), **{k: int(v) for k, v in ann.other_point_counts.items()}}
         images.append({
             "name": image.name,
@@ -50,12 +53,11 @@ def inspect_project(
             "n_regions": len(ann.regions),
             "n_pointnuc_objects": ann.n_pointnuc_objects,
             "marks": ann.mark_counts(),
-            # (suggestions answered / unanswered: added here by `pointnuc suggest`'s reading)
             "problem": problem,
         })
     from pointnuc.suggest import project_answers
 
-    answers = project_answers(project)  # the latest `pointnuc suggest`: answered and unanswered per image
+    answers = project_answers(project, deleted_xy)  # the latest `pointnuc suggest`: answered and unanswered per image
     for im in images:
         im["suggestions"] = None if answers is None else dict(zip(("answered", "unanswered"), answers.get(im["name"], (0, 0))))
     return {
