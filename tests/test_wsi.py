@@ -191,6 +191,22 @@ def test_worker_processes_give_the_same_nuclei(slide_file: tuple[Path, SynthSlid
     assert 0 < a.start_seconds < a.seconds and 0 < b.start_seconds < b.seconds  # the fixed start, part of the whole
 
 
+def test_cpu_default_fits_the_tile_to_the_image_with_the_same_nuclei(slide_file: tuple[Path, SynthSlide]) -> None:
+    """The CPU default (one tile fitted to a small area, batch by pixels) finds what a grid of small tiles finds."""
+    from pointnuc.io.slide import open_slide
+
+    path, _ = slide_file
+    region = shapely.box(0, 0, 1200, 900)
+    with open_slide(path) as slide:
+        small = segment_slide(slide, DarknessNet(), _info(), region=region, tile_size=TILE, batch_size=4, progress=False)
+        fitted = segment_slide(slide, DarknessNet(), _info(), region=region, progress=False)
+    assert small.n_tiles > 4 and fitted.n_tiles == 1 and fitted.tile_size > TILE
+    assert fitted.n_nuclei == small.n_nuclei > 50
+    key = lambda n: (round(n.polygon.centroid.x, 3), round(n.polygon.centroid.y, 3))
+    pairs = zip(sorted(small.nuclei, key=key), sorted(fitted.nuclei, key=key))
+    assert all(shapely.equals_exact(a.polygon, b.polygon, 1e-6) and a.measurements == b.measurements for a, b in pairs)
+
+
 def test_pixel_size_missing_or_given(tmp_path: Path) -> None:
     from pointnuc.io.slide import open_slide
 

@@ -18,7 +18,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.prepared import prep
 
 from pointnuc.errors import InputError, PixelSizeError
-from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, round_halo, tiles_intersecting
+from pointnuc.infer.tiling import Box, Tile, TileGrid, fit_tile_size, make_grid, round_halo, tiles_intersecting
 from pointnuc.io.slide import RegionReader, SlideLike, read_thumbnail
 from pointnuc.models.bundle import ModelInfo
 from pointnuc.stain import ColourStats, colour_stats
@@ -57,7 +57,7 @@ def plan_slide(
     info: ModelInfo,
     *,
     region: BaseGeometry | None = None,
-    tile_size: int = 512,
+    tile_size: int | tuple[int, int] = 512,
     halo: int | None = None,
     pixel_size_um: float | None = None,
     tissue: bool = True,
@@ -70,6 +70,9 @@ def plan_slide(
     larger one loses only the tiles whose core holds no pixel of the tissue mask
     (:func:`pointnuc.infer.tissue.tissue_mask`, grown by a nucleus and more). The network's
     context needs no wider mask: every tile kept is read with its halo.
+
+    ``tile_size``: px a side, or (smallest, largest): the size in that range that shows the
+    network the fewest pixels of this area (:func:`pointnuc.infer.tiling.fit_tile_size`).
     """
     from pointnuc.infer.tissue import tissue_mask
 
@@ -91,6 +94,8 @@ def plan_slide(
         )
         if area.empty:
             raise InputError("the region to segment lies outside the image")
+    if isinstance(tile_size, tuple):
+        tile_size = fit_tile_size(area.height, area.width, halo=halo, smallest=tile_size[0], largest=tile_size[1])
     grid = make_grid(area.height, area.width, tile_size=tile_size, halo=halo)
     tiles = list(grid)
     if tissue and len(tiles) > ALL_TILES_UP_TO:
