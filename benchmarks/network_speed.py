@@ -8,7 +8,9 @@ For each encoder (random weights, two output channels, evaluation mode) and each
 a change of load elsewhere on the machine moves every row alike, and keeps each row's best
 round. "Mpx/s" counts the pixels the network sees (tile windows, halo included); GMAC/Mpx is
 multiply-adds per megapixel (torch's FLOP counter / 2). The ratio column is each row's time
-relative to resnet34 at the same threads, fp32, contiguous.
+relative to resnet34 at the same threads, fp32, contiguous, from CPU seconds (this process's user +
+system time), which a busy machine inflates far less than wall time when one thread runs: on a shared
+machine read the 1-thread CPU-second ratios; wall seconds at 2 threads need an idle machine.
 """
 
 from __future__ import annotations
@@ -51,48 +53,94 @@ def gmac_per_mpx(net: torch.nn.Module, tile: int) -> float:
     return fc.get_total_flops() / 2 / 1e9 / (tile * tile / 1e6)
 
 
-def time_forward(net: torch.nn.Module, x: torch.Tensor, *, bf16: bool, reps: int) -> float:
-    """Best seconds of ``reps`` forward passes of ``x`` (after one warm-up)."""
-    best = float("inf")
+def time_forward(net: torch.nn.Module, x: torch.Tensor, *, bf16: bool, reps: int) -> tuple[float, float]:
+    """Best wall seconds and best CPU seconds (this process) of ``reps`` forward passes of ``x`` (after one warm-up)."""
+    wall = cpu = float("inf")
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         net(x)
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             net(x)
-            best = min(best, time.perf_counter() - t0)
-    return best
+            wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return wall, cpu
 
 
 def time_train_step(net: torch.nn.Module, batch: int, crop: int, reps: int) -> float:
-    """Best seconds of one training step (forward, cross-entropy, backward, Adam) on ``batch`` crops."""
+    """Best CPU seconds of one training step (forward, cross-entropy, backward, Adam) on ``batch`` crops."""
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, crop, crop)
     y = torch.randint(0, 2, (batch, crop, crop))
     best = float("inf")
     for i in range(reps + 1):
-        t0 = time.perf_counter()
+        c0 = time.process_time()
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
         if i:
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, time.process_time() - c0)
     net.eval()
     return best
+
+
+def segment_images(images: list[Path], encoders: list[str], threads: int) -> list[str]:
+    """Rows of seconds per image of ``segment_slide`` in-process: the old CPU tiles (512, batch 2) vs today's default.
+
+    The network is ``benchmarks/segment_speed.py``'s BenchNet (a U-Net's compute, a darkness map's output),
+    so post-processing sees nucleus-like objects without a trained model. Each image's best of two runs.
+    """
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from segment_speed import NORM_REF, BenchNet
+
+    from pointnuc.config import profile_config
+    from pointnuc.infer.wsi import segment_slide
+    from pointnuc.io.slide import open_slide
+    from pointnuc.models.bundle import ModelInfo
+
+    torch.set_num_threads(threads)
+    rows = ["", f"`segment_slide` in-process on {len(images)} images, {threads} threads (network: BenchNet, "
+            "a U-Net's compute with a darkness map's output), best of 2 runs per image:", "",
+            "| encoder | tiles | tile px | s per image | network s | post s (busy) | read s (busy) | nuclei |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for enc in encoders:
+        net = BenchNet(enc).eval()
+        info = ModelInfo(config=profile_config("quick", encoder=enc), norm_reference=NORM_REF)
+        for label, kw in (("512, batch 2", {"tile_size": 512, "batch_size": 2}), ("fitted (default)", {})):
+            tot = {"s": 0.0, "network": 0.0, "post": 0.0, "read": 0.0, "n": 0.0}
+            tile = 0
+            for path in images:
+                runs = []
+                for _ in range(2):
+                    with open_slide(path) as slide:
+                        runs.append(segment_slide(slide, net, info, progress=False, device="cpu", **kw))
+                r = min(runs, key=lambda r: r.seconds)
+                tot["s"] += r.seconds
+                tot["n"] += r.n_nuclei
+                tile = r.tile_size
+                for k in ("network", "post", "read"):
+                    tot[k] += r.timings[k]
+            n = len(images)
+            rows.append(f"| {enc} | {label} | {tile} | {tot['s'] / n:.2f} | {tot['network'] / n:.2f} | "
+                        f"{tot['post'] / n:.2f} | {tot['read'] / n:.2f} | {tot['n'] / n:.0f} |")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--encoders", default="resnet34,resnet18,slim18,slim")
     ap.add_argument("--tile", type=int, default=512, help="tile window, px a side")
-    ap.add_argument("--batch", type=int, default=2, help="tiles per forward pass (pointnuc segment's CPU default: 2)")
-    ap.add_argument("--threads", default="2,1", help="torch.set_num_threads values to try")
+    ap.add_argument("--batch", type=int, default=1, help="tiles per forward pass (pointnuc segment's CPU default: as many as fit 2 Mpx)")
+    ap.add_argument("--threads", default="1,2", help="torch.set_num_threads values to try")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=2, help="forward passes per row and round (best kept)")
     ap.add_argument("--variants", default="fp32,channels_last,bf16,bf16+channels_last",
                     help="settings tried with the first --threads value")
     ap.add_argument("--train-batch", type=int, default=8, help="training step: crops per batch (quick profile: 8)")
     ap.add_argument("--train-crop", type=int, default=160, help="training step: crop size (quick profile: 160)")
+    ap.add_argument("--images", type=Path, help="a folder of images (e.g. the MO test .tif): also time segment_slide")
+    ap.add_argument("--max-images", type=int, default=3)
+    ap.add_argument("--segment-threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -107,7 +155,7 @@ def main() -> None:
         for t in threads[1:]:
             rows.append((e, t, "fp32"))
     x = torch.randn(args.batch, 3, args.tile, args.tile)
-    best: dict[tuple[str, int, str], float] = {}
+    best: dict[tuple[str, int, str], tuple[float, float]] = {}
     load0 = os.getloadavg()[0]
     for _ in range(args.rounds):
         for row in rows:
@@ -120,7 +168,8 @@ def main() -> None:
                 inp = x.contiguous(memory_format=torch.channels_last)
             s = time_forward(net, inp, bf16="bf16" in v, reps=args.reps)
             net.to(memory_format=torch.contiguous_format)
-            best[row] = min(best.get(row, float("inf")), s)
+            w0, c0 = best.get(row, (float("inf"), float("inf")))
+            best[row] = (min(w0, s[0]), min(c0, s[1]))
     train: dict[str, float] = {}
     torch.set_num_threads(threads[0])
     for _ in range(args.rounds):
@@ -139,24 +188,29 @@ def main() -> None:
         (f"Batch of {args.batch} tiles of {args.tile} x {args.tile} px, random weights, torch.inference_mode; "
          f"best of {args.rounds} rounds x {args.reps} passes per row."),
         "",
-        "| encoder | params (M) | GMAC/Mpx | threads | setting | s per batch | network Mpx/s | time vs resnet34 |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        f"| encoder | params (M) | GMAC/Mpx | threads | setting | wall s per batch | CPU s per batch | Mpx/s (wall) "
+        f"| Mpx per CPU-s | CPU time vs {encoders[0]} |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         e, t, v = row
-        base = best.get((encoders[0], t, "fp32"), float("nan"))
+        base = best.get((encoders[0], t, "fp32"), (float("nan"), float("nan")))[1]
         params = sum(p.numel() for p in nets[e].parameters()) / 1e6
-        lines.append(f"| {e} | {params:.2f} | {macs[e]:.1f} | {t} | {v} | {best[row]:.3f} | {mpx / best[row]:.2f} | "
-                     f"{best[row] / base:.2f} |")
+        wall, cpu = best[row]
+        lines.append(f"| {e} | {params:.2f} | {macs[e]:.1f} | {t} | {v} | {wall:.3f} | {cpu:.3f} | {mpx / wall:.2f} | "
+                     f"{mpx / cpu:.2f} | {cpu / base:.2f} |")
     lines += [
         "",
         (f"Training step (forward, cross-entropy, backward, Adam) on {args.train_batch} crops of {args.train_crop} px, "
          f"{threads[0]} threads, fp32:"),
         "",
-        "| encoder | s per step | time vs " + encoders[0] + " |",
+        "| encoder | CPU s per step | CPU time vs " + encoders[0] + " |",
         "|---|---:|---:|",
     ]
     lines += [f"| {e} | {train[e]:.3f} | {train[e] / train[encoders[0]]:.2f} |" for e in encoders]
+    if args.images:
+        images = sorted(args.images.glob("*.tif"))[: args.max_images]
+        lines += segment_images(images, encoders, args.segment_threads)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -494,3 +494,25 @@ def test_tile_batch_flip_tta() -> None:
     assert not np.allclose(tta, plain[0], atol=1e-4)  # this network is not flip-invariant: the flips matter
     flipped = _predict_batch(net, np.ascontiguousarray(batch[:, :, ::-1]), cpu, False, tta=True)
     np.testing.assert_allclose(flipped[:, :, ::-1], tta, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ["tiny", "slim"])
+def test_channels_last_network_on_the_cpu_gives_the_same_probabilities(encoder: str) -> None:
+    """The CPU path converts the network to channels-last (faster); the probabilities stay those of the plain layout."""
+    from pointnuc.infer.predict import predict_batch as _predict_batch
+    from pointnuc.infer.predict import probabilities
+    from pointnuc.models.net import build_network, preprocess
+
+    torch.manual_seed(0)
+    net = build_network(2, encoder, pretrained=False).eval()
+    for p in net.modules():  # BatchNorm statistics away from (0, 1), as after training
+        if isinstance(p, nn.BatchNorm2d):
+            p.running_mean.uniform_(-0.5, 0.5)
+            p.running_var.uniform_(0.5, 2.0)
+    batch = np.random.default_rng(2).integers(0, 256, (2, 96, 128, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    with torch.no_grad():  # the plain layout throughout, as before
+        plain = probabilities(net, preprocess(batch), activation="auto", amp=False, channels_last=False)[:, 1].numpy()
+    fast = _predict_batch(net.to(memory_format=torch.channels_last), batch, cpu, False)
+    assert np.abs(plain - fast).max() < 1e-5
+    assert plain.std() > 1e-3  # not a constant map
