@@ -99,8 +99,8 @@ def segment_images(images: list[Path], encoders: list[str], threads: int) -> lis
     from pointnuc.models.bundle import ModelInfo
 
     torch.set_num_threads(threads)
-    rows = ["", f"`segment_slide` in-process on {len(images)} images, {threads} threads (network: BenchNet, "
-            "a U-Net's compute with a darkness map's output), best of 2 runs per image:", "",
+    rows = ["", (f"`segment_slide` in-process on {len(images)} images, {threads} threads (network: BenchNet, "
+            "a U-Net's compute with a darkness map's output), best of 2 runs per image:"), "",
             "| encoder | tiles | tile px | s per image | network s | post s (busy) | read s (busy) | nuclei |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for enc in encoders:
@@ -188,8 +188,8 @@ def main() -> None:
         (f"Batch of {args.batch} tiles of {args.tile} x {args.tile} px, random weights, torch.inference_mode; "
          f"best of {args.rounds} rounds x {args.reps} passes per row."),
         "",
-        f"| encoder | params (M) | GMAC/Mpx | threads | setting | wall s per batch | CPU s per batch | Mpx/s (wall) "
-        f"| Mpx per CPU-s | CPU time vs {encoders[0]} |",
+        (f"| encoder | params (M) | GMAC/Mpx | threads | setting | wall s per batch | CPU s per batch | Mpx/s (wall) "
+        f"| Mpx per CPU-s | CPU time vs {encoders[0]} |"),
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
