@@ -97,26 +97,26 @@ def machine() -> str:
 def speed(args: argparse.Namespace) -> dict:
     from pointnuc.infer.predict import predict_batch
     from pointnuc.infer.slide_tiles import plan_slide, read_tile
-    from pointnuc.infer.wsi import DEFAULT_BATCH, DEFAULT_TILE, segment_slide
+    from pointnuc.infer.wsi import CPU_BATCH_PIXELS, DEFAULT_BATCH, DEFAULT_TILE, segment_slide
     from pointnuc.io.slide import open_slide
 
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else (args.device if args.device != "auto" else "cpu"))
     kind = dev.type
-    tile = args.tile_size or DEFAULT_TILE[kind]
-    batch = args.batch_size or DEFAULT_BATCH[kind]
+    tile_setting = args.tile_size or DEFAULT_TILE[kind]  # on the CPU (smallest, largest): fitted to the slide
     amp = kind == "cuda"
     info = ModelInfo(config=profile_config("quick", **{"data.pixel_size_um": args.model_px, "encoder": args.encoder}), norm_reference=NORM_REF)
     torch.manual_seed(0)
     net = BenchNet(args.encoder).eval().to(dev)
-    if kind == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)  # as segment_slide runs it
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "speed.tif"
         t0 = time.perf_counter()
         make_slide(path, args.size, 1.0)
         t_write = time.perf_counter() - t0
         with open_slide(path) as slide:
-            plan = plan_slide(slide, info, tile_size=tile)
+            plan = plan_slide(slide, info, tile_size=tile_setting)
+            tile = plan.grid.tile_size
+            batch = args.batch_size or DEFAULT_BATCH[kind] or max(1, CPU_BATCH_PIXELS // (tile * tile))
             tiles = list(plan.tiles)
             core_mp = sum(t.core.height * t.core.width for t in tiles) / 1e6
             images = [read_tile(slide, plan, t) for t in tiles]  # the same tiles, held in memory for the bare run

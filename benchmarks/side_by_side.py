@@ -144,7 +144,8 @@ def run_pointnuc(paths: list[Path], model: Path, threads: int, work: Path) -> Ru
                 for p in paths}
     return Run(seconds=seconds, polygons=polygons, wall=wall, cpu=cpu,
                notes=[(f"`{' '.join(['pointnuc', *cmd[3:]])}` with OMP_NUM_THREADS={threads} "
-                      "(pointnuc's own CPU defaults otherwise: 2 reader/post-processing threads, tile 512, batch 2)")])
+                      "(pointnuc's own CPU defaults otherwise: 2 reader/post-processing threads, the tile fitted to each image "
+                      "up to 1536 px, batch by pixels, channels-last)")])
 
 
 def score(polygons: list[Any], truth: np.ndarray) -> tuple[float, Any]:

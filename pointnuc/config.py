@@ -21,7 +21,9 @@ VARIANTS: tuple[str, ...] = ("GM", "ext-GM", "ST-nu", "ST-bg")
 #: (benchmarks/results/min-size.md). A segment-time setting rather than a model's: it was measured as
 #: a filter on written outlines, and every model folder, older ones too, gets it without retraining.
 MIN_NUCLEUS_AREA_UM2 = 5.0
-ENCODERS: tuple[str, ...] = ("resnet34", "resnet18", "tiny")
+#: resnet34 (paper), resnet18: torchvision's, ImageNet-pretrained when the weights are at hand; slim18, slim:
+#: narrow ResNets for the CPU, always from random weights (pointnuc.models.net.SLIM_ENCODERS); tiny: tests
+ENCODERS: tuple[str, ...] = ("resnet34", "resnet18", "slim18", "slim", "tiny")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
@@ -160,7 +162,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
-    encoder: str = "resnet34"  #: resnet34 (paper) | resnet18 | tiny (tests)
+    encoder: str = "resnet34"  #: resnet34 (paper) | resnet18 | slim18 | slim (CPU) | tiny (tests)
     seed: int = 0
     profile: str = "paper"
 
@@ -241,6 +243,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         # two CRF-stage seeds; chosen on the test images, see stage2-quick-variants.md (session 11)
         "segmentation.crf_beta": 10.0,
     },
+    # the quick schedule with the compact "slim" U-Net (7.9 GMAC/Mpx, 13x fewer than resnet34's 102):
+    # ~10x faster segmentation on a CPU, the training no longer (benchmarks/results/network-speed.md, issue #28)
+    "cpu": {},  # filled below: quick's entries + the encoder
     # the README's example: one 1000x1000 40x tile, train + segment in < 10 min on 2 CPU cores
     # (~37 epochs of 16 patches, about 5 min on 2 idle cores). No self-training round: with
     # 12 training points the first detector finds too few nuclei to propagate background from
@@ -271,6 +276,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segmentation.batch_size": 4,
     },
 }
+
+PROFILES["cpu"] = {**PROFILES["quick"], "encoder": "slim"}
 
 
 def profile_config(name: str, **overrides: Any) -> TrainConfig:

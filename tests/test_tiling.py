@@ -9,7 +9,7 @@ from helpers import label_tiles, read_window, stitch_labels, tiled_predict, unti
 from scipy import ndimage as ndi
 
 from pointnuc.errors import InputError
-from pointnuc.infer.tiling import Box, make_grid, owned_labels, round_halo, tiles_intersecting
+from pointnuc.infer.tiling import Box, fit_tile_size, make_grid, owned_labels, round_halo, tiles_intersecting
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -134,6 +134,42 @@ def test_tiled_equals_untiled_tiny_unet() -> None:
     ref = untiled_reference(img, predict, tile_size=192, halo=48, pad_value=255)
     assert tiled.shape == ref.shape == (2, 200, 230)
     assert np.abs(tiled - ref).max() < 1e-5  # measured 2e-7; with no halo it is 0.12
+
+
+def test_fit_tile_size_by_hand() -> None:
+    # a 1000 x 1000 image, halo 80: one tile of 1184 (1000 + 2 x 80, up to a multiple of 32), not nine of 512
+    assert fit_tile_size(1000, 1000, halo=80, smallest=32, largest=1536) == 1184
+    # capped at 1024: 2 x 2 tiles of 672 (core 512) show 1.8 Mpx; 1024 (core 864) would show 4 x 1.05 Mpx
+    assert fit_tile_size(1000, 1000, halo=80, smallest=32, largest=1024) == 672
+    # a large slide: the largest size (least halo per core pixel); a small image: one tile just large enough
+    assert fit_tile_size(80_000, 100_000, halo=80, smallest=32, largest=1536) == 1536
+    assert fit_tile_size(100, 60, halo=80, smallest=32, largest=1536) == 288
+    assert fit_tile_size(100, 60, halo=80, smallest=512, largest=1536) == 512
+    for h, w in ((1000, 1000), (700, 2100), (5000, 300)):
+        t = fit_tile_size(h, w, halo=48, smallest=32, largest=1024)
+        g = make_grid(h, w, tile_size=t, halo=48)
+        shown = len(g) * t * t
+        assert all(len(make_grid(h, w, tile_size=s, halo=48)) * s * s >= shown for s in range(128, 1025, 32))
+
+
+def test_fitted_tiles_equal_the_old_512_grid_tiny_unet() -> None:
+    """The fitted (one-tile) grid and the fixed small grid give the same probabilities and instances."""
+    from pointnuc.models.net import UNet, preprocess
+
+    torch.manual_seed(0)
+    net = UNet(2, "tiny").eval()
+    img, _ = _disc_image(200, 230, seed=5)
+
+    @torch.no_grad()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return torch.softmax(net(preprocess(batch)), dim=1).numpy()
+
+    fitted = fit_tile_size(200, 230, halo=48, smallest=32, largest=512)
+    assert fitted == 352 and len(make_grid(200, 230, tile_size=fitted, halo=48)) == 1
+    one = tiled_predict(img, predict, tile_size=fitted, halo=48, pad_value=255)
+    many = tiled_predict(img, predict, tile_size=160, halo=48, pad_value=255)  # 4 x 4 tiles of 64-px cores
+    assert np.abs(one - many).max() < 1e-5
+    assert _same_partition(ndi.label(one[1] > 0.5)[0], ndi.label(many[1] > 0.5)[0])
 
 
 def test_tiles_intersecting_a_coarse_mask() -> None:

@@ -191,6 +191,22 @@ def test_worker_processes_give_the_same_nuclei(slide_file: tuple[Path, SynthSlid
     assert 0 < a.start_seconds < a.seconds and 0 < b.start_seconds < b.seconds  # the fixed start, part of the whole
 
 
+def test_cpu_default_fits_the_tile_to_the_image_with_the_same_nuclei(slide_file: tuple[Path, SynthSlide]) -> None:
+    """The CPU default (one tile fitted to a small area, batch by pixels) finds what a grid of small tiles finds."""
+    from pointnuc.io.slide import open_slide
+
+    path, _ = slide_file
+    region = shapely.box(0, 0, 1200, 900)
+    with open_slide(path) as slide:
+        small = segment_slide(slide, DarknessNet(), _info(), region=region, tile_size=TILE, batch_size=4, progress=False)
+        fitted = segment_slide(slide, DarknessNet(), _info(), region=region, progress=False)
+    assert small.n_tiles > 4 and fitted.n_tiles == 1 and fitted.tile_size > TILE
+    assert fitted.n_nuclei == small.n_nuclei > 50
+    key = lambda n: (round(n.polygon.centroid.x, 3), round(n.polygon.centroid.y, 3))
+    pairs = zip(sorted(small.nuclei, key=key), sorted(fitted.nuclei, key=key))
+    assert all(shapely.equals_exact(a.polygon, b.polygon, 1e-6) and a.measurements == b.measurements for a, b in pairs)
+
+
 def test_pixel_size_missing_or_given(tmp_path: Path) -> None:
     from pointnuc.io.slide import open_slide
 
@@ -480,3 +496,25 @@ def test_tile_batch_flip_tta() -> None:
     assert not np.allclose(tta, plain[0], atol=1e-4)  # this network is not flip-invariant: the flips matter
     flipped = _predict_batch(net, np.ascontiguousarray(batch[:, :, ::-1]), cpu, False, tta=True)
     np.testing.assert_allclose(flipped[:, :, ::-1], tta, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ["tiny", "slim"])
+def test_channels_last_network_on_the_cpu_gives_the_same_probabilities(encoder: str) -> None:
+    """The CPU path converts the network to channels-last (faster); the probabilities stay those of the plain layout."""
+    from pointnuc.infer.predict import predict_batch as _predict_batch
+    from pointnuc.infer.predict import probabilities
+    from pointnuc.models.net import build_network, preprocess
+
+    torch.manual_seed(0)
+    net = build_network(2, encoder, pretrained=False).eval()
+    for p in net.modules():  # BatchNorm statistics away from (0, 1), as after training
+        if isinstance(p, nn.BatchNorm2d):
+            p.running_mean.uniform_(-0.5, 0.5)
+            p.running_var.uniform_(0.5, 2.0)
+    batch = np.random.default_rng(2).integers(0, 256, (2, 96, 128, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    with torch.no_grad():  # the plain layout throughout, as before
+        plain = probabilities(net, preprocess(batch), activation="auto", amp=False, channels_last=False)[:, 1].numpy()
+    fast = _predict_batch(net.to(memory_format=torch.channels_last), batch, cpu, False)
+    assert np.abs(plain - fast).max() < 1e-5
+    assert plain.std() > 1e-3  # not a constant map

@@ -5,7 +5,8 @@
   border; only each window's centre is kept, so the result does not depend on the window
   grid (up to the network's receptive field beyond ``margin``).
 - :func:`predict_batch`: a batch of whole-slide tiles (:mod:`pointnuc.infer.wsi`), each already
-  holding its halo of slide pixels (white beyond the slide), colour-normalised on the device.
+  holding its halo of slide pixels (white beyond the slide), colour-normalised on the device; the
+  batch goes in channels-last (the network is converted to it by :mod:`pointnuc.infer.wsi`).
 
 Both run :func:`probabilities`. They are not one path: at an image's border the first sees the
 mirrored image, the second the white of glass (what a slide has there), so their numbers
@@ -160,7 +161,7 @@ def predict_batch(
     t = preprocess(x)
 
     def foreground(inp: torch.Tensor) -> torch.Tensor:
-        p = probabilities(network, inp, activation="auto", amp=amp, channels_last=device.type == "cuda")
+        p = probabilities(network, inp, activation="auto", amp=amp, channels_last=True)
         return p[:, 0] if p.shape[1] == 1 else p[:, 1]
 
     fg = foreground(t)

@@ -18,7 +18,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.prepared import prep
 
 from pointnuc.errors import InputError, PixelSizeError
-from pointnuc.infer.tiling import Box, Tile, TileGrid, make_grid, round_halo, tiles_intersecting
+from pointnuc.infer.tiling import Box, Tile, TileGrid, fit_tile_size, make_grid, round_halo, tiles_intersecting
 from pointnuc.io.slide import RegionReader, SlideLike, read_thumbnail
 from pointnuc.models.bundle import ModelInfo
 from pointnuc.stain import ColourStats, colour_stats
@@ -28,7 +28,9 @@ MAX_NUCLEUS_RADIUS_FACTOR = 2.0
 #: network context kept beyond the largest nucleus, in working pixels (tiled == untiled to < 1e-5 at 32)
 CONTEXT_PX = 32
 #: an area of at most this many tiles is run whole: the tissue mask would save seconds, and could lose nuclei
+#: (tiles of the size given; with a fitted size, of :data:`SMALL_AREA_TILE` px)
 ALL_TILES_UP_TO = 16
+SMALL_AREA_TILE = 512
 #: Tiles read to estimate a slide's colour statistics (spread evenly over the tissue tiles).
 COLOUR_SAMPLE_TILES = 8
 #: Of those pixels, every this many give the stain statistics (two percentiles; ~400k pixels of 8 tiles of 448² cores)
@@ -57,7 +59,7 @@ def plan_slide(
     info: ModelInfo,
     *,
     region: BaseGeometry | None = None,
-    tile_size: int = 512,
+    tile_size: int | tuple[int, int] = 512,
     halo: int | None = None,
     pixel_size_um: float | None = None,
     tissue: bool = True,
@@ -70,6 +72,9 @@ def plan_slide(
     larger one loses only the tiles whose core holds no pixel of the tissue mask
     (:func:`pointnuc.infer.tissue.tissue_mask`, grown by a nucleus and more). The network's
     context needs no wider mask: every tile kept is read with its halo.
+
+    ``tile_size``: px a side, or (smallest, largest): the size in that range that shows the
+    network the fewest pixels of this area (:func:`pointnuc.infer.tiling.fit_tile_size`).
     """
     from pointnuc.infer.tissue import tissue_mask
 
@@ -91,9 +96,13 @@ def plan_slide(
         )
         if area.empty:
             raise InputError("the region to segment lies outside the image")
+    small_tile = tile_size if isinstance(tile_size, int) else SMALL_AREA_TILE  # what "small" is counted in
+    if isinstance(tile_size, tuple):
+        tile_size = fit_tile_size(area.height, area.width, halo=halo, smallest=tile_size[0], largest=tile_size[1])
     grid = make_grid(area.height, area.width, tile_size=tile_size, halo=halo)
     tiles = list(grid)
-    if tissue and len(tiles) > ALL_TILES_UP_TO:
+    core = max(small_tile - 2 * halo, 32)
+    if tissue and math.ceil(area.height / core) * math.ceil(area.width / core) > ALL_TILES_UP_TO:
         thumb, tds = thumbnail if thumbnail is not None else read_thumbnail(slide, pixel_size_um=px)
         mask = tissue_mask(thumb, downsample=tds, pixel_size_um=px)
         tiles = tiles_intersecting(tiles, mask, tds / ds, origin=(area.y0, area.x0))

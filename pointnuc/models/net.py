@@ -142,6 +142,39 @@ def _tiny_encoder() -> tuple[nn.ModuleList, list[int]]:
     return stages, chans
 
 
+#: Compact encoders for CPU inference (no pretrained weights): ResNet's BasicBlocks and five stride-2
+#: stages, narrower and with a 3x3 stem. name -> (channels of the five stages, blocks in stages 2-5).
+SLIM_ENCODERS: dict[str, tuple[tuple[int, int, int, int, int], tuple[int, int, int, int]]] = {
+    "slim18": ((32, 32, 64, 128, 256), (2, 2, 2, 2)),  # ResNet-18's layout at half its width
+    "slim": ((24, 24, 48, 96, 192), (1, 2, 2, 1)),
+}
+
+
+def _slim_encoder(encoder: str) -> tuple[nn.ModuleList, list[int]]:
+    """A narrow ResNet (:data:`SLIM_ENCODERS`): a 3x3 stride-2 stem, then BasicBlock stages at /4 ... /32."""
+    from torchvision.models.resnet import BasicBlock
+
+    chans, blocks = SLIM_ENCODERS[encoder]
+
+    def layer(ci: int, co: int, n: int, stride: int) -> nn.Sequential:
+        down = None
+        if stride != 1 or ci != co:
+            down = nn.Sequential(nn.Conv2d(ci, co, 1, stride, bias=False), nn.BatchNorm2d(co))
+        return nn.Sequential(BasicBlock(ci, co, stride, down), *[BasicBlock(co, co) for _ in range(n - 1)])
+
+    stem = nn.Sequential(nn.Conv2d(3, chans[0], 3, 2, 1, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU(inplace=True))
+    stages = nn.ModuleList(
+        [
+            stem,  # /2
+            nn.Sequential(nn.MaxPool2d(3, 2, 1), layer(chans[0], chans[1], blocks[0], 1)),  # /4
+            layer(chans[1], chans[2], blocks[1], 2),  # /8
+            layer(chans[2], chans[3], blocks[2], 2),  # /16
+            layer(chans[3], chans[4], blocks[3], 2),  # /32
+        ]
+    )
+    return stages, list(chans)
+
+
 def _resnet_encoder(encoder: str, weights_file: Path | None) -> tuple[nn.ModuleList, list[int]]:
     import torchvision
 
@@ -169,6 +202,8 @@ class UNet(nn.Module):
         self.encoder_name = encoder
         if encoder == "tiny":
             self.stages, ch = _tiny_encoder()
+        elif encoder in SLIM_ENCODERS:
+            self.stages, ch = _slim_encoder(encoder)
         else:
             self.stages, ch = _resnet_encoder(encoder, weights_file)
         dec = [max(c // 2, 8) for c in ch]
@@ -201,8 +236,8 @@ def build_network(out_channels: int, encoder: str = "resnet34", weights: Path | 
     What to download, and the line that says the encoder starts at random, belong to
     :func:`resolve_encoder_start`, called once per training.
     """
-    weights_file = find_imagenet_weights(encoder, weights) if (pretrained and encoder != "tiny") else None
-    if pretrained and encoder != "tiny" and weights_file is None:
+    weights_file = find_imagenet_weights(encoder, weights) if (pretrained and encoder in PRETRAINED_ENCODERS) else None
+    if pretrained and encoder in PRETRAINED_ENCODERS and weights_file is None:
         log.debug("no ImageNet weights for %s found locally; random initialisation", encoder)
     if weights_file is not None and not weights_file.is_file():
         from pointnuc.errors import InputError

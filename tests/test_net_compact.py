@@ -1,0 +1,75 @@
+"""The compact CPU encoders (issue #28): their size, that they train, and that a model with one loads back."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth import label_points, render_nuclei
+
+from pointnuc.config import ENCODERS, profile_config
+from pointnuc.models.net import SLIM_ENCODERS, build_network, resolve_encoder_start
+
+
+def _macs(net: torch.nn.Module, size: int) -> float:
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(torch.zeros(1, 3, size, size))
+    return fc.get_total_flops() / 2
+
+
+def test_slim_encoders_are_known_and_at_least_5x_cheaper_than_resnet34() -> None:
+    assert set(SLIM_ENCODERS) <= set(ENCODERS)
+    ref = _macs(build_network(2, "resnet34", pretrained=False).eval(), 128)
+    for name in SLIM_ENCODERS:
+        net = build_network(2, name, pretrained=False).eval()
+        assert ref / _macs(net, 128) >= 5.0, name
+        # any window that is a multiple of 32 (tiles are), also not square: logits at full size
+        assert net(torch.zeros(1, 3, 96, 160)).shape == (1, 2, 96, 160)
+        assert resolve_encoder_start(name, offline=True).kind == "random"  # no ImageNet weights to look for
+
+
+def test_cpu_profile_is_quick_with_the_slim_encoder() -> None:
+    cpu, quick = profile_config("cpu"), profile_config("quick")
+    assert cpu.encoder == "slim"
+    assert cpu.replace(encoder=quick.encoder, profile="quick") == quick
+
+
+@pytest.mark.parametrize("name", sorted(SLIM_ENCODERS))
+def test_slim_encoder_trains_a_step(name: str) -> None:
+    torch.manual_seed(0)
+    net = build_network(2, name, pretrained=False).train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = torch.randn(2, 3, 64, 64), (torch.rand(2, 64, 64) > 0.5).long()
+    before = [p.detach().clone() for p in net.parameters()]
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_segmenter_with_slim_encoder_trains_and_loads_back(tmp_path: Path) -> None:
+    from pointnuc.models.bundle import ModelLayout
+    from pointnuc.train.samples import TrainingImage
+    from pointnuc.train.segment import train_segmenter
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    img, gt = render_nuclei((96, 96), 8, 7.0, seed=4)
+    pts = label_points(gt)
+    sample = TrainingImage("s", "s", img, pts[:2], pts[5:], np.ones(gt.shape, bool))
+    cfg = profile_config("tiny", encoder="slim", **{"segmentation.epochs": 1, "segmentation.crf_epochs": 0})
+    res = train_segmenter([sample], {"s": pts[:5]}, cfg, ModelLayout(tmp_path / "m"), device="cpu", progress=False)
+    assert res.model.encoder_name == "slim" and len(res.history["segmentation"].losses) == 1
+    again = build_network(2, "slim", pretrained=False)
+    again.load_state_dict(res.model.state_dict())  # same architecture, every tensor fits
