@@ -518,3 +518,22 @@ def test_channels_last_network_on_the_cpu_gives_the_same_probabilities(encoder: 
     fast = _predict_batch(net.to(memory_format=torch.channels_last), batch, cpu, False)
     assert np.abs(plain - fast).max() < 1e-5
     assert plain.std() > 1e-3  # not a constant map
+
+
+def test_bf16_on_the_cpu_where_native_and_close_to_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """amp defaults on for a CPU with native bf16 only; its probabilities stay within a few hundredths of fp32."""
+    from pointnuc.infer import wsi
+    from pointnuc.infer.predict import predict_batch as _predict_batch
+    from pointnuc.models.net import build_network
+
+    for native in (True, False):
+        monkeypatch.setattr(wsi, "cpu_has_native_bf16", lambda native=native: native)
+        assert wsi.SegmentSettings().for_device().amp is native
+        assert wsi.SegmentSettings(amp=False).for_device().amp is False
+    torch.manual_seed(0)
+    net = build_network(2, "slim", pretrained=False).eval().to(memory_format=torch.channels_last)
+    batch = np.random.default_rng(3).integers(0, 256, (1, 96, 128, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    fp32, bf16 = _predict_batch(net, batch, cpu, False), _predict_batch(net, batch, cpu, True)
+    assert fp32.dtype == bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)  # bf16 really ran
+    assert np.abs(fp32 - bf16).max() < 0.05
