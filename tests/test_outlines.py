@@ -43,10 +43,10 @@ def _discs(size: int = 250, seed: int = 0) -> tuple[np.ndarray, list[tuple[float
     return prob, truth
 
 
-def _nuclei(prob: np.ndarray, outline: str, **kw: float) -> list[shapely.Polygon]:
+def _nuclei(prob: np.ndarray, outline: str, ds: float = DS, **kw: float) -> list[shapely.Polygon]:
     g = make_grid(prob.shape[0], prob.shape[1], tile_size=256, halo=0)
     assert len(g.tiles) == 1
-    ctx = TileContext((0, 0), DS, PX, InstanceParams(threshold=0.5, min_area_px=5), outline=outline, **kw)
+    ctx = TileContext((0, 0), ds, PX, InstanceParams(threshold=0.5, min_area_px=5), outline=outline, **kw)
     pad = np.zeros((256, 256), np.float32)
     pad[: prob.shape[0], : prob.shape[1]] = prob
     found, _ = tile_nuclei(pad, g.tiles[0], ctx)
@@ -91,6 +91,19 @@ def test_outlines_follow_the_true_disc_not_the_working_grid() -> None:
     a_old = sorted(p.area for p in old)
     a_new = sorted(p.area for p in new)
     assert np.allclose(a_new, a_old, rtol=0.15)
+
+
+def test_auto_outlines_are_subpixel_only_where_the_model_works_coarser_than_the_image() -> None:
+    """The default: sub-pixel where a working pixel spans several image pixels (the staircase would show),
+    the pixel outline where the model works at the image's own resolution (as close to the truth on MO, cheaper)."""
+    prob, _ = _discs(120)
+
+    def same(a: list[shapely.Polygon], b: list[shapely.Polygon]) -> bool:
+        return len(a) == len(b) and all(x.equals_exact(y, 1e-9) for x, y in zip(a, b))
+
+    for ds, expected, other in ((DS, "subpixel", "pixels"), (1.0, "pixels", "subpixel")):
+        auto = _nuclei(prob, "auto", ds=ds)
+        assert auto and same(auto, _nuclei(prob, expected, ds=ds)) and not same(auto, _nuclei(prob, other, ds=ds))
 
 
 def test_touching_nuclei_do_not_overlap_and_outlines_stay_in_the_image() -> None:

@@ -28,9 +28,13 @@ SIMPLIFY_PX = 0.75
 
 #: how outlines are traced: ``subpixel`` (:func:`pointnuc.geometry.contour_polygons`: where the
 #: probability crosses the threshold, between pixel centres) or ``pixels`` (the label image's pixel
-#: staircase, :func:`pointnuc.geometry.labels_to_polygons`, simplified by :data:`SIMPLIFY_PX`; kept
-#: for ``benchmarks/outlines.py``'s comparison)
-OUTLINES = ("subpixel", "pixels")
+#: staircase, :func:`pointnuc.geometry.labels_to_polygons`, simplified by :data:`SIMPLIFY_PX`).
+#: ``auto`` (the default) is ``subpixel`` where the network works coarser than
+#: the image (a 0.5 µm/px model on a 0.25 µm/px slide: the working grid's staircase would show) and
+#: ``pixels`` where it works at the image's own resolution. On MoNuSeg "MO" test (benchmarks/results/
+#: outlines.md) sub-pixel outlines were smoother but no closer to the true ones at either resolution
+#: (boundary distance +0.01 µm, AJI -0.0002), and at full resolution they cost 0.2 s more per image.
+OUTLINES = ("auto", "subpixel", "pixels")
 #: simplification of sub-pixel outlines, working px: only drops vertices that are nearly collinear
 #: (about 20 % of them) and moves none visibly (synthetic discs: 0.05 full-res px from the circle either way)
 SUBPIXEL_SIMPLIFY_PX = 0.02
@@ -60,7 +64,7 @@ class TileContext:
     params: InstanceParams = InstanceParams()
     region: BaseGeometry | None = None  #: full-res; nuclei with their centroid outside are dropped
     simplify_px: float | None = None  #: outline simplification, working px (None: the outline's own default)
-    outline: str = "subpixel"  #: one of :data:`OUTLINES`
+    outline: str = "auto"  #: one of :data:`OUTLINES`
     #: full-res sample points per working px when tracing sub-pixel outlines (1: on the working grid,
     #: which traced synthetic discs more closely than 2 or 4, see :func:`pointnuc.geometry.contour_polygons`)
     upsample: int = 1
@@ -75,7 +79,7 @@ class TileContext:
 def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext) -> tuple[list[NucleusObject], int]:
     """The nuclei ``tile`` owns, from its window's foreground probability (T, T).
 
-    Outlines are traced as ``ctx.outline`` says (sub-pixel by default); nuclei whose outline is
+    Outlines are traced as ``ctx.outline`` says (:data:`OUTLINES`); nuclei whose outline is
     under ``ctx.min_area_um2`` are dropped. Returns the nuclei (full-res polygons, mean probability
     as score, shape measurements) and the number of objects dropped because they are centred in the
     core but cut by the tile's edge (larger than the halo: not nuclei).
@@ -103,7 +107,8 @@ def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext) -> tuple[list
     ds = ctx.downsample
     oy, ox = tile.valid.y0 + ctx.origin[0], tile.valid.x0 + ctx.origin[1]
     offset = (ox * ds, oy * ds)
-    if ctx.outline == "pixels":
+    outline = ctx.outline if ctx.outline != "auto" else ("subpixel" if ctx.downsample > 1 else "pixels")
+    if outline == "pixels":
         simplify = SIMPLIFY_PX if ctx.simplify_px is None else ctx.simplify_px
         polys = labels_to_polygons(lab, offset_xy=offset, scale=ds, simplify_px=simplify)
     else:
@@ -178,7 +183,7 @@ def init_worker(ctx: TileContext) -> None:
     import pointnuc.infer.instances
     import pointnuc.measurements  # noqa: F401
 
-    if ctx.outline == "subpixel":
+    if ctx.outline != "pixels":
         import skimage.measure
     if ctx.params.method == "watershed":
         import skimage.morphology

@@ -129,7 +129,7 @@ class SegmentSettings:
     tissue: bool = True  #: leave out the glass (:func:`plan_slide`)
     #: nuclei whose outline is smaller than this (µm², at the slide's pixel size) are dropped
     min_area_um2: float = MIN_NUCLEUS_AREA_UM2
-    outline: str = "subpixel"  #: how outlines are traced (:data:`pointnuc.infer.polygons.OUTLINES`)
+    outline: str = "auto"  #: how outlines are traced (:data:`pointnuc.infer.polygons.OUTLINES`)
     progress: bool = True  #: a progress bar (or log lines, :mod:`pointnuc.progress`)
 
     def for_device(self) -> SegmentSettings:
