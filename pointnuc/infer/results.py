@@ -21,7 +21,7 @@ from pointnuc.models.layout import MODEL_JSON, SEGMENTER_WEIGHTS, ModelLayout
 
 RESULTS_FOLDER = "pointnuc-results"
 #: what a kept result holds and how it is made: bump it when either changes, and older kept results are recomputed
-RESULT_FORMAT = 3  # 3: sub-pixel outlines, and a minimum nucleus area
+RESULT_FORMAT = 4  # 3: sub-pixel outlines, and a minimum nucleus area; 4: outlines "auto"
 #: an image's file is recognised by its size and this many evenly spread chunks of this many bytes
 SAMPLE_CHUNKS, SAMPLE_BYTES = 8, 32 * 1024
 
