@@ -6,7 +6,8 @@ Each lives with its step: the training run in :mod:`pointnuc.train.run`, model f
 
 from __future__ import annotations
 
-from pointnuc.infer.project import SegmentSummary, merge_results, plan_segmentation, segment_project
+from pointnuc.infer.merge import merge_results
+from pointnuc.infer.project import SegmentSummary, plan_segmentation, segment_project
 from pointnuc.models.layout import default_model_dir, newest_model_dir
 from pointnuc.train.run import TrainSummary, train_project
 

@@ -1,6 +1,6 @@
 """Outlines without staircases, and no fragments (issue #27).
 
-Sub-pixel outlines (:func:`pointnuc.geometry.contour_polygons`, pointnuc's default) against the pixel
+Sub-pixel outlines (:func:`pointnuc.contours.contour_polygons`, pointnuc's default) against the pixel
 staircase they replace (``outline="pixels"``), on synthetic discs whose true boundary is known: a model
 working at 0.5 µm/px on 0.25 µm/px images (2 full-res px per working px), the nucleus probability a
 smooth step across each disc's circle, as a trained network's is.
@@ -19,7 +19,7 @@ from synth import write_tiff
 from test_segment_guards import _stand_in_model
 
 from pointnuc.cli import main
-from pointnuc.geometry import contour_polygons
+from pointnuc.contours import contour_polygons
 from pointnuc.infer.instances import instances_from_probability
 from pointnuc.infer.polygons import InstanceParams, TileContext, tile_nuclei
 from pointnuc.infer.tiling import make_grid

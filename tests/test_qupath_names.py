@@ -54,7 +54,8 @@ def test_stain_measurements_with_the_image(tmp_path: Path) -> None:
     white image has zero optical density, a uniformly stained one that stain's density."""
     import numpy as np
 
-    from pointnuc.measurements import HE_DEFAULT, measurement_names
+    from pointnuc.deconvolution import HE_DEFAULT
+    from pointnuc.measurements import measurement_names
 
     class Uniform:
         def __init__(self, rgb: tuple[int, int, int]) -> None:

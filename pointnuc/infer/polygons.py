@@ -26,7 +26,7 @@ from pointnuc.models.calibration import Thresholds
 #: staircase's own error, so the outline looks the same.
 SIMPLIFY_PX = 0.75
 
-#: how outlines are traced: ``subpixel`` (:func:`pointnuc.geometry.contour_polygons`: where the
+#: how outlines are traced: ``subpixel`` (:func:`pointnuc.contours.contour_polygons`: where the
 #: probability crosses the threshold, between pixel centres) or ``pixels`` (the label image's pixel
 #: staircase, :func:`pointnuc.geometry.labels_to_polygons`, simplified by :data:`SIMPLIFY_PX`).
 #: ``auto`` (the default) is ``subpixel`` where the network works coarser than
@@ -66,7 +66,7 @@ class TileContext:
     simplify_px: float | None = None  #: outline simplification, working px (None: the outline's own default)
     outline: str = "auto"  #: one of :data:`OUTLINES`
     #: full-res sample points per working px when tracing sub-pixel outlines (1: on the working grid,
-    #: which traced synthetic discs more closely than 2 or 4, see :func:`pointnuc.geometry.contour_polygons`)
+    #: which traced synthetic discs more closely than 2 or 4, see :func:`pointnuc.contours.contour_polygons`)
     upsample: int = 1
     #: nuclei whose outline is smaller than this (µm²) are dropped (``pointnuc segment --min-area``)
     min_area_um2: float = 0.0
@@ -84,7 +84,8 @@ def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext) -> tuple[list
     as score, shape measurements) and the number of objects dropped because they are centred in the
     core but cut by the tile's edge (larger than the halo: not nuclei).
     """
-    from pointnuc.geometry import contour_polygons, labels_to_polygons
+    from pointnuc.contours import contour_polygons
+    from pointnuc.geometry import labels_to_polygons
     from pointnuc.infer.instances import instances_from_probability
     from pointnuc.measurements import measurements_many
 
@@ -179,6 +180,7 @@ def init_worker(ctx: TileContext) -> None:
     if ctx.region is not None:
         shapely.prepare(ctx.region)
     # what the jobs use, imported here rather than in the first tile's time
+    import pointnuc.contours
     import pointnuc.geometry
     import pointnuc.infer.instances
     import pointnuc.measurements  # noqa: F401

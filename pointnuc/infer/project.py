@@ -1,5 +1,5 @@
 """Segmenting a project: which images to do (:func:`plan_segmentation`), each one segmented and kept
-(:func:`segment_project`), kept results written into the project (:func:`merge_results`), ``--shard``."""
+(:func:`segment_project`), ``--shard``; :mod:`pointnuc.infer.merge` writes kept results into the project."""
 
 from __future__ import annotations
 
@@ -373,35 +373,3 @@ def drop_small(nuclei: list[NucleusObject], plan: ImagePlan, min_area_um2: float
     clipped = clip_polygons([n.polygon for n in nuclei], object_area(plan.image.width, plan.image.height, plan.region))
     area = [0.0 if c is None else float(shapely.area(c)) * plan.pixel_size_um**2 for c in clipped]
     return [n for n, a in zip(nuclei, area) if a >= min_area_um2]
-
-
-def merge_results(
-    project: Project, model_dir: Path, *, write_options: WriteOptions = DEFAULT_WRITE,
-    within_class: str | None = None, tta: bool = False, min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
-) -> SegmentSummary:
-    """Write every current per-image result of ``model_dir`` (e.g. from --shard runs, with ``tta`` as they
-    ran) into the project. Images without one, or whose kept result no longer fits (another pixel size, a
-    changed image or model), are not written and are listed in ``summary.failed`` with the reason."""
-    from pointnuc.io.geojson import read_nuclei
-    from pointnuc.io.lock import project_lock
-
-    with project_lock(project.root, "segment --merge"):
-        plans = plan_segmentation(project, model_dir, within_class=within_class, tta=tta, min_area_um2=min_area_um2)
-        out_dir = results_dir(project, model_dir, tta)
-        summary = SegmentSummary(model_dir=Path(model_dir), results_dir=out_dir)
-        batch: dict[str, Sequence[NucleusObject]] = {}
-        within: dict[str, BaseGeometry | None] = {}
-        for plan in plans:
-            name = plan.image.name
-            if not plan.reuse:
-                summary.failed[name] = f"not merged: {plan.error or plan.why or 'no kept result'}"
-                continue
-            batch[name] = read_nuclei(plan.result)
-            within[name] = plan.region
-            summary.nuclei[name] = len(batch[name])
-        if not batch:
-            why = "; ".join(f"{n}: {w.removeprefix('not merged: ')}" for n, w in list(summary.failed.items())[:3])
-            raise InputError(f"no current results to merge in {out_dir} ({why}); "
-                             f"run `pointnuc segment --shard K/N{' --tta' if tta else ''}` first")
-        summary.written = project.write_nuclei(batch, options=write_options, replace_within=within)
-    return summary

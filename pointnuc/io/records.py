@@ -17,10 +17,11 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from pointnuc.deconvolution import Stains
 from pointnuc.errors import PointnucError
 from pointnuc.geometry import clip_polygons, expand_cells, valid_polygon
 from pointnuc.io.base import DEFAULT_WRITE, POINTNUC_MARKER, ImageRef, NucleusObject, WriteOptions
-from pointnuc.measurements import RegionReader, Stains, is_computed_measurement, measure
+from pointnuc.measurements import RegionReader, is_computed_measurement, measure
 
 #: one written object: geometry, the nucleus geometry of a cell (None for a detection), measurements
 Record = tuple[BaseGeometry, BaseGeometry | None, dict[str, float]]
