@@ -85,6 +85,12 @@ def read_qpproj(path: Path) -> dict[str, Any]:
     return data
 
 
+def _check_class_name(class_name: str) -> None:
+    """QuPath's derived classes (``A: B``) are not supported: one line for such a name."""
+    if ":" in class_name or "\n" in class_name:
+        raise InputError(f"class name {class_name!r} cannot contain ':' (QuPath's derived classes are not supported)")
+
+
 def _calibration_um(entry: dict[str, Any]) -> float | None:
     try:
         cal = entry["serverBuilder"]["metadata"]["pixelCalibration"]["pixelWidth"]
@@ -249,35 +255,42 @@ class QuPathProjectFile:
 
     # ------------------------------------------------------------------ writing
 
-    def write_suggestions(self, points: Mapping[str, Sequence[PointMark]], *, class_name: str) -> list[Path]:
-        """Point annotations of ``class_name`` per image, replacing that class's unanswered suggestions only.
-
-        As :meth:`write_nuclei`: a backup first, restored on any failure or interruption.
-        """
-        if ":" in class_name or "\n" in class_name:
-            raise InputError(f"class name {class_name!r} cannot contain ':' (QuPath's derived classes are not supported)")
+    def _write_with_backup(self, names: list[str], op: str, **kwargs: Any) -> list[Any]:
+        """The child's ``op`` on ``names``' data files, after a backup of them that is restored on any
+        failure or interruption (each file is checked whole first); what the child answers."""
         entries = {e["name"]: e for e in self._image_entries()}
-        unknown = [n for n in points if n not in entries]
-        if unknown:
-            raise InputError(f"no image named {unknown[0]!r} in {self.qpproj}")
-        names = list(points)
         dirs = [Path(entries[n]["entry_path"]) for n in names]
         all_dirs = [Path(e["entry_path"]) for e in entries.values()]
         for n, d in zip(names, dirs):
             check_qpdata(d, n)
         backup = backup_project(self.qpproj, self.output_dir / BACKUP_FOLDER, names, dirs, all_dirs)
         try:
-            done = self._qupath.call("write_points", what=f"writing to {self.qpproj}",
-                                     points={n: [(float(x), float(y), dict(m)) for x, y, m in points[n]] for n in names},
-                                     class_name=class_name, color=class_color(class_name))
+            done: list[Any] = self._qupath.call(op, what=f"writing to {self.qpproj}", **kwargs)
         except BaseException as err:
             restore_project(self.qpproj, backup, dirs, all_dirs)
+            # an interruption is reported by the CLI in one line; other failures say what happened here
             (log.debug if isinstance(err, KeyboardInterrupt) else log.error)(
                 "writing to %s failed; the project was restored from %s", self.qpproj, backup)
             raise
         finally:
             self._refs = None
             self._entries = None
+        return done
+
+    def write_suggestions(self, points: Mapping[str, Sequence[PointMark]], *, class_name: str) -> list[Path]:
+        """Point annotations of ``class_name`` per image, replacing that class's unanswered suggestions only.
+
+        As :meth:`write_nuclei`: a backup first, restored on any failure or interruption.
+        """
+        _check_class_name(class_name)
+        entries = {e["name"]: e for e in self._image_entries()}
+        unknown = [n for n in points if n not in entries]
+        if unknown:
+            raise InputError(f"no image named {unknown[0]!r} in {self.qpproj}")
+        names = list(points)
+        done = self._write_with_backup(
+            names, "write_points", points={n: [(float(x), float(y), dict(m)) for x, y, m in points[n]] for n in names},
+            class_name=class_name, color=class_color(class_name))
         for (_, removed, added), name in zip(done, names):
             log.info("%s: replaced %d pointnuc suggestions with %d", name, removed, added)
         prune_backups(self.output_dir / BACKUP_FOLDER, self.qpproj.name)
@@ -295,39 +308,20 @@ class QuPathProjectFile:
         Returns the ``data.qpdata`` files written. On failure or interruption the project is restored.
         """
         class_name = options.class_name
-        if ":" in class_name or "\n" in class_name:
-            raise InputError(f"class name {class_name!r} cannot contain ':' (QuPath's derived classes are not supported)")
+        _check_class_name(class_name)
         refs = {r.name: r for r in self.images()}
         unknown = [n for n in results if n not in refs]
         if unknown:
             raise InputError(f"no image named {unknown[0]!r} in {self.qpproj}")
-        entries = {e["name"]: e for e in self._image_entries()}
         names = list(results)
-        dirs = [Path(entries[n]["entry_path"]) for n in names]
-        all_dirs = [Path(e["entry_path"]) for e in entries.values()]
-        for n, d in zip(names, dirs):
-            check_qpdata(d, n)
         records = {}
         for n, nuc in results.items():
             with image_pixels(refs[n]) as pixels:
                 records[n] = nucleus_records(
                     nuc, options=options, pixel_size_um=refs[n].pixel_size_um, pixels=pixels,
                     clip_to=object_area(refs[n].width, refs[n].height, (replace_within or {}).get(n)))
-        backup = backup_project(self.qpproj, self.output_dir / BACKUP_FOLDER, names, dirs, all_dirs)
-        try:
-            done = self._qupath.call(
-                "write", what=f"writing to {self.qpproj}", records=records, class_name=class_name,
-                color=class_color(class_name), replace_within=dict(replace_within or {}),
-            )
-        except BaseException as err:
-            restore_project(self.qpproj, backup, dirs, all_dirs)
-            # an interruption is reported by the CLI in one line; other failures say what happened here
-            (log.debug if isinstance(err, KeyboardInterrupt) else log.error)(
-                "writing to %s failed; the project was restored from %s", self.qpproj, backup)
-            raise
-        finally:
-            self._refs = None
-            self._entries = None
+        done = self._write_with_backup(names, "write", records=records, class_name=class_name,
+                                       color=class_color(class_name), replace_within=dict(replace_within or {}))
         for (path, removed, added, ids), name in zip(done, names):
             log.info("%s: replaced %d pointnuc objects with %d", name, removed, added)
             written = [WrittenObject(i, nucleus if nucleus is not None else geom)
