@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pointnuc.errors import InputError
-from pointnuc.io.base import SUGGESTION_MARKER, ImageRef, Project
+from pointnuc.io.base import DEFAULT_BACKGROUND_CLASS, SUGGESTION_MARKER, ImageRef, Project
 
 if TYPE_CHECKING:
     import torch
@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 
 #: class of the suggestion points pointnuc writes
 SUGGESTION_CLASS = "pointnuc suggestion"
-#: class of the user's "no nucleus here" answers (and areas)
-BACKGROUND_CLASS = "Background"
 #: the record of the latest suggestions, in the project's folder
 RECORD_FILE = "pointnuc-suggestions.json"
 REASONS = ("threshold", "flips", "stages")
@@ -156,7 +154,7 @@ def select(per_image: Mapping[str, Sequence[Suggestion]], marks: Mapping[str, np
 
 
 def mark_positions(objects: Sequence[QuPathObject], *, suggestion_class: str = SUGGESTION_CLASS,
-                   point_class: str = "Nucleus", background_class: str = BACKGROUND_CLASS) -> np.ndarray:
+                   point_class: str = "Nucleus", background_class: str = DEFAULT_BACKGROUND_CLASS) -> np.ndarray:
     """x/y of the user's marks on an image: every point (unanswered suggestions excepted) and the vertices
     and centre of outlines of ``point_class`` and areas of ``background_class``."""
     from shapely.geometry import MultiPoint, Point
@@ -232,7 +230,7 @@ def suggest_project(
     n: int = 20,
     class_name: str = SUGGESTION_CLASS,
     point_class: str = "Nucleus",
-    background_class: str = BACKGROUND_CLASS,
+    background_class: str = DEFAULT_BACKGROUND_CLASS,
     device: str = "auto",
     pixel_size_um: float | None = None,
 ) -> SuggestSummary:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from pointnuc.cli.options import device_option, pixel_size_option, point_class_option, project_argument
+from pointnuc.cli.options import (
+    background_class_option,
+    device_option,
+    pixel_size_option,
+    point_class_option,
+    project_argument,
+)
 
 
 @click.command("suggest", short_help="Mark the places where one answer helps the model most.")
@@ -17,8 +23,7 @@ from pointnuc.cli.options import device_option, pixel_size_option, point_class_o
               help="How many places to mark, spread over the images.")
 @click.option("--class", "class_name", default="pointnuc suggestion", show_default=True,
               help="QuPath class of the suggestion points.")
-@click.option("--background-class", default="Background", show_default=True,
-              help="QuPath class of the user's 'no nucleus here' answers.")
+@background_class_option
 @point_class_option
 @pixel_size_option
 @device_option

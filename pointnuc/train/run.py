@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pointnuc
 from pointnuc.config import TrainConfig
 from pointnuc.errors import InputError, TrainingError
-from pointnuc.io.base import Project
+from pointnuc.io.base import DEFAULT_BACKGROUND_CLASS, Project
 from pointnuc.models.calibration import ColourReference, Thresholds
 from pointnuc.models.layout import ModelLayout, check_model_dir
 from pointnuc.progress import overall_progress
@@ -62,7 +62,7 @@ def train_project(
     overwrite: bool = False,
     progress: bool = True,
     keep_checkpoints: bool = False,
-    background_class: str | None = "Background",
+    background_class: str | None = DEFAULT_BACKGROUND_CLASS,
     parent: ParentModel | None = None,
 ) -> TrainSummary:
     """Stage 1 then stage 2 on a project's marks; leaves a complete model folder at ``out``.
@@ -185,7 +185,7 @@ def _train(
     progress: bool,
     keep_checkpoints: bool = False,
     previous: dict | None = None,
-    background_class: str | None = "Background",
+    background_class: str | None = DEFAULT_BACKGROUND_CLASS,
     parent: ParentModel | None = None,
 ) -> TrainSummary:
     """Stage 1 and stage 2 on loaded samples, saving the model description after each.

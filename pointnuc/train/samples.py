@@ -12,6 +12,7 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.errors import TrainingError
+from pointnuc.io.base import DEFAULT_BACKGROUND_CLASS
 from pointnuc.models.calibration import ColourReference
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def load_training_images(
     region_class: str | None = None,
     pixel_size_um: float | None = None,
     image_names: Sequence[str] | None = None,
-    background_class: str | None = "Background",
+    background_class: str | None = DEFAULT_BACKGROUND_CLASS,
     reference: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[list[TrainingImage], ColourReference, dict[str, int]]:
     """Read every image's marks at the working resolution, colour-normalised.
