@@ -71,6 +71,10 @@ def train_cmd(project: Path, out: Path | None, profile: str, variant: str | None
               no_progress: bool, background_class: str = "Background") -> None:
     """Train a nuclei detector, then a segmenter, from the points clicked in PROJECT.
 
+    Besides Nucleus points it learns from every mark you make: Nucleus outlines (area
+    annotations), Background areas and points (no nucleus there), and pointnuc detections
+    you deleted since the last `pointnuc segment` (README: "What pointnuc learns from").
+
     PROJECT is a QuPath project (.qpproj or its folder) or a folder of images with
     QuPath GeoJSON exports. The model is saved as a self-describing folder that
     `pointnuc segment` uses (by default the newest one of the project).
