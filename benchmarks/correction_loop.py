@@ -83,7 +83,6 @@ def answer_round(proj: Path, model: Path, labels: dict[str, np.ndarray], outline
         stem = name.rsplit(".", 1)[0]
         lab = labels[stem]
         centres = centres_by_label(lab)
-        cxy = np.array(list(centres.values()), float).reshape(-1, 2)
         export = proj / f"{stem}.geojson"
         doc = json.loads(export.read_text())
         det_file = next(ModelLayout(model).points.glob(f"{name}#*.json"), None)
@@ -106,12 +105,22 @@ def answer_round(proj: Path, model: Path, labels: dict[str, np.ndarray], outline
             for j, (x, y) in enumerate(dets):  # false detections shown around the suggestion
                 if j in deleted or np.hypot(x - s["x"], y - s["y"]) > VIEW_RADII * r:
                     continue
-                if len(cxy) == 0 or np.min(np.hypot(cxy[:, 0] - x, cxy[:, 1] - y)) > r:
+                if lab[min(int(y), lab.shape[0] - 1), min(int(x), lab.shape[1] - 1)] == 0:  # on no true nucleus
                     deleted.add(j)
                     doc["features"].append(feature({"type": "Point", "coordinates": [float(x), float(y)]}, "Background"))
                     clicks["deleted"] += 1
         export.write_text(json.dumps(doc))
     return clicks
+
+
+def _points(path: Path) -> list:
+    """The Nucleus points of a user's export."""
+    out: list = []
+    for feat in json.loads(path.read_text())["features"]:
+        if feat["properties"].get("classification", {}).get("name") == "Nucleus":
+            g = feat["geometry"]
+            out += [g["coordinates"]] if g["type"] == "Point" else list(g["coordinates"]) if g["type"] == "MultiPoint" else []
+    return out
 
 
 def score(model: Path, test: Path, data: Path) -> dict[str, float]:
@@ -139,7 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/work/bench/loop"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start", type=Path, default=None,
+                    help="the loop starts from this random arm of an earlier run (its folder, with model/) instead of "
+                         "training the smallest fraction again; its training time is read from the model")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None,
+                    help="only write the table and plot of earlier runs' JSON files together (e.g. the loop's run and "
+                         "a run of the other random arms); an arm in several files is taken from the first")
     args = ap.parse_args(argv)
+    if args.combine:
+        combined: list[dict] = []
+        for f in args.combine:
+            combined += [r for r in json.loads(f.read_text()) if not any(r["arm"] == o["arm"] and r["round"] == o["round"]
+                                                                    for o in combined)]
+        combined.sort(key=lambda r: (r["arm"] == "loop", r["clicks"], r["round"]))
+        start = min((r for r in combined if r["arm"].startswith("random")), key=lambda r: r["clicks"])
+        report(combined, args, float(start["train_s"]))
+        return 0
 
     from pointnuc.io import open_project
     from pointnuc.train.correction import correction_config, load_parent
@@ -175,13 +199,21 @@ def main(argv: list[str] | None = None) -> int:
 
     fractions = [float(f) for f in args.fractions.split(",")]
     fresh_models = {}
+    if args.start is not None:  # an earlier run's arm: scored again, not trained again
+        f0 = float(args.start.name.removeprefix("random-"))
+        info = json.loads((args.start / "model" / "pointnuc-model.json").read_text())
+        n0 = sum(len(_points(g)) for g in args.start.glob("*.geojson"))
+        fresh_models[f0] = (args.start, args.start / "model", n0, float(info["provenance"]["seconds"]))
+        rows.append({"arm": f"random {f0:.0%}", "round": 0, "clicks": n0, "train_s": fresh_models[f0][3],
+                     "round_s": fresh_models[f0][3], **score(args.start / "model", test, data)})
+        fractions = [f for f in fractions if f != f0]
     for f in fractions:
         proj, model, clicks, secs = fresh(f)
         fresh_models[f] = (proj, model, clicks, secs)
         rows.append({"arm": f"random {f:.0%}", "round": 0, "clicks": clicks, "train_s": round(secs, 1),
                      "round_s": round(secs, 1), **score(model, test, data)})
         print(rows[-1], flush=True)
-    start = min(fractions)
+    start = min(fresh_models)
     proj0, model, clicks, fresh_s = fresh_models[start]
     loop = work / "loop"
     shutil.copytree(proj0, loop, ignore=shutil.ignore_patterns("model", "pointnuc-*"))
