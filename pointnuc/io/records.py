@@ -118,7 +118,9 @@ def nucleus_records(
         meas.update({k: v for k, v in n.measurements.items()
                      if k != POINTNUC_MARKER and not is_computed_measurement(k)})
         meas[POINTNUC_MARKER] = float(n.score)
-        meas = {k: float32(v) for k, v in meas.items() if v is not None and math.isfinite(float(v))}
+        # NaN stays, as QuPath keeps it (a cell without cytoplasm pixels: its Cytoplasm stains), so that
+        # every object carries the same measurements; nothing else is non-finite
+        meas = {k: float32(v) for k, v in meas.items() if v is not None and not math.isinf(float(v))}
         out.append((geom, poly if cell else None, meas))
     return out
 

@@ -1,7 +1,7 @@
 """What pointnuc last wrote into each image, so that the detections a user deleted since are known.
 
 Every write of nuclei into a project (``pointnuc segment``, ``segment --merge``) updates one
-record per image, ``PROJECT/pointnuc-results/written/<image>.geojson``: a FeatureCollection of
+record per image, ``PROJECT/pointnuc-results/written/<image>.json``: a GeoJSON FeatureCollection of
 the pointnuc objects the image holds after that write, each with its object id and its
 nucleus outline. A write limited to an area (``--within``) replaces the recorded objects inside
 it (the ownership rule of :func:`pointnuc.io.records.inside`) and keeps the others, so the
@@ -54,7 +54,8 @@ class WrittenObject:
 def record_path(root: Path, image_name: str) -> Path:
     """Where the record of what was written into ``image_name`` is kept (a safe name plus a digest of the exact one)."""
     stem = f"{safe_file_name(image_name)}~{hashlib.sha1(image_name.encode('utf-8')).hexdigest()[:10]}"
-    return Path(root) / WRITTEN_FOLDER / f"{stem}.geojson"
+    # .json, not .geojson: a record, not objects to import into QuPath (no objectType, and they are in the project)
+    return Path(root) / WRITTEN_FOLDER / f"{stem}.json"
 
 
 def read_written(root: Path, image_name: str) -> list[WrittenObject] | None:
