@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue #28 in one device call (run from the repository root; about 5-8 min on an H100/H200):
+#   end to end vs the bare network and the 100k x 80k slide extrapolation, per encoder and working resolution
+#   (benchmarks/segment_speed.py prints both; goal: >= 85 % of the bare network, <= 30 s for the slide).
+# Written in session 19 without a GPU: checked with `bash -n` only; its first GPU run is its test.
+# Set-up on a bare machine first: python3 -m venv .venv && .venv/bin/pip install torch torchvision && .venv/bin/pip install -e .
+# Results land in ${OUT:-/tmp}/gpu-check/; copy them into benchmarks/results/ with the machine's name.
+set -u
+PY=${PY:-.venv/bin/python}
+DEST=${OUT:-/tmp}/gpu-check
+mkdir -p "$DEST"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$DEST/gpu.txt" 2>&1
+for enc in resnet34 slim; do
+  for px in 0.5 0.25; do
+    timeout 150 "$PY" benchmarks/segment_speed.py speed --encoder "$enc" --model-px "$px" --size 8192 --device cuda \
+      > "$DEST/speed-$enc-$px.txt" 2>&1 || echo "speed $enc $px: exit $?" >> "$DEST/errors.txt"
+  done
+done
+tail -n 5 "$DEST"/speed-*.txt
