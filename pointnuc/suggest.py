@@ -179,20 +179,6 @@ def mark_positions(objects: Sequence[QuPathObject], *, suggestion_class: str = S
 # ------------------------------------------------------------------------ the model on a project
 
 
-def _flips(model: torch.nn.Module, image: np.ndarray, device: torch.device) -> np.ndarray:
-    """The detector's probability on the four flips of ``image``, each mapped back: (4, H, W)."""
-    from pointnuc.infer.predict import FLIPS, predict_channel
-
-    out = []
-    for fy, fx in FLIPS:
-        v = image[::-1] if fy else image
-        v = v[:, ::-1] if fx else v
-        p = predict_channel(model, np.ascontiguousarray(v), 0, activation="sigmoid", device=device)
-        p = p[::-1] if fy else p
-        out.append(p[:, ::-1] if fx else p)
-    return np.stack(out)
-
-
 def image_suggestions(image: ImageRef, pixel_size_um: float, det: torch.nn.Module, seg: torch.nn.Module,
                       info: Any, device: torch.device) -> list[Suggestion]:
     """Every scored candidate place of one image (full-resolution coordinates)."""
@@ -208,9 +194,9 @@ def image_suggestions(image: ImageRef, pixel_size_um: float, det: torch.nn.Modul
 
         img_det = read(det_px)
         img_seg = img_det if seg_px == det_px else read(seg_px)
-    from pointnuc.infer.predict import nucleus_probability
+    from pointnuc.infer.predict import nucleus_probability, predict_flips
 
-    flips = _flips(det, img_det, device)
+    flips = np.stack(predict_flips(det, img_det, 0, activation="sigmoid", device=device))
     seg_prob = nucleus_probability(seg, img_seg, device=device)
     r1 = cfg.data.nucleus_radius_um / det_px
     scale = image.width / img_det.shape[1]  # full-res px per detector px

@@ -102,6 +102,30 @@ def predict_image(
 FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
 
 
+def predict_flips(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    channel: int,
+    flips: Sequence[tuple[bool, bool]] = FLIPS,
+    *,
+    activation: str = "softmax",
+    window: int = 512,
+    margin: int = 32,
+    device: torch.device | str = "cpu",
+) -> list[np.ndarray]:
+    """One output channel (H, W) of :func:`predict_image` on each of ``flips`` of ``image``, mapped back."""
+    img = np.asarray(image)
+    out = []
+    for fy, fx in flips:
+        v = img[::-1] if fy else img
+        v = v[:, ::-1] if fx else v
+        p = predict_image(model, np.ascontiguousarray(v), activation=activation, window=window, margin=margin,
+                          device=device)[channel]
+        p = p[::-1] if fy else p
+        out.append(p[:, ::-1] if fx else p)
+    return out
+
+
 def predict_channel(
     model: torch.nn.Module,
     image: np.ndarray,
@@ -114,16 +138,12 @@ def predict_channel(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """One output channel (H, W) of :func:`predict_image`; ``tta``: averaged over the four flips."""
-    img = np.asarray(image)
-    acc = np.zeros(img.shape[:2], np.float32)
-    for fy, fx in FLIPS if tta else FLIPS[:1]:
-        v = img[::-1] if fy else img
-        v = v[:, ::-1] if fx else v
-        p = predict_image(model, np.ascontiguousarray(v), activation=activation, window=window, margin=margin,
-                          device=device)[channel]
-        p = p[::-1] if fy else p
-        acc += p[:, ::-1] if fx else p
-    return acc / (len(FLIPS) if tta else 1)
+    maps = predict_flips(model, image, channel, FLIPS if tta else FLIPS[:1], activation=activation, window=window,
+                         margin=margin, device=device)
+    acc = np.zeros(maps[0].shape, np.float32)
+    for p in maps:
+        acc += p
+    return acc / len(maps)
 
 
 def nucleus_probability(
