@@ -79,3 +79,19 @@ def test_colour_reference_and_normalisation() -> None:
     assert np.array_equal(colour_apply(img, (m, s), ref), reinhard_apply(img, (m, s), ref))  # no stain stats: no step
     white = np.full((40, 40, 3), 255, np.uint8)
     assert colour_stats(white, ref)[2] is None and colour_normalize(white, ref).shape == white.shape
+
+
+def test_lab_stats_match_scikit_image() -> None:
+    """The LAB statistics (fast float32 path) are scikit-image's ``rgb2lab`` statistics, every colour at once."""
+    from skimage.color import rgb2lab
+
+    from pointnuc.stain import lab_stats
+
+    rng = np.random.default_rng(3)
+    img = np.concatenate([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), _tissue(rng, (0.1, 1.5), (0.1, 0.8))[:64, :64]])
+    lab = rgb2lab(img.astype(np.float64) / 255.0).reshape(-1, 3)
+    mean, std = lab_stats(img)
+    np.testing.assert_allclose(mean, lab.mean(0), atol=1e-3)
+    np.testing.assert_allclose(std, lab.std(0), atol=1e-3)
+    with pytest.raises(InputError):
+        lab_stats(img[..., 0])
