@@ -214,3 +214,29 @@ def test_merge_writes_only_current_kept_results(trained, tmp_path: Path) -> None
     assert res.exit_code == 1 and "slide a.tif: not merged: pixel size changed 0.5 -> 0.25 µm/px" in res.stderr, res.output
     feats = _features(copy, "slide_a")
     assert feats and all(f["properties"]["measurements"]["Nucleus: Area"] < 60 for f in feats)  # r 5.5 px at 0.25 µm/px
+
+
+def test_small_images_side_by_side_give_what_one_at_a_time_gives(trained, tmp_path: Path, monkeypatch) -> None:
+    """On the CPU, images that fit one window are segmented two at a time (each on half the threads, its own
+    copy of the network): the very same nuclei, in the same files, as one at a time."""
+    import torch
+
+    import pointnuc.infer.images as images
+
+    proj, model, _ = trained
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        both = _copy(proj, tmp_path / "both")
+        res = _segment(both, model, "--device", "cpu")
+        assert "2 at a time" in res.output and torch.get_num_threads() == 2, res.output
+        monkeypatch.setattr(images, "images_at_once", lambda *a: 1)
+        one = _copy(proj, tmp_path / "one")
+        res = _segment(one, model, "--device", "cpu")
+        assert "at a time" not in res.output, res.output
+    finally:
+        torch.set_num_threads(threads)
+    for stem in IMAGES:
+        a, b = _features(both, stem), _features(one, stem)
+        assert len(a) > 5 and [f["geometry"] for f in a] == [f["geometry"] for f in b]
+        assert [f["properties"].get("measurements") for f in a] == [f["properties"].get("measurements") for f in b]

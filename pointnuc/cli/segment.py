@@ -126,6 +126,11 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     click.echo(f"Model: {model_dir}")
     for name, n in s.nuclei.items():
         click.echo(f"  {name}: {n} nuclei{_how(s, name, within is not None)}")
+    n_done = len(s.seconds)
+    if n_done:
+        at_once = f", {s.images_at_once} at a time" if s.images_at_once > 1 else ""
+        click.echo(f"Segmented {n_done} image(s) in {s.wall_seconds:.1f} s ({s.wall_seconds / n_done:.2f} s an image, "
+                   f"writing included{at_once})")
     click.echo(f"Per-image results: {s.results_dir}")
     for path in s.written:
         click.echo(f"Wrote {path}")

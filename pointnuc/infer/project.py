@@ -8,7 +8,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.config import MIN_NUCLEUS_AREA_UM2
-from pointnuc.errors import InputError, PointnucError, is_user_error
+from pointnuc.errors import InputError
 from pointnuc.infer.results import (
     ResultKey,
     file_digest,
@@ -87,6 +87,8 @@ class SegmentSummary:
     tiles: dict[str, tuple[int, int]] = field(default_factory=dict)  #: image -> (tiles looked at, tiles of the area)
     failed: dict[str, str] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
+    images_at_once: int = 1  #: images segmented side by side (:func:`images_at_once`)
+    wall_seconds: float = 0.0  #: the whole loop over the images: segmenting, keeping and writing (not loading the model)
 
 
 def shard_filter(names: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
@@ -304,72 +306,35 @@ def _segment_locked(
         dev = resolve_device(device)
         net.to(dev)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for plan in plans:
-        name = plan.image.name
-        if plan.reuse:
-            summary.skipped.append(name)
-            nuclei = read_nuclei(plan.result)
-        else:
-            if plan.why:
-                log.info("%s: segmenting again: %s", name, plan.why)
-                summary.recomputed[name] = plan.why
-            assert net is not None and info is not None and dev is not None
-            res = _segment_one(plan, net, info, dev, batch_size=batch_size, progress=progress, tta=tta, summary=summary,
-                               min_area_um2=min_area_um2)
-            if res is None:
-                continue
-            nuclei = res.nuclei
-        summary.nuclei[name] = len(nuclei)
-        if write and shard is None:
-            summary.written += project.write_nuclei(
-                {name: nuclei}, options=write_options, replace_within={name: plan.region},
-            )
-    return summary
+    t0 = time.perf_counter()
+    done: Iterator[SlideResult | None] = iter(())
+    if todo:
+        assert net is not None and info is not None and dev is not None
+        from pointnuc.infer.images import images_at_once, segment_images
 
-
-def _segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: torch.device, *,
-                 batch_size: int | None, progress: bool, tta: bool, summary: SegmentSummary,
-                 min_area_um2: float = MIN_NUCLEUS_AREA_UM2) -> SlideResult | None:
-    """Segment one planned image and keep its result; None (and ``summary.failed``) when it fails."""
-    from pointnuc.infer.wsi import segment_slide
-    from pointnuc.io.slide import open_slide
-
-    name, px = plan.image.name, plan.pixel_size_um
-    assert px is not None
-    log.info("%s: %d x %d px at %g µm/px, segmented at the model's %g µm/px", name, plan.image.width,
-             plan.image.height, px, info.pixel_size_um)
-    t0 = time.time()
+        summary.images_at_once = images_at_once(todo, info, dev)
+        done = segment_images(todo, net, info, dev, batch_size=batch_size, progress=progress, tta=tta,
+                            summary=summary, min_area_um2=min_area_um2)
     try:
-        with open_slide(plan.image.path, pixel_size_um=px) as slide:
-            res = segment_slide(slide, net, info, region=plan.region, device=dev, batch_size=batch_size,
-                                progress=progress, name=name, tta=tta, min_area_um2=min_area_um2)
-    except (PointnucError, OSError) as err:  # the user's to fix: this image fails, the others go on
-        if not is_user_error(err):
-            raise  # a bug: it stops the run with its traceback (pointnuc.errors)
-        summary.failed[name] = f"{err.__class__.__name__}: {err}"
-        log.error("%s failed: %s", name, err)
-        return None
-    seconds = time.time() - t0
-    summary.seconds[name] = seconds
-    summary.tiles[name] = (res.n_tiles, res.n_tiles_total)
-    if res.n_tiles == 0:
-        log.warning("%s: no tissue found: nothing was looked at", name)
-    res.nuclei = drop_small(res.nuclei, plan, min_area_um2)
-    res.n_nuclei = len(res.nuclei)
-    keep_result(plan, res.nuclei, seconds=seconds, tiles=(res.n_tiles, res.n_tiles_total), device=str(dev))
-    return res
-
-
-def drop_small(nuclei: list[NucleusObject], plan: ImagePlan, min_area_um2: float) -> list[NucleusObject]:
-    """The nuclei whose part inside the image (and area) is at least ``min_area_um2``: segmentation dropped the
-    smaller ones already; this catches the few an image's edge cuts below it when they are written."""
-    import shapely
-
-    from pointnuc.geometry import clip_polygons, object_area
-
-    if not nuclei or min_area_um2 <= 0:
-        return nuclei
-    assert plan.pixel_size_um is not None
-    clipped = clip_polygons([n.polygon for n in nuclei], object_area(plan.image.width, plan.image.height, plan.region))
-    area = [0.0 if c is None else float(shapely.area(c)) * plan.pixel_size_um**2 for c in clipped]
-    return [n for n, a in zip(nuclei, area) if a >= min_area_um2]
+        for plan in plans:
+            name = plan.image.name
+            if plan.reuse:
+                summary.skipped.append(name)
+                nuclei = read_nuclei(plan.result)
+            else:
+                if plan.why:
+                    log.info("%s: segmenting again: %s", name, plan.why)
+                    summary.recomputed[name] = plan.why
+                res = next(done)  # (the images to do, in the plans' order)
+                if res is None:
+                    continue
+                nuclei = res.nuclei
+            summary.nuclei[name] = len(nuclei)
+            if write and shard is None:
+                summary.written += project.write_nuclei(
+                    {name: nuclei}, options=write_options, replace_within={name: plan.region},
+                )
+    finally:
+        getattr(done, "close", lambda: None)()  # (stops the images still being segmented beside)
+    summary.wall_seconds = time.perf_counter() - t0
+    return summary

@@ -18,7 +18,16 @@ from shapely.geometry.base import BaseGeometry
 from shapely.prepared import prep
 
 from pointnuc.errors import InputError, PixelSizeError
-from pointnuc.infer.tiling import NET_STRIDE, Box, Tile, TileGrid, fit_tile_size, make_grid, round_halo, tiles_intersecting
+from pointnuc.infer.tiling import (
+    NET_STRIDE,
+    Box,
+    Tile,
+    TileGrid,
+    fit_tile_size,
+    make_grid,
+    round_halo,
+    tiles_intersecting,
+)
 from pointnuc.io.slide import RegionReader, SlideLike, read_thumbnail
 from pointnuc.models.bundle import ModelInfo
 from pointnuc.stain import ColourStats, colour_stats
