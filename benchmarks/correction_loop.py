@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in args.combine:
             combined += [r for r in json.loads(f.read_text()) if not any(r["arm"] == o["arm"] and r["round"] == o["round"]
                                                                     for o in combined)]
-        combined.sort(key=lambda r: (r["arm"] == "loop", r["clicks"], r["round"]))
+        combined.sort(key=lambda r: (r["arm"].startswith("loop"), r["arm"], r["clicks"], r["round"]))
         start = min((r for r in combined if r["arm"].startswith("random")), key=lambda r: r["clicks"])
         report(combined, args, float(start["train_s"]))
         return 0
@@ -300,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     start = min(fresh_models)
     proj0, model, clicks, fresh_s = fresh_models[start]
     loop = work / "loop"
+    arm = "loop" + (f" ({args.tag[1:]})" if args.tag else "")  # arms of an ablation stay apart in --combine
     shutil.copytree(proj0, loop, ignore=shutil.ignore_patterns("model", "pointnuc-*"))
-    rows.append({**next(r for r in rows if r["arm"] == f"random {start:.0%}"), "arm": "loop"})
+    rows.append({**next(r for r in rows if r["arm"] == f"random {start:.0%}"), "arm": arm})
     from pointnuc.pipeline import segment_project
     from pointnuc.suggest import suggest_project
 
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                       progress=False, parent=parent)
         train_s = time.time() - t1
         model = child
-        rows.append({"arm": "loop", "round": k, "clicks": clicks, "train_s": round(train_s, 1),
+        rows.append({"arm": arm, "round": k, "clicks": clicks, "train_s": round(train_s, 1),
                      "round_s": round(time.time() - t0, 1), **answers, **score(model, test, data),
                      "train_share": round(train_s / fresh_s, 3)})
         print(rows[-1], flush=True)
@@ -354,8 +355,10 @@ def report(rows: list[dict], args: argparse.Namespace, fresh_s: float) -> None:
 
         fig, axes = plt.subplots(1, 4, figsize=(16, 4))
         for ax, key in zip(axes, ("aji", "dice_obj", "pixel_f1", "det_f1")):
-            for arm, style in (("random", "o--"), ("loop", "s-")):
-                pts = sorted((r["clicks"], r[key]) for r in rows if r["arm"].startswith(arm))
+            loops = sorted({r["arm"] for r in rows if r["arm"].startswith("loop")})
+            for arm, style in (("random", "o--"), *((a, "s-") for a in loops)):
+                pts = sorted((r["clicks"], r[key]) for r in rows
+                             if (r["arm"].startswith(arm) if arm == "random" else r["arm"] == arm))
                 if pts:
                     ax.plot(*zip(*pts), style, label=arm)
             ax.set_xlabel("clicks")
