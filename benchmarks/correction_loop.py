@@ -7,20 +7,37 @@ pooled detection F1).
 
 - Random arms: 5, 10, 25, 50 % of each image's nuclei as points (``stage1.sample_points``'s
   sampling, other fractions), each a fresh ``pointnuc train``.
-- The loop: the 5 % model, then each round ``suggest`` N per image; the annotator answers from
-  the ground truth: a nucleus there -> a ``Nucleus`` point at its centre (``--outlines``: its
-  outline as a Nucleus polygon), none -> a ``Background`` point there; and, among the model's
-  detections within ``VIEW_RADII`` nucleus radii of a suggestion (what the user sees around it),
-  each false one (no true centre within a radius) becomes a ``Background`` point at it (the
-  stand-in for deleting it; one click each). Every answer is one click. Then ``train --from``
-  (:mod:`pointnuc.train.correction`) and score. Answers carry the suggestion's rank, as a point
-  reclassified in QuPath does, so ``pointnuc inspect`` counts them.
+- The loop: the 5 % model (or ``--start``: an earlier run's ``random-0.05`` folder, with its
+  ``model/``), then each round: ``segment`` the loop's project (its detections, recorded by
+  :mod:`pointnuc.io.written`), ``suggest`` N per image, the annotator's answers (below), ``train
+  --from`` (:mod:`pointnuc.train.correction`), score. Every answer is one click; a round's row
+  counts them per kind.
+- The annotator answers from the ground truth, as a user in QuPath: imports pointnuc's file of
+  each image, answers, exports all objects as the image's GeoJSON (:func:`answer_round`):
 
-Background points and outlines are supervision only once pointnuc reads them (issue #26's marks
-part); until then the loop learns from its Nucleus answers alone.
+  - ``points``: a suggestion on a true nucleus -> a ``Nucleus`` point at its centre
+    (``outlines``, or ``--answer outline``: its true outline as a ``Nucleus`` polygon
+    annotation, a full mask in stage 2 and its centre a point in stage 1);
+  - ``deletions``: pointnuc's detections within ``VIEW_RADII`` nucleus radii of a suggestion
+    (what the user sees around it) with at most ``FALSE_OVERLAP`` of their pixels on true
+    nuclei are deleted: left out of the export, so the next training reads them as deleted
+    detections (background); a suggestion sitting on such a detection is answered by
+    deleting it;
+  - ``background``: a suggestion on no nucleus (and on no deleted detection) -> a
+    ``Background`` point there.
+
+  ``--marks`` picks the kinds (default ``points,deletions,background``); suggestions whose
+  answer is not among them are left unanswered (the ablation of what each kind buys).
+  Answers carry the suggestion's rank, as a point reclassified in QuPath does, so ``pointnuc
+  inspect`` counts them. Without ``deletions`` the loop's project is not segmented.
 
     nice -n 10 .venv/bin/python benchmarks/correction_loop.py --profile quick            # the lead's long run
     .venv/bin/python benchmarks/correction_loop.py --profile tiny --images 2 --rounds 1    # smoke run (< 3 min)
+    ... --start /work/bench/loop1/cpu/random-0.05 --fractions 0.05 --work W --marks points   # an ablation arm
+
+``--start`` needs a folder ``random-F`` (F the fraction, as a run names it) holding the arm's
+GeoJSON project and its ``model/``; ``--work`` must lie outside it (the run clears its own work
+folder). Arms other than the default write ``correction-loop-PROFILE-KINDS.*``.
 """
 
 from __future__ import annotations
@@ -44,6 +61,9 @@ from pointnuc.io.base import SUGGESTION_MARKER
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 VIEW_RADII = 4.0  #: detections this many nucleus radii from a suggestion are "shown" with it
+FALSE_OVERLAP = 0.25  #: a shown detection with at most this share of its pixels on true nuclei is deleted
+MARK_KINDS = ("points", "deletions", "background", "outlines")  #: the kinds of answers (``--marks``)
+DEFAULT_MARKS = "points,deletions,background"
 
 
 def centres_by_label(lab: np.ndarray) -> dict[int, tuple[float, float]]:
@@ -69,46 +89,100 @@ def feature(geom: dict, cls: str, rank: float | None = None) -> dict:
     return {"type": "Feature", "geometry": geom, "properties": props}
 
 
-def answer_round(proj: Path, model: Path, labels: dict[str, np.ndarray], outlines: bool) -> dict[str, int]:
-    """The simulated annotator answers the latest suggestions in the users' exports; click counts."""
-    from shapely.geometry import mapping
+def parse_marks(marks: str, answer: str) -> frozenset[str]:
+    """The kinds of answers the annotator gives (``--marks``, ``--answer``); a SystemExit line when unknown."""
+    kinds = frozenset(k.strip() for k in marks.split(",") if k.strip())
+    bad = kinds - set(MARK_KINDS)
+    if bad or not kinds:
+        raise SystemExit(f"--marks: a comma list of {', '.join(MARK_KINDS)}, not {marks!r}")
+    if answer == "outline" and "points" in kinds:  # nuclei answered by their outlines
+        kinds = (kinds - {"points"}) | {"outlines"}
+    if {"points", "outlines"} <= kinds:
+        raise SystemExit("--marks: a nucleus is answered by a point or by its outline, not both")
+    return kinds
+
+
+def detections(path: Path) -> list[dict]:
+    """pointnuc's objects in its file of an image (what ``segment`` wrote and the user imports into QuPath)."""
+    from pointnuc.io.geojson import feature_is_pointnuc, read_features
+
+    return [f for f in read_features(path) if feature_is_pointnuc(f)] if path.is_file() else []
+
+
+def false_detection(geom, lab: np.ndarray) -> bool:
+    """A detection the annotator deletes: at most :data:`FALSE_OVERLAP` of its pixels lie on true nuclei."""
+    from pointnuc.geometry import polygon_pixels
+
+    rr, cc = polygon_pixels(geom, lab.shape)
+    if not len(rr):
+        c = geom.centroid
+        return lab[min(int(c.y), lab.shape[0] - 1), min(int(c.x), lab.shape[1] - 1)] == 0
+    return float(np.mean(lab[rr, cc] > 0)) <= FALSE_OVERLAP
+
+
+def false_near(det_xy: np.ndarray, false: list[bool], deleted: set[int], x: float, y: float, radius: float) -> list[int]:
+    """Indices of the false detections not yet deleted whose centres lie within ``radius`` of (x, y), nearest first."""
+    if not len(det_xy):
+        return []
+    d = np.hypot(det_xy[:, 0] - x, det_xy[:, 1] - y)
+    return [int(j) for j in np.argsort(d, kind="stable") if d[j] <= radius and false[j] and j not in deleted]
+
+
+def answer_round(proj: Path, labels: dict[str, np.ndarray], kinds: frozenset[str]) -> dict[str, int]:
+    """The simulated annotator answers the latest suggestions; clicks per kind of answer.
+
+    As a user does in QuPath: import pointnuc's file of each image (its detections, from the
+    ``segment`` of this round, and the suggestions), answer, delete false detections, export
+    all objects as the image's GeoJSON (``proj/STEM.geojson``). The export keeps the user's
+    earlier marks; pointnuc's objects of an earlier round are replaced by this round's, less
+    the deleted ones (whose ids :mod:`pointnuc.io.written` recorded: the next training reads
+    them as background). Suggestions left unanswered are not exported.
+    """
+    from shapely.geometry import mapping, shape
 
     from pointnuc.geometry import labels_to_polygons
-    from pointnuc.models.layout import ModelLayout
+    from pointnuc.io.geojson import feature_is_pointnuc
+    from pointnuc.io.geojson_project import OUTPUT_FOLDER
     from pointnuc.suggest import read_record
 
     record = read_record(proj) or {"images": {}}
-    clicks = {"nucleus": 0, "background": 0, "deleted": 0}
+    clicks = dict.fromkeys(MARK_KINDS, 0)
     for name, items in record["images"].items():
         stem = name.rsplit(".", 1)[0]
         lab = labels[stem]
         centres = centres_by_label(lab)
         export = proj / f"{stem}.geojson"
         doc = json.loads(export.read_text())
-        det_file = next(ModelLayout(model).points.glob(f"{name}#*.json"), None)
-        dets = np.asarray(json.loads(det_file.read_text())["points_xy"], float).reshape(-1, 2) if det_file else np.zeros((0, 2))
+        user = [f for f in doc["features"] if not feature_is_pointnuc(f)]
+        dets = detections(proj / OUTPUT_FOLDER / f"{stem}.geojson") if "deletions" in kinds else []
+        geoms = [shape(f.get("nucleusGeometry") or f["geometry"]) for f in dets]
+        det_xy = np.array([(g.centroid.x, g.centroid.y) for g in geoms], float).reshape(-1, 2)
+        false = [false_detection(g, lab) for g in geoms]
         deleted: set[int] = set()
         for s in items:
             r = float(s["radius_px"])
             k = int(lab[min(int(s["y"]), lab.shape[0] - 1), min(int(s["x"]), lab.shape[1] - 1)])
-            if k > 0:
-                if outlines:
+            if k > 0 and kinds & {"points", "outlines"}:
+                if "outlines" in kinds:
                     poly = labels_to_polygons(np.where(lab == k, 1, 0).astype(np.int32))[1]
                     geom = {"type": "Polygon", "coordinates": json.loads(json.dumps(mapping(poly)["coordinates"]))}
+                    clicks["outlines"] += 1
                 else:
                     geom = {"type": "Point", "coordinates": list(centres[k])}
-                doc["features"].append(feature(geom, "Nucleus", s["rank"]))
-                clicks["nucleus"] += 1
-            else:
-                doc["features"].append(feature({"type": "Point", "coordinates": [s["x"], s["y"]]}, "Background", s["rank"]))
-                clicks["background"] += 1
-            for j, (x, y) in enumerate(dets):  # false detections shown around the suggestion
-                if j in deleted or np.hypot(x - s["x"], y - s["y"]) > VIEW_RADII * r:
-                    continue
-                if lab[min(int(y), lab.shape[0] - 1), min(int(x), lab.shape[1] - 1)] == 0:  # on no true nucleus
-                    deleted.add(j)
-                    doc["features"].append(feature({"type": "Point", "coordinates": [float(x), float(y)]}, "Background"))
-                    clicks["deleted"] += 1
+                    clicks["points"] += 1
+                user.append(feature(geom, "Nucleus", s["rank"]))
+            elif k == 0:
+                on = false_near(det_xy, false, deleted, s["x"], s["y"], r) if s.get("detected") else []
+                if on:  # the suggestion sits on a false detection: deleting it is the answer
+                    deleted.add(on[0])
+                    clicks["deletions"] += 1
+                elif "background" in kinds:
+                    user.append(feature({"type": "Point", "coordinates": [s["x"], s["y"]]}, "Background", s["rank"]))
+                    clicks["background"] += 1
+            for j in false_near(det_xy, false, deleted, s["x"], s["y"], VIEW_RADII * r):  # shown around the suggestion
+                deleted.add(j)
+                clicks["deletions"] += 1
+        doc["features"] = user + [f for j, f in enumerate(dets) if j not in deleted]
         export.write_text(json.dumps(doc))
     return clicks
 
@@ -144,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-image", type=int, default=10, help="suggestions per image per round")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
-    ap.add_argument("--outlines", action="store_true", help="answer a nucleus with its outline, not a point")
+    ap.add_argument("--answer", choices=("point", "outline"), default="point",
+                    help="a nucleus is answered by a Nucleus point at its centre or by its true outline (a Nucleus "
+                         "polygon annotation)")
+    ap.add_argument("--marks", default=DEFAULT_MARKS,
+                    help=f"the kinds of answers the annotator gives, a comma list of {', '.join(MARK_KINDS)} "
+                         "(outlines: nuclei answered by outlines, as --answer outline); the others are left "
+                         f"unanswered (default {DEFAULT_MARKS})")
     ap.add_argument("--work", type=Path, default=Path("/work/bench/loop"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--seed", type=int, default=0)
@@ -155,12 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="only write the table and plot of earlier runs' JSON files together (e.g. the loop's run and "
                          "a run of the other random arms); an arm in several files is taken from the first")
     args = ap.parse_args(argv)
+    kinds = parse_marks(args.marks, args.answer)
+    args.tag = "" if kinds == parse_marks(DEFAULT_MARKS, "point") else "-" + "+".join(k for k in MARK_KINDS if k in kinds)
     if args.combine:
         combined: list[dict] = []
         for f in args.combine:
             combined += [r for r in json.loads(f.read_text()) if not any(r["arm"] == o["arm"] and r["round"] == o["round"]
                                                                     for o in combined)]
-        combined.sort(key=lambda r: (r["arm"] == "loop", r["clicks"], r["round"]))
+        combined.sort(key=lambda r: (r["arm"].startswith("loop"), r["arm"], r["clicks"], r["round"]))
         start = min((r for r in combined if r["arm"].startswith("random")), key=lambda r: r["clicks"])
         report(combined, args, float(start["train_s"]))
         return 0
@@ -179,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     gts = {n: np.array(list(centres_by_label(raw[n][1]).values()), float) for n in train_names}
     config = profile_config(args.profile, seed=args.seed)
     work = args.work / args.profile
+    if args.start is not None and args.start.resolve().is_relative_to(work.resolve()):
+        raise SystemExit(f"--start {args.start} lies in the work folder {work}, which the run clears: use another --work")
     shutil.rmtree(work, ignore_errors=True)
     test = work / "test"
     for n in test_names:
@@ -216,15 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     start = min(fresh_models)
     proj0, model, clicks, fresh_s = fresh_models[start]
     loop = work / "loop"
+    arm = "loop" + (f" ({args.tag[1:]})" if args.tag else "")  # arms of an ablation stay apart in --combine
     shutil.copytree(proj0, loop, ignore=shutil.ignore_patterns("model", "pointnuc-*"))
-    rows.append({**next(r for r in rows if r["arm"] == f"random {start:.0%}"), "arm": "loop"})
+    rows.append({**next(r for r in rows if r["arm"] == f"random {start:.0%}"), "arm": arm})
+    from pointnuc.pipeline import segment_project
     from pointnuc.suggest import suggest_project
 
     for k in range(1, args.rounds + 1):
         t0 = time.time()
-        project = open_project(loop)
-        suggest_project(project, model, n=args.per_image * len(train_names))
-        answers = answer_round(loop, model, labels, args.outlines)
+        if "deletions" in kinds:  # the model's detections in the project, to be reviewed (and recorded as written)
+            segment_project(open_project(loop), model, progress=False, redo=True)
+        suggest_project(open_project(loop), model, n=args.per_image * len(train_names))
+        answers = answer_round(loop, labels, kinds)
         clicks += sum(answers.values())
         t1 = time.time()
         parent = load_parent(model)
@@ -233,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                       progress=False, parent=parent)
         train_s = time.time() - t1
         model = child
-        rows.append({"arm": "loop", "round": k, "clicks": clicks, "train_s": round(train_s, 1),
+        rows.append({"arm": arm, "round": k, "clicks": clicks, "train_s": round(train_s, 1),
                      "round_s": round(time.time() - t0, 1), **answers, **score(model, test, data),
                      "train_share": round(train_s / fresh_s, 3)})
         print(rows[-1], flush=True)
@@ -246,13 +333,16 @@ def report(rows: list[dict], args: argparse.Namespace, fresh_s: float) -> None:
     import platform
 
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = f"correction-loop-{args.profile}" + (f"-{args.images}img" if args.images else "")
-    head = ["arm", "round", "clicks", "aji", "dice_obj", "pixel_f1", "det_f1", "train_s", "round_s", "train_share"]
+    tag = f"correction-loop-{args.profile}" + (f"-{args.images}img" if args.images else "") + getattr(args, "tag", "")
+    head = ["arm", "round", "clicks", *MARK_KINDS, "aji", "dice_obj", "pixel_f1", "det_f1", "train_s", "round_s",
+            "train_share"]
     machine = f"{platform.node()} {platform.machine()}, Python {platform.python_version()}"
     lines = [f"# Correction loop vs random clicks ({args.profile})", "",
              f"Command: `python benchmarks/correction_loop.py {' '.join(sys.argv[1:])}`  ",
              f"Date: {dt.datetime.now().isoformat(timespec='seconds')}; machine: {machine}  ",
-             f"Fresh training of the start arm: {fresh_s:.0f} s; train_share = a round's training / that.", "",
+             (f"Fresh training of the start arm: {fresh_s:.0f} s; train_share = a round's training / that. "
+              f"The loop's answers: {args.marks} (nuclei as {args.answer}s); {', '.join(MARK_KINDS)}: a round's "
+              "clicks of each kind."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r.get(h, ''):.3f}" if isinstance(r.get(h), float) and h not in ("train_s", "round_s")
@@ -265,8 +355,10 @@ def report(rows: list[dict], args: argparse.Namespace, fresh_s: float) -> None:
 
         fig, axes = plt.subplots(1, 4, figsize=(16, 4))
         for ax, key in zip(axes, ("aji", "dice_obj", "pixel_f1", "det_f1")):
-            for arm, style in (("random", "o--"), ("loop", "s-")):
-                pts = sorted((r["clicks"], r[key]) for r in rows if r["arm"].startswith(arm))
+            loops = sorted({r["arm"] for r in rows if r["arm"].startswith("loop")})
+            for arm, style in (("random", "o--"), *((a, "s-") for a in loops)):
+                pts = sorted((r["clicks"], r[key]) for r in rows
+                             if (r["arm"].startswith(arm) if arm == "random" else r["arm"] == arm))
                 if pts:
                     ax.plot(*zip(*pts), style, label=arm)
             ax.set_xlabel("clicks")

@@ -525,3 +525,38 @@ def test_points_only_tuning_with_few_held_back_points() -> None:
     weak[30:33, 100:103] = 0.5  # one blob far from every held-back point
     t = tune_on_points([weak], [s], r1=3.0)
     assert t.threshold == THRESHOLDS[0] and t.min_area_px == 0.0 and t.score == 0.0
+
+
+def test_points_only_tuning_looks_below_the_grid_only_from_its_floor() -> None:
+    """10 held-back nuclei: 3 peak at 0.9, 4 at 0.06, 3 at 0.04 (a detector whose probabilities shrank).
+
+    On the grid: 0.05 finds 7 (recall 0.7), 0.10..0.85 find 3 (recall 0.3), N_true = 10, estimated F1
+    14/17 against 6/13: the floor 0.05. Below it 0.03 finds all 10 (F1 1.0) and is chosen. Without the
+    0.04 nuclei the lower thresholds gain nothing and the tie keeps 0.05. With the weak nuclei at 0.3
+    the choice lies above the floor and nothing below it is tried.
+    """
+    from pointnuc.train.selection import DETECTION_THRESHOLDS, FLOOR_THRESHOLDS, tune_on_points
+
+    def case(values: list[float]) -> tuple[np.ndarray, TrainingImage]:
+        prob = np.zeros((20, 20 * len(values)), np.float32)
+        for i, v in enumerate(values):
+            prob[5:8, 5 + 20 * i : 8 + 20 * i] = v
+        hold = np.array([(6.5 + 20 * i, 6.5) for i in range(len(values))])
+        return prob, TrainingImage("a", "a", np.zeros((*prob.shape, 3), np.uint8), np.zeros((0, 2)), hold,
+                                   np.ones(prob.shape, bool))
+
+    prob, s = case([0.9] * 3 + [0.06] * 4 + [0.04] * 3)
+    t = tune_on_points([prob], [s], r1=3.0)
+    assert t.threshold == FLOOR_THRESHOLDS[-1] and t.n_detections == 10 and t.score == pytest.approx(1.0)
+    assert {r["threshold"] for r in t.table} == set(FLOOR_THRESHOLDS) | set(DETECTION_THRESHOLDS)
+    floor = next(r for r in t.table if r["threshold"] == DETECTION_THRESHOLDS[0] and r["min_area_px"] == 0)
+    assert floor["n_detections"] == 7 and floor["score"] == pytest.approx(14 / 17)
+
+    prob, s = case([0.9] * 3 + [0.06] * 4)  # the floor is the best: below it nothing is gained, the tie keeps 0.05
+    t = tune_on_points([prob], [s], r1=3.0)
+    assert t.threshold == DETECTION_THRESHOLDS[0] and t.n_detections == 7 and t.score == pytest.approx(1.0)
+
+    prob, s = case([0.9] * 3 + [0.3] * 4)  # chosen above the floor: the grid alone
+    t = tune_on_points([prob], [s], r1=3.0)
+    assert DETECTION_THRESHOLDS[0] < t.threshold < 0.3 and t.n_detections == 7
+    assert min(r["threshold"] for r in t.table) == DETECTION_THRESHOLDS[0]

@@ -7,7 +7,10 @@ masks plugs its own choice in through the same protocols, :class:`DetectorSelect
 
 Stage 1 (:func:`tune_on_points`): held-back points are a random sample of the nuclei, so
 they estimate recall; the number of nuclei is estimated from above as min(N_det / recall)
-over (threshold, min-area) pairs, which gives an F1 estimate per pair.
+over (threshold, min-area) pairs, which gives an F1 estimate per pair. The grid reaches below
+its floor (:data:`FLOOR_THRESHOLDS`) only when the choice sits there: a detector whose
+probabilities shrank (correction rounds with many background marks) is not cut off at 0.05,
+and every other choice is the one the grid alone gives.
 
 Stage 2 (:func:`holdout_counts`, :func:`points_score`). For each held-back point h (never
 used as a label in either stage) we look at the predicted instance under it. h is *well
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: stage 1: detector probability thresholds tried
 DETECTION_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.851, 0.05), 2))
+#: stage 1: thresholds below the grid, tried only when the choice sits at its floor (see :func:`tune_on_points`)
+FLOOR_THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03)
 #: stage 1: minimum component areas tried, as fractions of the mean nucleus area π r1²
 AREA_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3)
 #: stage 2: nucleus probability thresholds scored after training (recorded; the threshold stays 0.5)
@@ -116,6 +121,12 @@ def tune_on_points(probs: Sequence[np.ndarray], samples: Sequence[TrainingImage]
     nuclei, the ones a new image is made of. Counted, they add ``clicked / R`` where only
     ``clicked`` nuclei are, which favours low thresholds (on the MO user protocol the
     chosen pair stayed the same for three seeds).
+
+    When the estimate picks the grid's floor (:data:`DETECTION_THRESHOLDS`' first value), the
+    pairs of :data:`FLOOR_THRESHOLDS` are added and the choice made again on the whole table
+    (``N_true`` included): correction rounds with many background marks shrink the detector's
+    probabilities, and their choices sat at 0.05. A choice above the floor never looks below it,
+    so it stays the one the grid alone gives; ties keep the higher threshold.
     """
     from pointnuc.metrics import detection_counts
 
@@ -131,19 +142,34 @@ def tune_on_points(probs: Sequence[np.ndarray], samples: Sequence[TrainingImage]
     n_ref = sum(len(h) for h in refs)
     if n_ref == 0:
         raise TrainingError("no points to tune the detection threshold on")
-    table: list[dict[str, float]] = []
-    for t in DETECTION_THRESHOLDS:
-        comps = [detection_components(p, s.valid, float(t)) for p, s in zip(probs, samples)]
-        for f in AREA_FRACTIONS:
-            a = float(f * math.pi * r1 * r1)
-            matched, n_det, n_new = 0, 0, 0
-            for (xy, area), ref, seen in zip(comps, refs, clicked):
-                det = xy[area >= max(a, 1)]
-                n_det += len(det)
-                n_new += len(det) - (detection_counts(det, seen, r1).tp if len(seen) and len(det) else 0)
-                matched += detection_counts(det, ref, r1).tp if len(ref) else 0
-            table.append({"threshold": float(t), "min_area_px": a, "recall": matched / n_ref, "n_detections": n_det,
-                          "n_unclicked": n_new})
+
+    def rows(thresholds: Sequence[float]) -> list[dict[str, float]]:
+        table: list[dict[str, float]] = []
+        for t in thresholds:
+            comps = [detection_components(p, s.valid, float(t)) for p, s in zip(probs, samples)]
+            for f in AREA_FRACTIONS:
+                a = float(f * math.pi * r1 * r1)
+                matched, n_det, n_new = 0, 0, 0
+                for (xy, area), ref, seen in zip(comps, refs, clicked):
+                    det = xy[area >= max(a, 1)]
+                    n_det += len(det)
+                    n_new += len(det) - (detection_counts(det, seen, r1).tp if len(seen) and len(det) else 0)
+                    matched += detection_counts(det, ref, r1).tp if len(ref) else 0
+                table.append({"threshold": float(t), "min_area_px": a, "recall": matched / n_ref,
+                              "n_detections": n_det, "n_unclicked": n_new})
+        return table
+
+    table = rows(DETECTION_THRESHOLDS)
+    tuning = _pick_on_points(table, n_ref)
+    # at the floor by its estimate (not the most sensitive setting of too few matched points): look below it
+    if tuning.score > 0 and tuning.threshold == DETECTION_THRESHOLDS[0]:
+        tuning = _pick_on_points(rows(FLOOR_THRESHOLDS) + table, n_ref)
+    return tuning
+
+
+def _pick_on_points(table: list[dict[str, float]], n_ref: int) -> Tuning:
+    """The best row of :func:`tune_on_points`'s ``table`` by estimated F1 (each row gets ``n_true_est`` and
+    ``score``); score 0 and the most sensitive row when too few held-back points are matched."""
     # pairs matching too few held-back points give a noisy N_det / R
     # (a small project may hold back fewer than 5 points: then all of them must be found)
     need = max(min(5.0, n_ref), 0.2 * n_ref)
