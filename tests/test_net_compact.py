@@ -73,3 +73,27 @@ def test_segmenter_with_slim_encoder_trains_and_loads_back(tmp_path: Path) -> No
     assert res.model.encoder_name == "slim" and len(res.history["segmentation"].losses) == 1
     again = build_network(2, "slim", pretrained=False)
     again.load_state_dict(res.model.state_dict())  # same architecture, every tensor fits
+
+
+@pytest.mark.parametrize("encoder", ["slim", "resnet18"])
+def test_folding_batch_norms_keeps_the_outputs(encoder: str) -> None:
+    """Batch norms folded into their convolutions (segment's copy of the network): the same logits, and no
+    batch norm left."""
+    from pointnuc.models.net import fuse_batchnorm
+
+    torch.manual_seed(0)
+    net = build_network(2, encoder, pretrained=False)
+    for m in net.modules():  # running statistics and affine weights that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        before = net(x)
+        fused = fuse_batchnorm(net)
+        after = fused(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

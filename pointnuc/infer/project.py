@@ -302,7 +302,9 @@ def _segment_locked(
         from pointnuc.train.fit import resolve_device
 
         info = load_info(model_dir)
-        net = load_network(model_dir, "segmenter", info)
+        from pointnuc.models.net import fuse_batchnorm
+
+        net = fuse_batchnorm(load_network(model_dir, "segmenter", info))  # (this copy only segments)
         dev = resolve_device(device)
         net.to(dev)
     out_dir.mkdir(parents=True, exist_ok=True)
