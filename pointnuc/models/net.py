@@ -291,8 +291,9 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.Sequential):
             for k in range(len(m) - 1):
-                if isinstance(m[k], nn.Conv2d) and isinstance(m[k + 1], nn.BatchNorm2d):
-                    m[k], m[k + 1] = fuse_conv_bn_eval(m[k], m[k + 1]), nn.Identity()
+                conv, bn = m[k], m[k + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    m[k], m[k + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
         elif isinstance(m, BasicBlock | Bottleneck):
             for i in (1, 2, 3):
                 conv, bn = getattr(m, f"conv{i}", None), getattr(m, f"bn{i}", None)
