@@ -296,8 +296,8 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
                     m[k], m[k + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
         elif isinstance(m, BasicBlock | Bottleneck):
             for i in (1, 2, 3):
-                conv, bn = getattr(m, f"conv{i}", None), getattr(m, f"bn{i}", None)
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    setattr(m, f"conv{i}", fuse_conv_bn_eval(conv, bn))
+                c, b = getattr(m, f"conv{i}", None), getattr(m, f"bn{i}", None)
+                if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    setattr(m, f"conv{i}", fuse_conv_bn_eval(c, b))
                     setattr(m, f"bn{i}", nn.Identity())
     return model
