@@ -28,6 +28,8 @@ Memory: a few (B, H, W) tensors of int64 / float64 (about 80 bytes a pixel at th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,87 +37,120 @@ import torch.nn.functional as F
 from pointnuc.errors import InputError
 from pointnuc.models.calibration import Thresholds
 
-#: neighbour offsets (dy, dx) of 4-connectivity
-_FOUR = ((-1, 0), (1, 0), (0, -1), (0, 1))
+#: neighbour offsets (dy, dx); the first four are 4-connectivity
+_OFFSETS = ((-1, 0), (0, -1), (0, 1), (1, 0), (-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
-def _shift(x: torch.Tensor, dy: int, dx: int, fill: float | int | bool) -> torch.Tensor:
-    """``out[y, x] = x[y + dy, x + dx]`` over the last two dims, ``fill`` beyond the border."""
-    h, w = x.shape[-2:]
-    out = torch.full_like(x, fill)
-    ys, yd = (slice(dy, h), slice(0, h - dy)) if dy >= 0 else (slice(0, h + dy), slice(-dy, h))
-    xs, xd = (slice(dx, w), slice(0, w - dx)) if dx >= 0 else (slice(0, w + dx), slice(-dx, w))
-    out[..., yd, xd] = x[..., ys, xs]
-    return out
+class PixelGraph:
+    """The pixels of a bool mask (B, H, W) as a list in raster order, image by image, each with the list
+    positions of its neighbours on the mask (``nbr``, (n + 1, connectivity)). Position ``n`` stands for "no
+    neighbour": arrays over the pixels have n + 1 entries, the last one a sentinel. The iterations below
+    work on these lists, so their cost follows the nuclei's pixels, not the tile's."""
+
+    def __init__(self, mask: torch.Tensor, connectivity: int) -> None:
+        b, h, w = mask.shape
+        self.shape = (b, h, w)
+        flat = mask.reshape(-1)
+        self.index = torch.nonzero(flat).squeeze(1)  #: flat index (over the batch) of each pixel
+        n = self.n = int(self.index.numel())
+        dev = mask.device
+        pos = torch.full((flat.numel(),), n, dtype=torch.long, device=dev)
+        pos[self.index] = torch.arange(n, device=dev)
+        y, x = (self.index // w) % h, self.index % w
+        cols = []
+        for dy, dx in _OFFSETS[:connectivity]:
+            inside = (y + dy >= 0) & (y + dy < h) & (x + dx >= 0) & (x + dx < w)
+            j = (self.index + (dy * w + dx)).clamp(0, max(flat.numel() - 1, 0))
+            cols.append(torch.where(inside, pos[j], n))
+        nbr = torch.stack(cols, 1) if n else torch.zeros((0, connectivity), dtype=torch.long, device=dev)
+        self.nbr = torch.cat([nbr, torch.full((1, connectivity), n, dtype=torch.long, device=dev)])
+        self.on = torch.ones(n + 1, dtype=torch.bool, device=dev)
+        self.on[n] = False
+
+    def subgraph(self, sub: torch.Tensor) -> tuple[PixelGraph, torch.Tensor]:
+        """The graph of the pixels where ``sub`` (n + 1,) and their positions here."""
+        g = PixelGraph.__new__(PixelGraph)
+        keep = torch.nonzero(sub[: self.n]).squeeze(1)
+        m = g.n = int(keep.numel())
+        pos = torch.full((self.n + 1,), m, dtype=torch.long, device=sub.device)
+        pos[keep] = torch.arange(m, device=sub.device)
+        g.shape, g.index = self.shape, self.index[keep]
+        g.nbr = torch.cat([pos[self.nbr[keep]], torch.full((1, self.nbr.shape[1]), m, dtype=torch.long, device=sub.device)])
+        g.on = torch.ones(m + 1, dtype=torch.bool, device=sub.device)
+        g.on[m] = False
+        return g, keep
+
+    def pad(self, values: torch.Tensor, fill: float | int) -> torch.Tensor:
+        """Per-pixel ``values`` (n,) with the sentinel ``fill`` appended."""
+        return torch.cat([values, torch.full((1,), fill, dtype=values.dtype, device=values.device)])
 
 
-def _neighbour_min(x: torch.Tensor, connectivity: int) -> torch.Tensor:
-    """Minimum over each pixel and its 4- or 8-neighbours (float tensor (B, H, W); +inf beyond the border)."""
-    if connectivity == 8:
-        return -F.max_pool2d(-x[:, None], 3, stride=1, padding=1)[:, 0]
-    out = x
-    for dy, dx in _FOUR:
-        out = torch.minimum(out, _shift(x, dy, dx, float("inf")))
-    return out
-
-
-def components(mask: torch.Tensor, connectivity: int) -> torch.Tensor:
-    """Connected components of a bool (B, H, W): each pixel's component root (its first pixel in raster
-    order, as a flat index into its image), -1 off the mask. Iterative minimum propagation plus pointer jumping."""
-    b, h, w = mask.shape
-    n = h * w
-    dtype = torch.float32 if n < 2**24 else torch.float64  # flat indices exactly representable
-    inf = float("inf")
-    idx = torch.arange(n, device=mask.device, dtype=dtype).view(1, h, w).expand(b, h, w)
-    lab = torch.where(mask, idx, inf)
+def components(g: PixelGraph, sub: torch.Tensor, connectivity: int) -> torch.Tensor:
+    """Connected components of the pixels where ``sub`` (n + 1,): each one's root, the first pixel of its
+    component in raster order (its list position); ``n`` off ``sub``. Min-label hooking and pointer jumping
+    (Shiloach-Vishkin style): a few rounds, not one per pixel of the component's width."""
+    n = g.n
+    nb = g.nbr[:, :connectivity]
+    f = torch.where(sub, torch.arange(n + 1, device=sub.device), n)
     while True:
-        new = torch.where(mask, _neighbour_min(lab, connectivity), inf)
-        # pointer jumping: a label is the index of a pixel of the same component whose label is no larger
-        flat = new.view(b, n)
-        jump = torch.gather(flat, 1, flat.nan_to_num(posinf=0).long()).view(b, h, w)
-        new = torch.where(mask, torch.minimum(new, jump), inf)
-        if torch.equal(new, lab):
-            break
-        lab = new
-    return torch.where(mask, lab, -1.0).long()
+        fn = torch.where(sub, torch.minimum(f[nb].min(1).values, f), n)
+        new = f.scatter_reduce(0, f, fn, "amin")  # hook each parent under its child's lowest neighbour
+        new = torch.minimum(new, fn)
+        new = new[new]  # shortcut
+        if torch.equal(new, f):
+            return f
+        f = new
 
 
-def _count_per_root(roots: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """(B, H*W) int32: how many pixels of ``where`` have each root (per image)."""
-    b, h, w = roots.shape
-    n = h * w
-    flat = (roots + torch.arange(b, device=roots.device).view(b, 1, 1) * n)[where]
-    out = torch.zeros(b * n, dtype=torch.int32, device=roots.device)
-    out.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    return out.view(b, n)
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``out[..., y, x] = x[..., y + dy, x + dx]`` (bool), False beyond the border."""
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    out[..., max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] = x[..., max(0, dy) : h + min(0, dy) or None,
+                                                                            max(0, dx) : w + min(0, dx) or None]
+    return out
 
 
-def _per_root(table: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
-    """``table[b, roots[b, y, x]]`` (roots < 0 read index 0: mask them out yourself)."""
-    b, h, w = roots.shape
-    return torch.gather(table, 1, roots.clamp(min=0).view(b, h * w)).view(b, h, w)
+def _count(roots: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """How many pixels of ``where`` have each root (n + 1,)."""
+    return torch.bincount(roots[where], minlength=roots.numel())
 
 
 def fill_small_holes_torch(mask: torch.Tensor, max_hole_px: float) -> torch.Tensor:
-    """:func:`pointnuc.infer.instances.fill_small_holes` on a batch (exact)."""
-    bg = ~mask
-    roots = components(bg, 4)
-    small = _count_per_root(roots, bg) < max_hole_px
-    edge = torch.zeros_like(bg)
-    edge[:, 0], edge[:, -1], edge[:, :, 0], edge[:, :, -1] = True, True, True, True
-    touching = _count_per_root(roots, bg & edge) > 0
-    return mask | (bg & _per_root(small & ~touching, roots))
+    """:func:`pointnuc.infer.instances.fill_small_holes` on a batch (B, H, W) (exact).
+
+    Only the background within ``k`` px (chessboard) of the mask is labelled, where a (2k + 1)² square
+    holds ``max_hole_px``: a background pixel farther away lies in a component at least that large, so
+    a piece of the band that touches such a pixel (or the image's border) is no small hole, and any other
+    piece is a whole background component."""
+    b, h, w = mask.shape
+    k = max(1, math.ceil((math.sqrt(max(max_hole_px, 1.0)) - 1) / 2))
+    m = mask[:, None].float()
+    m = F.max_pool2d(F.max_pool2d(m, (1, 2 * k + 1), stride=1, padding=(0, k)), (2 * k + 1, 1), stride=1, padding=(k, 0))
+    near = m[:, 0] > 0
+    far = ~mask & ~near
+    by_far = _shift(far, -1, 0) | _shift(far, 1, 0) | _shift(far, 0, -1) | _shift(far, 0, 1)
+    g = PixelGraph(~mask & near, 4)
+    roots = components(g, g.on, 4)
+    y, x = (g.index // w) % h, g.index % w
+    edge = g.pad((y == 0) | (y == h - 1) | (x == 0) | (x == w - 1) | by_far.view(-1)[g.index], False)
+    fill = (_count(roots, g.on) < max_hole_px) & (_count(roots, edge) == 0)
+    out = mask.clone().view(-1)
+    out[g.index] = fill[roots][: g.n]
+    return out.view(b, h, w)
 
 
 def distance_sq(mask: torch.Tensor) -> torch.Tensor:
-    """Exact squared Euclidean distance of each pixel to the nearest pixel off ``mask`` (int64 (B, H, W); 0 off it).
+    """Exact squared Euclidean distance of each pixel to the nearest pixel off ``mask`` (int32, or int64 beyond
+    32767 px a side; (B, H, W); 0 off it).
 
     Separable: the distance along each column, then the minimum over horizontal offsets ``dx`` of
     ``column² + dx²``, offset by offset, until ``dx²`` exceeds every distance found (no radius cap).
     """
     b, h, w = mask.shape
-    big = 1 << 30  # "no background in this column"; big² still fits int64
-    iy = torch.arange(h, device=mask.device).view(1, h, 1)
+    small = max(h, w) < 1 << 15  # int32 holds every squared distance (and big²)
+    big = 1 << 15 if small else 1 << 30  # "no background in this column"
+    iy = torch.arange(h, device=mask.device, dtype=torch.int32 if small else torch.int64).view(1, h, 1)
     bg = ~mask
     above = torch.cummax(torch.where(bg, iy, -big), dim=1).values
     below = torch.cummin(torch.where(bg, iy, big).flip(1), dim=1).values.flip(1)
@@ -157,83 +192,75 @@ def gaussian_scipy(x: torch.Tensor, sigma: float = 1.0, truncate: float = 4.0) -
     return out
 
 
-def _reconstruct(seed: torch.Tensor, limit: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Greyscale reconstruction by dilation (8-connectivity) of ``seed`` under ``limit``, within ``region`` only."""
-    ninf = float("-inf")
-    rec = torch.where(region, seed, ninf)
+def _reconstruct(g: PixelGraph, seed: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Greyscale reconstruction by dilation (8-connectivity) of ``seed`` under ``limit`` over the graph's pixels."""
+    rec = torch.where(g.on, seed, float("-inf"))
     while True:
-        new = torch.where(region, torch.minimum(F.max_pool2d(rec[:, None], 3, stride=1, padding=1)[:, 0], limit), ninf)
-        new = torch.maximum(new, rec)
+        new = torch.maximum(torch.minimum(rec[g.nbr].max(1).values, limit), rec)
         if torch.equal(new, rec):
             return rec
         rec = new
 
 
-def _flood_level(value: torch.Tensor, markers: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Each pixel's flood level from the markers (4-connectivity, within ``region``): the lowest achievable
-    highest ``value`` on a path from a marker; +inf where no marker reaches."""
-    inf = float("inf")
-    level = torch.where(markers, value, inf)
+def _flood_level(g: PixelGraph, value: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+    """Each pixel's flood level from the markers (4-connectivity): the lowest achievable highest ``value``
+    on a path from a marker; +inf where no marker reaches."""
+    nb = g.nbr[:, :4]
+    level = torch.where(markers, value, float("inf"))
     while True:
-        reach = torch.where(region, _neighbour_min(level, 4), inf)
+        reach = level[nb].min(1).values
         new = torch.where(markers, level, torch.minimum(level, torch.maximum(value, reach)))
         if torch.equal(new, level):
             return level
         level = new
 
 
-def _flood_labels(level: torch.Tensor, labels: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Grow marker ``labels`` (>= 0; -1 unlabelled) over ``region``: each pixel takes the label of its neighbour
-    of lowest flood level, once that one is labelled (ties: the smaller label)."""
-    inf = float("inf")
-    lowest = torch.full_like(level, inf)
-    for dy, dx in _FOUR:
-        lowest = torch.minimum(lowest, torch.where(_shift(region, dy, dx, False), _shift(level, dy, dx, inf), inf))
+def _flood_labels(g: PixelGraph, level: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Grow marker ``labels`` (>= 0; -1 unlabelled): each pixel takes the label of its neighbour of lowest
+    flood level, once that one is labelled (ties: the first labelled, then the smaller label)."""
+    nb = g.nbr[:, :4]
+    around = level[nb]
+    lowest = (nb < g.n) & (around == around.min(1, keepdim=True).values)
     big = torch.iinfo(torch.int64).max
     while True:
-        todo = region & (labels < 0)
-        best = torch.full_like(labels, big)
-        for dy, dx in _FOUR:
-            lab = _shift(labels, dy, dx, -1)
-            ok = (lab >= 0) & (_shift(level, dy, dx, inf) == lowest)
-            best = torch.where(ok, torch.minimum(best, lab), best)
-        grow = todo & (best < big)
+        near = labels[nb]
+        best = torch.where(lowest & (near >= 0), near, big).min(1).values
+        grow = (labels < 0) & (best < big)
         if not bool(grow.any()):
             return labels
         labels = torch.where(grow, best, labels)
 
 
-def _watershed_keys(dist: torch.Tensor, mask: torch.Tensor, h_px: float) -> torch.Tensor:
-    """Instance keys (int64 (B, H, W), -1 off the mask) of :func:`pointnuc.infer.instances._watershed`,
-    ordered as its label numbers: whole components by their root, then the pieces of split ones."""
-    b, h, w = mask.shape
-    n = h * w
-    lab8 = components(mask, 8)
-    peak = mask & (dist >= F.max_pool2d(dist[:, None], 3, stride=1, padding=1)[:, 0])
-    plat = components(peak, 8)
-    iflat = torch.arange(n, device=mask.device).view(1, h, w)
-    n_plat = _count_per_root(lab8, peak & (plat == iflat))
-    lab4 = components(mask, 4)
-    n_four = _count_per_root(lab8, mask & (lab4 == iflat))
-    multi = mask & _per_root((n_plat > 1) | (n_four > 1), lab8)
-    keys = torch.where(mask, lab8, -1)
+def _instance_keys(g: PixelGraph, dist: torch.Tensor, h_px: float, method: str) -> torch.Tensor:
+    """Per pixel (n,), a key that orders the instances as :func:`pointnuc.infer.instances._watershed` numbers
+    them: whole components by their root, then the pieces of the split ones (component, marked or not, piece)."""
+    n = g.n
+    lab8 = components(g, g.on, 8)
+    if method == "cc":
+        return lab8[:n]
+    d = g.pad(dist, 0.0)
+    ar = torch.arange(n + 1, device=d.device)
+    peak = g.on & (d >= d[g.nbr].max(1).values)
+    n_plat = _count(lab8, peak & (components(g, peak, 8) == ar))
+    n_four = _count(lab8, g.on & (components(g, g.on, 4) == ar))
+    multi = g.on & ((n_plat > 1) | (n_four > 1))[lab8]
     if not bool(multi.any()):
-        return keys
-    # h-maxima of each split component (skimage.morphology.h_maxima on its own crop)
-    cmax = torch.zeros(b * n, dtype=dist.dtype, device=dist.device)
-    flat_root = (lab8 + torch.arange(b, device=dist.device).view(b, 1, 1) * n)[multi]
-    cmax.scatter_reduce_(0, flat_root, dist[multi], "amax")
-    flat_ok = _per_root((cmax >= h_px).view(b, n), lab8)  # h > ptp(crop) = the component's maximum: no maxima
-    seed = dist - h_px - (2 * float(np.finfo(np.float64).resolution)) * dist.abs()
-    rec = _reconstruct(seed, dist, multi)
-    marks = multi & flat_ok & ((dist - rec) >= h_px)
-    marker_root = components(marks, 8)
-    # watershed of -dist from the markers within each component, then the pieces no marker reached
-    level = _flood_level(-dist, marks, multi)
-    grown = _flood_labels(level, torch.where(marks, marker_root, -1), multi)
-    rest = components(multi & (grown < 0), 8)
-    piece = torch.where(grown >= 0, grown, n + rest)
-    return torch.where(multi, n + lab8 * (2 * n) + piece, keys)
+        return lab8[:n]
+    # the split components only, on their own graph: h-maxima (skimage.morphology.h_maxima on each one's crop)
+    s, keep = g.subgraph(multi)
+    sd, root = s.pad(dist[keep], 0.0), s.pad(lab8[keep], n)
+    cmax = torch.zeros(n + 1, dtype=d.dtype, device=d.device).scatter_reduce(0, root, sd, "amax")
+    seed = sd - h_px - (2 * float(np.finfo(np.float64).resolution)) * sd.abs()
+    rec = _reconstruct(s, seed, sd)
+    marks = s.on & (cmax[root] >= h_px) & ((sd - rec) >= h_px)  # (h > ptp of the crop: no maxima at all)
+    # watershed of -dist from the markers, then the pieces no marker reached, each on its own
+    level = _flood_level(s, torch.where(s.on, -sd, float("inf")), marks)
+    grown = _flood_labels(s, level, torch.where(marks, components(s, marks, 8), -1))
+    rest = components(s, s.on & (grown < 0), 8)
+    piece = torch.where(grown >= 0, keep.take(grown.clamp(max=s.n - 1)), n + keep.take(rest.clamp(max=s.n - 1)))
+    keys = lab8[:n].clone()
+    keys[keep] = n + lab8[keep] * (2 * n) + piece[: s.n]
+    return keys
 
 
 def instances_torch(
@@ -243,29 +270,32 @@ def instances_torch(
     min_area_px: float = Thresholds.min_area_px,
     h_px: float = Thresholds.h_px,
     max_hole_px: float | None = None,
+    method: str = "watershed",
 ) -> torch.Tensor:
-    """int32 instance labels (0 = background), (B, H, W) or (H, W) as ``prob``, on its device: the watershed
-    instances of :func:`pointnuc.infer.instances.instances_from_probability` (see the module doc for what is exact)."""
+    """int32 instance labels (0 = background), (B, H, W) or (H, W) as ``prob``, on its device: the instances of
+    :func:`pointnuc.infer.instances.instances_from_probability` (``method`` ``watershed`` or ``cc``; see the
+    module doc for what is exact)."""
     if prob.ndim not in (2, 3):
         raise InputError(f"probability map must be 2-D or a batch of them, got shape {tuple(prob.shape)}")
+    if method not in ("cc", "watershed"):
+        raise InputError(f"unknown instance method {method!r}; choose one of cc, watershed")
     single = prob.ndim == 2
     p = (prob[None] if single else prob).float()
     b, h, w = p.shape
     mask = fill_small_holes_torch(p >= threshold, 4 * min_area_px if max_hole_px is None else max_hole_px)
-    dist = gaussian_scipy(distance_sq(mask).double().sqrt())
-    dist = torch.where(mask, dist, 0.0)
-    keys = _watershed_keys(dist, mask, h_px)
-    # number the instances of each image in key order, dropping small ones (as _remove_small)
-    per_image = (2 * h * w + 1) * h * w
-    img = torch.arange(b, device=p.device).view(b, 1, 1) * per_image
-    fg = keys >= 0
-    uniq, inverse, counts = torch.unique((keys + img)[fg], return_inverse=True, return_counts=True)
+    g = PixelGraph(mask, 8)
+    dist = gaussian_scipy(distance_sq(mask).double().sqrt()).view(-1)[g.index] if method == "watershed" else None
+    keys = _instance_keys(g, dist if dist is not None else torch.zeros(g.n), h_px, method)
+    # number each image's instances in key order, the small ones dropped (as _remove_small)
+    per_image = (2 * g.n + 2) * (g.n + 1)
+    image = g.index // (h * w)
+    uniq, inverse, counts = torch.unique(image * per_image + keys, return_inverse=True, return_counts=True)
     keep = (counts >= min_area_px).long()
     rank = torch.cumsum(keep, 0)
     first = torch.searchsorted(uniq, torch.arange(b, device=p.device) * per_image)
-    before = torch.where(first > 0, rank[(first - 1).clamp(min=0)], 0) if uniq.numel() else first
-    which = torch.div(uniq, per_image, rounding_mode="floor")
-    ids = torch.where(keep > 0, rank - before[which], 0) if uniq.numel() else rank
-    out = torch.zeros((b, h, w), dtype=torch.int32, device=p.device)
-    out[fg] = ids[inverse].int()
+    before = torch.cat([rank.new_zeros(1), rank])[first]  # kept instances of the images before
+    ids = torch.where(keep > 0, rank - before[torch.div(uniq, per_image, rounding_mode="floor")], 0)
+    out = torch.zeros(b * h * w, dtype=torch.int32, device=p.device)
+    out[g.index] = ids[inverse].int()
+    out = out.view(b, h, w)
     return out[0] if single else out
