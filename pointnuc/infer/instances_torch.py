@@ -80,7 +80,7 @@ class PixelGraph:
         g.on[m] = False
         return g, keep
 
-    def pad(self, values: torch.Tensor, fill: float | int) -> torch.Tensor:
+    def pad(self, values: torch.Tensor, fill: float) -> torch.Tensor:
         """Per-pixel ``values`` (n,) with the sentinel ``fill`` appended."""
         return torch.cat([values, torch.full((1,), fill, dtype=values.dtype, device=values.device)])
 
@@ -147,7 +147,7 @@ def distance_sq(mask: torch.Tensor) -> torch.Tensor:
     Separable: the distance along each column, then the minimum over horizontal offsets ``dx`` of
     ``column² + dx²``, offset by offset, until ``dx²`` exceeds every distance found (no radius cap).
     """
-    b, h, w = mask.shape
+    h, w = mask.shape[-2:]
     small = max(h, w) < 1 << 15  # int32 holds every squared distance (and big²)
     big = 1 << 15 if small else 1 << 30  # "no background in this column"
     iy = torch.arange(h, device=mask.device, dtype=torch.int32 if small else torch.int64).view(1, h, 1)
@@ -163,6 +163,15 @@ def distance_sq(mask: torch.Tensor) -> torch.Tensor:
         d2[..., dx:] = torch.minimum(d2[..., dx:], g2[..., :-dx] + dx * dx)
         d2[..., :-dx] = torch.minimum(d2[..., :-dx], g2[..., dx:] + dx * dx)
     return d2
+
+
+def distance(mask: torch.Tensor) -> torch.Tensor:
+    """``scipy.ndimage.distance_transform_edt`` of each mask (float64 (B, H, W)), the same values: the square
+    roots come from numpy's ``sqrt`` (a table over the squared distances present), as torch's CPU ``sqrt``
+    can be one unit in the last place off."""
+    d2 = distance_sq(mask).long()
+    table = np.sqrt(np.arange(int(d2.max()) + 1, dtype=np.float64))
+    return torch.from_numpy(table).to(mask.device)[d2]
 
 
 def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
@@ -284,7 +293,7 @@ def instances_torch(
     b, h, w = p.shape
     mask = fill_small_holes_torch(p >= threshold, 4 * min_area_px if max_hole_px is None else max_hole_px)
     g = PixelGraph(mask, 8)
-    dist = gaussian_scipy(distance_sq(mask).double().sqrt()).view(-1)[g.index] if method == "watershed" else None
+    dist = gaussian_scipy(distance(mask)).view(-1)[g.index] if method == "watershed" else None
     keys = _instance_keys(g, dist if dist is not None else torch.zeros(g.n), h_px, method)
     # number each image's instances in key order, the small ones dropped (as _remove_small)
     per_image = (2 * g.n + 2) * (g.n + 1)
