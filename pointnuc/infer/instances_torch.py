@@ -29,6 +29,8 @@ Memory: a few (B, H, W) tensors of int64 / float64 (about 80 bytes a pixel at th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +38,10 @@ import torch.nn.functional as F
 
 from pointnuc.errors import InputError
 from pointnuc.models.calibration import Thresholds
+
+if TYPE_CHECKING:
+    from pointnuc.infer.polygons import TileContext
+    from pointnuc.infer.tiling import Tile
 
 #: neighbour offsets (dy, dx); the first four are 4-connectivity
 _OFFSETS = ((-1, 0), (0, -1), (0, 1), (1, 0), (-1, -1), (-1, 1), (1, -1), (1, 1))
@@ -308,3 +314,28 @@ def instances_torch(
     out[g.index] = ids[inverse].int()
     out = out.view(b, h, w)
     return out[0] if single else out
+
+
+def tile_labels(fg: torch.Tensor, tiles: Sequence[Tile], ctx: TileContext) -> list[np.ndarray]:
+    """Each tile's instance labels (int32, on the CPU) over the box :func:`~pointnuc.infer.polygons.tile_nuclei`
+    looks in, from the batch's foreground probability on the device (B, T, T): what ``tile_nuclei`` would compute
+    from the same tile (its float16 rounding of the probability included). Tiles whose boxes have the same
+    shape go through :func:`instances_torch` together."""
+    from pointnuc.infer.polygons import search_box
+
+    boxes = []
+    for t in tiles:
+        s = search_box(t, ctx.keep_margin)
+        boxes.append(s.valid.shift(-s.window.y0, -s.window.x0).slices())
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (ys, xs) in enumerate(boxes):
+        groups.setdefault((ys.stop - ys.start, xs.stop - xs.start), []).append(i)
+    p = ctx.params
+    out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(tiles)
+    for members in groups.values():
+        crops = torch.stack([fg[i][boxes[i]] for i in members]).half().float()
+        labels = instances_torch(crops, threshold=p.threshold, min_area_px=p.min_area_px, h_px=p.h_px,
+                                 method=p.method).cpu().numpy()
+        for i, lab in zip(members, labels):
+            out[i] = lab
+    return out
