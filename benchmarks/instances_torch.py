@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +94,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, prob, ip in maps:
         kw = {"threshold": ip.threshold, "min_area_px": ip.min_area_px, "h_px": ip.h_px}
-        t_np, ref = best(lambda: instances_from_probability(prob, method=ip.method, **kw), args.repeats, False)
+        t_np, ref = best(partial(instances_from_probability, prob, method=ip.method, **kw), args.repeats, False)
         x = torch.from_numpy(prob).to(dev)
         instances_torch(x, method=ip.method, **kw)  # warm-up
-        t_t, ours = best(lambda: instances_torch(x, method=ip.method, **kw), args.repeats, dev.type == "cuda")
+        t_t, ours = best(partial(instances_torch, x, method=ip.method, **kw), args.repeats, dev.type == "cuda")
         ours = ours.cpu().numpy()
         print(f"| {name} | {prob.shape[0]} x {prob.shape[1]} | {int((ref > 0).sum())} | {ref.max()} / {ours.max()} | "
               f"{int((ref != ours).sum())} | {aji(ref, ours):.4f} | {t_np:.3f} | {t_t:.3f} |")
