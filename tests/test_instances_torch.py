@@ -67,9 +67,8 @@ def _both(p: np.ndarray, **kw: float) -> tuple[np.ndarray, np.ndarray]:
 
 def test_distance_and_gaussian_are_scipys_to_the_bit() -> None:
     rng = np.random.default_rng(0)
-    for shape, density in (((64, 80), 0.7), ((40, 33), 0.97), ((7, 5), 0.5), ((50, 60), 0.999)):
-        mask = rng.random(shape) < density
-        mask[0, 0] = False  # (some background: scipy's transform needs one)
+    for shape, density in (((64, 80), 0.7), ((40, 33), 0.97), ((7, 5), 0.5), ((50, 60), 0.999), ((9, 12), 2.0)):
+        mask = rng.random(shape) < density  # (the last: no background at all)
         d = distance(torch.from_numpy(mask)[None])[0].numpy()
         assert np.array_equal(d, ndi.distance_transform_edt(mask))
         x = rng.random(shape) * 10
@@ -105,7 +104,8 @@ def test_hand_made_shapes_give_the_very_same_labels() -> None:
     borders = _disc(0, 0, 15) | _disc(59, 89, 12) | _disc(30, 89, 8) | _disc(30, 76, 8)
     diagonal = np.eye(60, 90, dtype=bool) | np.eye(60, 90, 1, dtype=bool)  # 8- but not 4-connected steps
     three = _disc(30, 25, 10) | _disc(30, 43, 10) | _disc(45, 34, 9)
-    for m, n in ((dumbbell, 2), (holes, 1), (borders, 4), (diagonal, 1), (three, 1)):
+    full = np.ones_like(three)
+    for m, n in ((dumbbell, 2), (holes, 1), (borders, 4), (diagonal, 1), (three, 1), (full, 1)):
         ref, ours = _both(m.astype(np.float32))
         assert ref.max() == n and np.array_equal(ours, ref)
     ref, ours = _both(_two_touching_discs())

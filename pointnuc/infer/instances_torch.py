@@ -23,7 +23,11 @@ The same steps as :func:`pointnuc.infer.instances.instances_from_probability` wi
 - pieces no marker reaches are their own instances; objects under ``min_area_px`` dropped; the instances
   numbered in the same order as the numpy path.
 
-Memory: a few (B, H, W) tensors of int64 / float64 (about 80 bytes a pixel at the peak).
+The distance transform and the Gaussian work on whole tiles; everything that iterates works on pixel
+lists (:class:`PixelGraph`: the foreground, a band of background for the holes, the components to split),
+so its cost follows the nuclei rather than the tile. Memory: a few (B, H, W) tensors (float64 for the
+distances) and about 80 bytes per foreground pixel for its neighbour list. On one CPU thread it is about
+3x slower than the numpy path (benchmarks/results/instances-torch.md): it is meant for the GPU.
 """
 
 from __future__ import annotations
@@ -163,12 +167,15 @@ def distance_sq(mask: torch.Tensor) -> torch.Tensor:
     g = torch.minimum(iy - above, below - iy).clamp(max=big)
     g2 = g * g
     d2 = g2.clone()
+    # an image without background: scipy measures from the pixel above the first, (-1, 0)
+    none = ~bg.flatten(1).any(1).view(-1, 1, 1)
     for dx in range(1, w):
-        if dx * dx >= int(d2.max()):
+        if dx * dx >= int(torch.where(none, 0, d2).max()):
             break
         d2[..., dx:] = torch.minimum(d2[..., dx:], g2[..., :-dx] + dx * dx)
         d2[..., :-dx] = torch.minimum(d2[..., :-dx], g2[..., dx:] + dx * dx)
-    return d2
+    ix = torch.arange(w, device=mask.device, dtype=iy.dtype).view(1, 1, w)
+    return torch.where(none, (iy + 1) ** 2 + ix**2, d2)
 
 
 def distance(mask: torch.Tensor) -> torch.Tensor:
