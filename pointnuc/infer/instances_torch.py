@@ -324,7 +324,7 @@ def instances_torch(
 
 
 def tile_labels(fg: torch.Tensor, tiles: Sequence[Tile], ctx: TileContext) -> list[np.ndarray]:
-    """Each tile's instance labels (int32, on the CPU) over the box :func:`~pointnuc.infer.polygons.tile_nuclei`
+    """Each tile's instance labels (uint16, or int32 beyond 65535 instances; on the CPU) over the box :func:`~pointnuc.infer.polygons.tile_nuclei`
     looks in, from the batch's foreground probability on the device (B, T, T): what ``tile_nuclei`` would compute
     from the same tile (its float16 rounding of the probability included). Tiles whose boxes have the same
     shape go through :func:`instances_torch` together."""
@@ -341,8 +341,10 @@ def tile_labels(fg: torch.Tensor, tiles: Sequence[Tile], ctx: TileContext) -> li
     out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(tiles)
     for members in groups.values():
         crops = torch.stack([fg[i][boxes[i]] for i in members]).half().float()
-        labels = instances_torch(crops, threshold=p.threshold, min_area_px=p.min_area_px, h_px=p.h_px,
-                                 method=p.method).cpu().numpy()
-        for i, lab in zip(members, labels):
+        labels = instances_torch(crops, threshold=p.threshold, min_area_px=p.min_area_px, h_px=p.h_px, method=p.method)
+        host = labels.cpu().numpy()
+        if host.max(initial=0) < 1 << 16:  # (the usual case: half the copy to the worker processes)
+            host = host.astype(np.uint16)
+        for i, lab in zip(members, host):
             out[i] = lab
     return out

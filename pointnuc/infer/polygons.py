@@ -107,6 +107,8 @@ def tile_nuclei(
                                             h_px=p.h_px)
     elif labels.shape != prob.shape:
         raise ValueError(f"labels {labels.shape} do not cover the box searched {prob.shape}")
+    else:
+        labels = labels.astype(np.int32, copy=False)
     ids = owned_labels(labels, tile)
     n_big = count_large(labels, tile)
     if ids.size == 0:
