@@ -307,7 +307,7 @@ def instances_torch(
     mask = fill_small_holes_torch(p >= threshold, 4 * min_area_px if max_hole_px is None else max_hole_px)
     g = PixelGraph(mask, 8)
     dist = gaussian_scipy(distance(mask)).view(-1)[g.index] if method == "watershed" else None
-    keys = _instance_keys(g, dist if dist is not None else torch.zeros(g.n), h_px, method)
+    keys = _instance_keys(g, dist if dist is not None else p.new_zeros(0, dtype=torch.float64), h_px, method)
     # number each image's instances in key order, the small ones dropped (as _remove_small)
     per_image = (2 * g.n + 2) * (g.n + 1)
     image = g.index // (h * w)
