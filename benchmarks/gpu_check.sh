@@ -16,4 +16,10 @@ for enc in resnet34 slim; do
       > "$DEST/speed-$enc-$px.txt" 2>&1 || echo "speed $enc $px: exit $?" >> "$DEST/errors.txt"
   done
 done
-tail -n 5 "$DEST"/speed-*.txt
+# instance labels: the speed runs above compute them on the GPU (instances_on_device, the CUDA default);
+# the same run with them in numpy on the CPU (the path before), and instances_torch alone on one 1184 x 1184 map
+timeout 120 "$PY" benchmarks/segment_speed.py speed --encoder resnet34 --model-px 0.5 --size 8192 --device cuda \
+  --instances cpu > "$DEST/speed-resnet34-0.5-instances-cpu.txt" 2>&1 || echo "speed instances cpu: exit $?" >> "$DEST/errors.txt"
+timeout 60 "$PY" benchmarks/instances_torch.py --synthetic 1184 --device cuda --repeats 5 \
+  > "$DEST/instances-torch.txt" 2>&1 || echo "instances_torch: exit $?" >> "$DEST/errors.txt"
+tail -n 5 "$DEST"/speed-*.txt "$DEST/instances-torch.txt"

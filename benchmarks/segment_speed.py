@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/segment_speed.py speed --encoder resnet34 --model-px 0.25
     .venv/bin/python benchmarks/segment_speed.py memory --size 20000 --encoder tiny
     # on a GPU machine: same commands; device auto picks CUDA (AMP, tile 1024, batch 16)
+    # --instances device|cpu: instance labels in torch on the device (the CUDA default) or numpy in post-processing
 
 The slide is a synthetic pyramidal TIFF (JPEG tiles, 0.25 µm/px = 40x) with dark discs
 on pink tissue. The network is a U-Net with the chosen encoder and random weights; its
@@ -136,7 +137,8 @@ def speed(args: argparse.Namespace) -> dict:
                 bare_cpu.append(cpu_seconds() - c0)
                 c0 = cpu_seconds()
                 res = segment_slide(slide, net, info, device=dev, batch_size=batch, tile_size=tile,
-                                    num_workers=args.workers, progress=False, post_processes=args.post_processes)
+                                    num_workers=args.workers, progress=False, post_processes=args.post_processes,
+                                    instances_on_device=None if args.instances == "auto" else args.instances == "device")
                 e2e.append(res.seconds)
                 start.append(res.start_seconds)
                 e2e_cpu.append(cpu_seconds() - c0)
@@ -150,6 +152,7 @@ def speed(args: argparse.Namespace) -> dict:
         "tile": tile, "halo": res.halo, "batch": batch, "amp": amp, "workers": args.workers,
         "post_processes": args.post_processes, "n_tiles": len(tiles),
         "core_megapixels": round(core_mp, 3), "nuclei": res.n_nuclei, "instances": info.config.segmentation.instance_method,
+        "instances_on": args.instances,
         "bare_seconds": [round(t, 2) for t in bare], "e2e_seconds": [round(t, 2) for t in e2e],
         "bare_mp_s": round(core_mp / tb, 4), "e2e_mp_s": round(core_mp / te, 4), "ratio": round(tb / te, 3),
         "start_seconds": [round(t, 2) for t in start], "started_mp_s": round(core_mp / ts, 4),
@@ -217,6 +220,8 @@ def main() -> None:
     p.add_argument("--post-processes", type=int, default=None,
                    help="polygon work in this many worker processes [default: by device; 0 = threads]")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--instances", choices=["auto", "device", "cpu"], default="auto",
+                   help="instance labels on the device (torch) or the CPU (numpy) [default: device on CUDA]")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--stream", action="store_true", help="memory run: nuclei to a sink, not kept")

@@ -191,6 +191,35 @@ def test_worker_processes_give_the_same_nuclei(slide_file: tuple[Path, SynthSlid
     assert 0 < a.start_seconds < a.seconds and 0 < b.start_seconds < b.seconds  # the fixed start, part of the whole
 
 
+def test_instances_on_the_device_give_the_same_nuclei(slide_file: tuple[Path, SynthSlide]) -> None:
+    """Instance labels computed in torch for the batch (the CUDA default), here on the CPU, in threads and in
+    worker processes: the nuclei of the numpy path (tests/test_instances_torch.py: exact but where floods tie)."""
+    from pointnuc.evaluate import polygons_to_labels
+    from pointnuc.io.slide import open_slide
+    from pointnuc.metrics import aji
+
+    path, _ = slide_file
+    region = shapely.box(0, 0, 1200, 900)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (small tensor operations, on a machine whose two cores run other work: 8 s -> 0.4 s)
+    try:
+        with open_slide(path) as slide:
+            runs = [segment_slide(slide, DarknessNet(), _info(), region=region, tile_size=TILE, progress=False, **kw)
+                    for kw in ({}, {"instances_on_device": True}, {"instances_on_device": True, "post_processes": 2})]
+    finally:
+        torch.set_num_threads(threads)
+    from pointnuc.infer.wsi import SegmentSettings
+
+    assert SegmentSettings().for_device().instances_on_device is False  # (the CPU default: the numpy path)
+    assert SegmentSettings(device="cuda").for_device().instances_on_device is True
+    rasters = [polygons_to_labels([n.polygon for n in r.nuclei], (900, 1200)) for r in runs]
+    assert runs[0].n_nuclei > 50
+    for r, lab in zip(runs[1:], rasters[1:]):
+        assert r.n_nuclei == runs[0].n_nuclei and aji(rasters[0], lab) == 1.0
+        for x, y in zip(runs[0].nuclei, r.nuclei):
+            assert shapely.equals_exact(x.polygon, y.polygon, 0) and x.measurements == y.measurements
+
+
 def test_cpu_default_fits_the_tile_to_the_image_with_the_same_nuclei(slide_file: tuple[Path, SynthSlide]) -> None:
     """The CPU default (one tile fitted to a small area, batch by pixels) finds what a grid of small tiles finds."""
     from pointnuc.io.slide import open_slide

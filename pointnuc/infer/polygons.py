@@ -76,8 +76,13 @@ class TileContext:
     keep_margin: int | None = None
 
 
-def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext) -> tuple[list[NucleusObject], int]:
+def tile_nuclei(
+    prob_fg: np.ndarray, tile: Tile, ctx: TileContext, labels: np.ndarray | None = None
+) -> tuple[list[NucleusObject], int]:
     """The nuclei ``tile`` owns, from its window's foreground probability (T, T).
+
+    ``labels``: the instances of the box searched (:func:`search_box`), already computed (on the device,
+    :func:`pointnuc.infer.instances_torch.tile_labels`); None: computed here (``instances_from_probability``).
 
     Outlines are traced as ``ctx.outline`` says (:data:`OUTLINES`); nuclei whose outline is
     under ``ctx.min_area_um2`` are dropped. Returns the nuclei (full-res polygons, mean probability
@@ -97,7 +102,13 @@ def tile_nuclei(prob_fg: np.ndarray, tile: Tile, ctx: TileContext) -> tuple[list
     # at float16's precision, as worker processes receive it (:func:`worker_job`): sub-pixel outlines
     # follow the probability's values, and threads and processes then give the very same nuclei
     prob = np.ascontiguousarray(prob_fg[v.slices()], dtype=np.float16).astype(np.float32)
-    labels = instances_from_probability(prob, threshold=p.threshold, min_area_px=p.min_area_px, method=p.method, h_px=p.h_px)
+    if labels is None:
+        labels = instances_from_probability(prob, threshold=p.threshold, min_area_px=p.min_area_px, method=p.method,
+                                            h_px=p.h_px)
+    elif labels.shape != prob.shape:
+        raise ValueError(f"labels {labels.shape} do not cover the box searched {prob.shape}")
+    else:
+        labels = labels.astype(np.int32, copy=False)
     ids = owned_labels(labels, tile)
     n_big = count_large(labels, tile)
     if ids.size == 0:
@@ -196,16 +207,17 @@ def warm_up() -> None:
     """A job that does nothing: submitting a few makes the pool start its workers early."""
 
 
-def worker_job(job: tuple[Tile, np.ndarray]) -> tuple[tuple[Any, ...], int, float]:
-    """One tile in a worker process (probability sent as float16 to halve the copy).
+def worker_job(job: tuple[Any, ...]) -> tuple[tuple[Any, ...], int, float]:
+    """One tile in a worker process: (tile, probability) or (tile, probability, labels) (:func:`tile_nuclei`);
+    the probability sent as float16 to halve the copy.
 
     Returns the nuclei packed as arrays (:func:`pack_nuclei`: cheaper to send and to
     rebuild than pickled objects), the count of dropped large objects, and the busy seconds.
     """
     assert _CTX is not None, "init_worker was not called"
     t0 = time.perf_counter()
-    tile, prob = job
-    found, big = tile_nuclei(prob.astype(np.float32), tile, _CTX)
+    tile, prob, *labels = job
+    found, big = tile_nuclei(prob.astype(np.float32), tile, _CTX, *labels)
     packed = pack_nuclei(found)
     return packed, big, time.perf_counter() - t0
 

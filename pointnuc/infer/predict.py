@@ -163,14 +163,13 @@ def nucleus_probability(
 
 
 @torch.no_grad()
-def predict_batch(
+def foreground_batch(
     network: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool,
-    norm: tuple[Sequence[Any], Mapping[str, Sequence[float]]] | None = None, half: bool = False, tta: bool = False,
-) -> np.ndarray:
-    """Foreground probability (B, T, T) float32 of a batch of uint8 RGB windows (B, T, T, 3).
+    norm: tuple[Sequence[Any], Mapping[str, Sequence[float]]] | None = None, tta: bool = False,
+) -> torch.Tensor:
+    """Foreground probability (B, T, T) float32, on ``device``, of a batch of uint8 RGB windows (B, T, T, 3).
 
     ``norm`` = (source stats, reference): Reinhard-normalise the batch on the device first.
-    ``half``: float16 instead, rounded on the device (half the copy back).
     ``tta``: the mean over the four flips (none, left-right, up-down, both).
     """
     x = torch.from_numpy(batch)
@@ -190,6 +189,13 @@ def predict_batch(
             dims = [d for d, flip in ((2, fy), (3, fx)) if flip]
             fg += foreground(t.flip(dims)).flip([d - 1 for d in dims])
         fg /= len(FLIPS)
-    if half:
-        fg = fg.half()
-    return fg.cpu().numpy()
+    return fg
+
+
+def predict_batch(
+    network: torch.nn.Module, batch: np.ndarray, device: torch.device, amp: bool,
+    norm: tuple[Sequence[Any], Mapping[str, Sequence[float]]] | None = None, half: bool = False, tta: bool = False,
+) -> np.ndarray:
+    """:func:`foreground_batch` on the CPU as numpy; ``half``: float16 instead, rounded on the device (half the copy back)."""
+    fg = foreground_batch(network, batch, device, amp, norm, tta)
+    return (fg.half() if half else fg).cpu().numpy()

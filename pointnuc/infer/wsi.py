@@ -5,7 +5,7 @@ The flow per slide::
     thumbnail ─> tissue mask ─┐
     region (optional) ────────┴─> tiles to do (plan)   ─> slide colour statistics (sampled tiles)
       ─> [reader threads, one slide handle each] read at the model's pixel size (+ Reinhard on CPU)
-      ─> [main thread] network batch by batch (+ Reinhard, fp16 autocast on CUDA)
+      ─> [main thread] network batch by batch (+ Reinhard, fp16 autocast, instance labels on CUDA)
       ─> [post threads; worker processes on CUDA] instances, ownership, polygons, measurements
       ─> nuclei (full-resolution QuPath coordinates), kept or streamed to a sink (collect)
 
@@ -49,7 +49,7 @@ from pointnuc.infer.polygons import (
     worker_job,
 )
 from pointnuc.infer.pools import ThreadSlides, batches, bounded, main_not_reimported
-from pointnuc.infer.predict import predict_batch
+from pointnuc.infer.predict import foreground_batch
 from pointnuc.infer.slide_tiles import MAX_NUCLEUS_RADIUS_FACTOR, SlidePlan, plan_slide, read_tile, sampled_colour_stats
 from pointnuc.infer.tiling import Tile
 from pointnuc.io.base import NucleusObject
@@ -125,6 +125,9 @@ class SegmentSettings:
     amp: bool | None = None  #: mixed precision (default: on CUDA, and on a CPU with native bf16: :func:`cpu_has_native_bf16`)
     #: colour normalisation as part of the network batch rather than in the reader threads (default: on CUDA)
     normalise_on_device: bool | None = None
+    #: instance labels computed on the device for the batch (:func:`pointnuc.infer.instances_torch.tile_labels`),
+    #: only outlines and measurements left to post-processing (default: on CUDA)
+    instances_on_device: bool | None = None
     tta: bool = False  #: average the network's output over the four flips of each tile (4x the network time)
     tissue: bool = True  #: leave out the glass (:func:`plan_slide`)
     #: nuclei whose outline is smaller than this (µm², at the slide's pixel size) are dropped
@@ -148,6 +151,7 @@ class SegmentSettings:
                 max(1, cores - 2) if kind == "cuda" else 0),
             amp=(kind == "cuda" or cpu_has_native_bf16()) if self.amp is None else self.amp,
             normalise_on_device=(kind == "cuda") if self.normalise_on_device is None else self.normalise_on_device,
+            instances_on_device=(kind == "cuda") if self.instances_on_device is None else self.instances_on_device,
         )
 
 
@@ -220,7 +224,7 @@ class SlideSegmenter:
         bar = progress_bar(len(plan.tiles), name or "slide", "tile", enabled=s.progress)
         try:
             loaded = bounded(plan.tiles, self.read, readers, ahead=2 * self.batch_size)
-            found = bounded(self.predict(loaded, half=in_processes), post_fn, workers, ahead=ahead)
+            found = bounded(self.predict(loaded, half=in_processes, context=context), post_fn, workers, ahead=ahead)
             n_found, n_big = self.collect(found, packed=in_processes, sink=sink if sink is not None else nuclei.extend,
                                           bar=bar)
         finally:
@@ -301,23 +305,31 @@ class SlideSegmenter:
             self.timings["read"] += time.perf_counter() - t0
         return img
 
-    def predict(self, loaded: Iterable[tuple[Tile, np.ndarray]], *, half: bool) -> Iterator[tuple[Tile, np.ndarray]]:
-        """Each tile with its foreground probability, batch by batch (``half``: float16, for worker processes)."""
+    def predict(
+        self, loaded: Iterable[tuple[Tile, np.ndarray]], *, half: bool, context: TileContext | None = None,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Each tile with its foreground probability, batch by batch (``half``: float16, for worker processes),
+        and with its instance labels where they are computed on the device (``context``: the slide's)."""
+        from pointnuc.infer.instances_torch import tile_labels
+
         s = self.settings
         norm = self._norm if s.normalise_on_device else None
         for batch in batches(loaded, self.batch_size):
             t0 = time.perf_counter()
-            probs = predict_batch(self.network, np.stack([img for _, img in batch]), self.device, bool(s.amp), norm,
-                                  half=half, tta=s.tta)
+            tiles = [t for t, _ in batch]
+            fg = foreground_batch(self.network, np.stack([img for _, img in batch]), self.device, bool(s.amp), norm, s.tta)
+            labels = tile_labels(fg, tiles, context) if s.instances_on_device and context is not None else None
+            probs = (fg.half() if half else fg).cpu().numpy()
             self.timings["network"] += time.perf_counter() - t0
-            yield from zip([t for t, _ in batch], probs)
+            yield from (zip(tiles, probs, labels) if labels is not None else zip(tiles, probs))
 
     @staticmethod
-    def post_process(job: tuple[Tile, np.ndarray], context: TileContext) -> tuple[list[NucleusObject], int, float]:
-        """The nuclei a tile owns, the objects dropped as too large, and the busy seconds (a post thread)."""
+    def post_process(job: tuple[Any, ...], context: TileContext) -> tuple[list[NucleusObject], int, float]:
+        """The nuclei a tile owns, the objects dropped as too large, and the busy seconds (a post thread);
+        ``job``: (tile, probability) or (tile, probability, labels)."""
         t0 = time.perf_counter()
-        tile, prob = job
-        found, big = tile_nuclei(prob, tile, context)
+        tile, prob, *labels = job
+        found, big = tile_nuclei(prob, tile, context, *labels)
         return found, big, time.perf_counter() - t0
 
     def collect(
@@ -362,6 +374,7 @@ def segment_slide(
     normalise_on_device: bool | None = None,
     tta: bool = False,
     min_area_um2: float = MIN_NUCLEUS_AREA_UM2,
+    instances_on_device: bool | None = None,
 ) -> SlideResult:
     """Every nucleus of ``slide`` (a :class:`pointnuc.io.slide.Slide`) with the stage-2 ``network``.
 
@@ -375,7 +388,7 @@ def segment_slide(
     settings = SegmentSettings(
         device=device, tile_size=tile_size, batch_size=batch_size, halo=halo, num_workers=num_workers,
         post_processes=post_processes, amp=amp, normalise_on_device=normalise_on_device, tta=tta, tissue=tissue,
-        min_area_um2=min_area_um2, progress=progress,
+        min_area_um2=min_area_um2, progress=progress, instances_on_device=instances_on_device,
     )
     return SlideSegmenter(network, info, settings).run(slide, region=region, name=name, pixel_size_um=pixel_size_um,
                                                        sink=sink)
