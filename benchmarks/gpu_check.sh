@@ -10,16 +10,16 @@ PY=${PY:-.venv/bin/python}
 DEST=${OUT:-/tmp}/gpu-check
 mkdir -p "$DEST"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$DEST/gpu.txt" 2>&1
-for enc in resnet34 slim; do
-  for px in 0.5 0.25; do
-    timeout 150 "$PY" benchmarks/segment_speed.py speed --encoder "$enc" --model-px "$px" --size 8192 --device cuda \
-      > "$DEST/speed-$enc-$px.txt" 2>&1 || echo "speed $enc $px: exit $?" >> "$DEST/errors.txt"
-  done
+# at most 7.3 min in all (the limit for one device call: 8): three speed runs, the CPU-instances run, instances_torch
+for run in "resnet34 0.5" "resnet34 0.25" "slim 0.5"; do
+  set -- $run
+  timeout 100 "$PY" benchmarks/segment_speed.py speed --encoder "$1" --model-px "$2" --size 8192 --device cuda \
+    > "$DEST/speed-$1-$2.txt" 2>&1 || echo "speed $1 $2: exit $?" >> "$DEST/errors.txt"
 done
 # instance labels: the speed runs above compute them on the GPU (instances_on_device, the CUDA default);
 # the same run with them in numpy on the CPU (the path before), and instances_torch alone on one 1184 x 1184 map
-timeout 120 "$PY" benchmarks/segment_speed.py speed --encoder resnet34 --model-px 0.5 --size 8192 --device cuda \
+timeout 100 "$PY" benchmarks/segment_speed.py speed --encoder resnet34 --model-px 0.5 --size 8192 --device cuda \
   --instances cpu > "$DEST/speed-resnet34-0.5-instances-cpu.txt" 2>&1 || echo "speed instances cpu: exit $?" >> "$DEST/errors.txt"
-timeout 60 "$PY" benchmarks/instances_torch.py --synthetic 1184 --device cuda --repeats 5 \
+timeout 40 "$PY" benchmarks/instances_torch.py --synthetic 1184 --device cuda --repeats 5 \
   > "$DEST/instances-torch.txt" 2>&1 || echo "instances_torch: exit $?" >> "$DEST/errors.txt"
 tail -n 5 "$DEST"/speed-*.txt "$DEST/instances-torch.txt"
