@@ -77,7 +77,7 @@ def read_written(root: Path, image_name: str) -> list[WrittenObject] | None:
 def record_written(root: Path, image_name: str, new: Sequence[WrittenObject], area: BaseGeometry | None) -> Path:
     """Record that ``new`` was written into ``image_name``, replacing the recorded objects inside ``area``
     (None: all of them). Returns the record's path."""
-    kept = [o for o in (read_written(root, image_name) or []) if area is not None and not inside(o.outline, area)]
+    kept = [] if area is None else [o for o in (read_written(root, image_name) or []) if not inside(o.outline, area)]
     feats = [{"type": "Feature", "id": o.id, "geometry": mapping(o.outline), "properties": {}} for o in [*kept, *new]]
     doc = {"type": "FeatureCollection", "format": RECORD_FORMAT, "image": image_name, "features": feats}
     path = record_path(root, image_name)
