@@ -323,6 +323,8 @@ def merge_features(
     kept = []
     for i, f in enumerate(previous):
         if feature_is_pointnuc(f):
+            if area is None:  # the whole image: every earlier pointnuc object goes
+                continue
             obj = feature_to_object(f, source, i)
             if inside(obj.nucleus_geometry or obj.geometry, area):  # a cell goes with its nucleus
                 continue
