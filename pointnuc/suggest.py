@@ -307,10 +307,12 @@ def suggestion_answers(
     """(answered, unanswered) per image of the record.
 
     A suggestion is answered when a point carrying its rank (:data:`SUGGESTION_MARKER`) within two
-    nucleus radii of it is of another class than the suggestions' (reclassified), or, where the model
-    detected a nucleus there, when a deleted pointnuc detection (``deleted_xy``, per image) lies within a
-    radius of it. ``objects``: each image's annotations as the project holds them now.
+    nucleus radii of it is of another class than the suggestions' (reclassified), when an area of
+    another class (a nucleus outline the user drew there, a background area) lies within a radius of it,
+    or, where the model detected a nucleus there, when a deleted pointnuc detection (``deleted_xy``, per
+    image) lies within a radius of it. ``objects``: each image's annotations as the project holds them now.
     """
+    import shapely
     from shapely.geometry import Point
 
     cls = record.get("class", SUGGESTION_CLASS)
@@ -319,13 +321,15 @@ def suggestion_answers(
         marked = [(float(o.measurements[SUGGESTION_MARKER]), o.geometry.x, o.geometry.y, o.class_name)
                   for o in objects.get(name, ())
                   if SUGGESTION_MARKER in o.measurements and isinstance(o.geometry, Point)]
+        areas = [o.geometry for o in objects.get(name, ()) if o.class_name != cls and o.geometry.area > 0]
         gone = np.asarray((deleted_xy or {}).get(name, np.zeros((0, 2))), float).reshape(-1, 2)
         answered = 0
         for s in items:
             r = float(s["radius_px"])
             near = [c for rank, x, y, c in marked
                     if rank == s["rank"] and np.hypot(x - s["x"], y - s["y"]) <= 2 * r]
-            if any(c != cls for c in near) or (
+            drawn = bool(areas) and bool(np.any(shapely.distance(areas, Point(s["x"], s["y"])) <= r))
+            if any(c != cls for c in near) or drawn or (
                     s.get("detected") and len(gone) and np.min(np.hypot(gone[:, 0] - s["x"], gone[:, 1] - s["y"])) <= r):
                 answered += 1
         out[name] = (answered, len(items) - answered)

@@ -132,6 +132,12 @@ def test_suggestion_answers_rules() -> None:
     assert suggestion_answers(rec, {"i": objs}) == {"i": (1, 3)}
     # deleting the detection a suggestion sits on answers it
     assert suggestion_answers(rec, {"i": objs}, {"i": np.array([[11.0, 9.0]])}) == {"i": (2, 2)}
+    # so does an outline drawn there (the suggestion point left as it was), or a background area over it;
+    # an area of the suggestions' own class or a far one does not
+    drawn = [*objs, QuPathObject("annotation", Point(21, 79).buffer(6), "Nucleus", {}),
+             QuPathObject("annotation", Point(50, 50).buffer(3), "q", {}),
+             QuPathObject("annotation", Point(150, 150).buffer(20), "Background", {})]
+    assert suggestion_answers(rec, {"i": drawn}) == {"i": (2, 2)}
 
 
 def test_suggest_in_a_qupath_project_keeps_user_objects(trained, fake_project: Path) -> None:  # noqa: F811
