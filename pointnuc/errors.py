@@ -68,3 +68,21 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+#: the signal that asked the command to stop (set by the CLI's handler, cleared when the command ends)
+_stop_requested: int | None = None
+
+
+def request_stop(signum: int | None) -> None:
+    """Note that SIGINT/SIGTERM asked the command to stop (None: forget it, the command has ended)."""
+    global _stop_requested
+    _stop_requested = signum
+
+
+def raise_if_stop_requested() -> None:
+    """Raise :class:`Interrupted` again if a stop was asked for: the handler's own exception is lost when the
+    signal lands while Python runs a ``__del__`` or a callback ("Exception ignored in ..."); long loops call
+    this between their steps, so the command still stops."""
+    if _stop_requested is not None:
+        raise Interrupted(_stop_requested)

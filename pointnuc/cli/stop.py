@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from pointnuc.errors import Interrupted
+from pointnuc.errors import Interrupted, request_stop
 
 _RESUME = "pointnuc.resume"  #: ctx.meta key: the command that continues the training `train` started
 
@@ -38,6 +38,7 @@ def stop_on_signals() -> Iterator[None]:
         nonlocal stopping
         if not stopping:
             stopping = True
+            request_stop(signum)  # (loops raise it again where this exception is swallowed)
             raise Interrupted(signum)
 
     try:
@@ -48,6 +49,7 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
+        request_stop(None)
         for s, h in previous.items():
             signal.signal(s, h)
 

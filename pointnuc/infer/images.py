@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from pointnuc.config import MIN_NUCLEUS_AREA_UM2
-from pointnuc.errors import PointnucError, is_user_error
+from pointnuc.errors import PointnucError, is_user_error, raise_if_stop_requested
 from pointnuc.infer.project import ImagePlan, SegmentSummary, keep_result
 from pointnuc.io.base import NucleusObject
 
@@ -89,6 +89,7 @@ def segment_images(todo: Sequence[ImagePlan], net: torch.nn.Module, info: ModelI
             if len(pending) > n:
                 break
         while pending:
+            raise_if_stop_requested()
             res = pending.pop(0).result()
             nxt = next(it, None)
             if nxt is not None:

@@ -39,6 +39,7 @@ import torch
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc.config import MIN_NUCLEUS_AREA_UM2
+from pointnuc.errors import raise_if_stop_requested
 from pointnuc.infer.polygons import (
     InstanceParams,
     TileContext,
@@ -315,6 +316,7 @@ class SlideSegmenter:
         s = self.settings
         norm = self._norm if s.normalise_on_device else None
         for batch in batches(loaded, self.batch_size):
+            raise_if_stop_requested()
             t0 = time.perf_counter()
             tiles = [t for t, _ in batch]
             fg = foreground_batch(self.network, np.stack([img for _, img in batch]), self.device, bool(s.amp), norm, s.tta)

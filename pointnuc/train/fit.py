@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pointnuc.config import LR_SCHEDULES
-from pointnuc.errors import InputError, TrainingError
+from pointnuc.errors import InputError, TrainingError, raise_if_stop_requested
 from pointnuc.fileio import atomic_write
 from pointnuc.train.batches import default_workers, epoch_stream, normalise_batch
 
@@ -239,6 +239,7 @@ class _Fit:
         total, n_items = 0.0, 0
         t_wait = time.perf_counter()
         for i in range(steps):
+            raise_if_stop_requested()
             step = (epoch - 1) * steps + i
             for group in self.opt.param_groups:
                 group["lr"] = scheduled_lr(s.lr, s.schedule, step, s.epochs * steps)
