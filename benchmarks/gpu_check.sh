@@ -14,9 +14,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$DEST/gp
 for run in "resnet34 0.5" "resnet34 0.25" "slim 0.5"; do
   set -- $run
   timeout 100 "$PY" benchmarks/segment_speed.py speed --encoder "$1" --model-px "$2" --size 8192 --device cuda \
-    > "$DEST/speed-$1-$2.txt" 2>&1 || echo "speed $1 $2: exit $?" >> "$DEST/errors.txt"
+    --instances device > "$DEST/speed-$1-$2.txt" 2>&1 || echo "speed $1 $2: exit $?" >> "$DEST/errors.txt"
 done
-# instance labels: the speed runs above compute them on the GPU (instances_on_device, the CUDA default);
+# instance labels: the speed runs above compute them on the GPU (--instances device; off by default until measured);
 # the same run with them in numpy on the CPU (the path before), and instances_torch alone on one 1184 x 1184 map
 timeout 100 "$PY" benchmarks/segment_speed.py speed --encoder resnet34 --model-px 0.5 --size 8192 --device cuda \
   --instances cpu > "$DEST/speed-resnet34-0.5-instances-cpu.txt" 2>&1 || echo "speed instances cpu: exit $?" >> "$DEST/errors.txt"

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/segment_speed.py speed --encoder resnet34 --model-px 0.25
     .venv/bin/python benchmarks/segment_speed.py memory --size 20000 --encoder tiny
     # on a GPU machine: same commands; device auto picks CUDA (AMP, tile 1024, batch 16)
-    # --instances device|cpu: instance labels in torch on the device (the CUDA default) or numpy in post-processing
+    # --instances device|cpu: instance labels in torch on the device or numpy in post-processing (the default)
 
 The slide is a synthetic pyramidal TIFF (JPEG tiles, 0.25 µm/px = 40x) with dark discs
 on pink tissue. The network is a U-Net with the chosen encoder and random weights; its

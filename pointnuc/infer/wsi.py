@@ -5,7 +5,7 @@ The flow per slide::
     thumbnail ─> tissue mask ─┐
     region (optional) ────────┴─> tiles to do (plan)   ─> slide colour statistics (sampled tiles)
       ─> [reader threads, one slide handle each] read at the model's pixel size (+ Reinhard on CPU)
-      ─> [main thread] network batch by batch (+ Reinhard, fp16 autocast, instance labels on CUDA)
+      ─> [main thread] network batch by batch (+ Reinhard, fp16 autocast on CUDA; instance labels if asked)
       ─> [post threads; worker processes on CUDA] instances, ownership, polygons, measurements
       ─> nuclei (full-resolution QuPath coordinates), kept or streamed to a sink (collect)
 
@@ -127,7 +127,8 @@ class SegmentSettings:
     #: colour normalisation as part of the network batch rather than in the reader threads (default: on CUDA)
     normalise_on_device: bool | None = None
     #: instance labels computed on the device for the batch (:func:`pointnuc.infer.instances_torch.tile_labels`),
-    #: only outlines and measurements left to post-processing (default: on CUDA)
+    #: only outlines and measurements left to post-processing. Default off: on the CPU it is ~3x slower than numpy
+    #: (benchmarks/results/instances-torch.md), and on a GPU it is not yet measured (benchmarks/gpu_check.sh)
     instances_on_device: bool | None = None
     tta: bool = False  #: average the network's output over the four flips of each tile (4x the network time)
     tissue: bool = True  #: leave out the glass (:func:`plan_slide`)
@@ -152,7 +153,7 @@ class SegmentSettings:
                 max(1, cores - 2) if kind == "cuda" else 0),
             amp=(kind == "cuda" or cpu_has_native_bf16()) if self.amp is None else self.amp,
             normalise_on_device=(kind == "cuda") if self.normalise_on_device is None else self.normalise_on_device,
-            instances_on_device=(kind == "cuda") if self.instances_on_device is None else self.instances_on_device,
+            instances_on_device=bool(self.instances_on_device),
         )
 
 
