@@ -560,17 +560,3 @@ def test_points_only_tuning_looks_below_the_grid_only_from_its_floor() -> None:
     t = tune_on_points([prob], [s], r1=3.0)
     assert DETECTION_THRESHOLDS[0] < t.threshold < 0.3 and t.n_detections == 7
     assert min(r["threshold"] for r in t.table) == DETECTION_THRESHOLDS[0]
-
-
-def test_a_correction_round_keeps_its_parents_threshold_unless_another_is_clearly_better() -> None:
-    from pointnuc.train.selection import PARENT_MARGIN, Tuning, prefer_parent
-
-    table = [{"threshold": 0.03, "min_area_px": 28.5, "score": 0.80, "n_detections": 600},
-             {"threshold": 0.1, "min_area_px": 9.5, "score": 0.79, "n_detections": 500},
-             {"threshold": 0.5, "min_area_px": 0.0, "score": 0.70, "n_detections": 300}]
-    best = Tuning(0.03, 28.5, 0.80, 600, "points", table)
-    kept = prefer_parent(best, 0.1, 9.5)  # within the margin: the parent's pair, with its own row's numbers
-    assert (kept.threshold, kept.min_area_px, kept.score, kept.n_detections) == (0.1, 9.5, 0.79, 500)
-    assert prefer_parent(best, 0.5, 0.0) is best  # the parent's pair is clearly worse now: the new choice
-    assert 0.80 - 0.70 > PARENT_MARGIN
-    assert prefer_parent(best, 0.2, 9.5) is best  # not in the table (another grid): the new choice

@@ -43,7 +43,7 @@ from pointnuc.train.data import PatchDataset
 from pointnuc.train.fit import FitHistory, FitSettings, fit, resolve_device
 from pointnuc.train.losses import weighted_mse
 from pointnuc.train.samples import MIN_POINTS, TrainingImage
-from pointnuc.train.selection import DetectorSelection, HeldBackPoints, Tuning, prefer_parent
+from pointnuc.train.selection import DetectorSelection, HeldBackPoints, Tuning
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +262,6 @@ def train_detector(
         histories[f"round{k}"] = hist
         probs = predict_probabilities(model, samples, dev)
         tuning, tunings = selection.tune(k, model, probs, samples, radii.r1, dev)
-        if start is not None and tuning.protocol == "points":  # a correction round keeps its parent's choice
-            tuning = prefer_parent(tuning, start.threshold, start.min_area_px)
         rm: dict[str, Any] = {name: _tuning_summary(t) for name, t in tunings.items()}
         rm.update(loss=hist.losses, patches_per_s=_mean([e.patches_per_s for e in hist.epochs]),
                   data_wait_share=_mean([e.data_wait_share for e in hist.epochs]))

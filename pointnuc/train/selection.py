@@ -59,9 +59,6 @@ DETECTION_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.851, 
 FLOOR_THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03)
 #: stage 1: minimum component areas tried, as fractions of the mean nucleus area π r1²
 AREA_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3)
-#: stage 1 of a correction round: the parent's (threshold, min area) stays unless another pair's estimated F1 is
-#: higher by this (the estimate's noise with ~100 held-back points; see :func:`prefer_parent`)
-PARENT_MARGIN = 0.02
 #: stage 2: nucleus probability thresholds scored after training (recorded; the threshold stays 0.5)
 SEGMENTATION_THRESHOLDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
 EMPTY_PENALTY = 0.5
@@ -168,19 +165,6 @@ def tune_on_points(probs: Sequence[np.ndarray], samples: Sequence[TrainingImage]
     if tuning.score > 0 and tuning.threshold == DETECTION_THRESHOLDS[0]:
         tuning = _pick_on_points(rows(FLOOR_THRESHOLDS) + table, n_ref)
     return tuning
-
-
-def prefer_parent(tuning: Tuning, threshold: float, min_area_px: float, margin: float = PARENT_MARGIN) -> Tuning:
-    """A correction round's choice: the parent model's (threshold, min area) unless the best pair of ``tuning``'s
-    table beats its estimated F1 by more than ``margin``. A round trains a quarter of the epochs on the parent's
-    points plus a few hundred answers; on MO (``benchmarks/correction_loop.py``) the free choice swung between
-    0.03 and 0.1 from round to round (detection F1 .753 / .795 / .763) with ~115 held-back points."""
-    row = next((r for r in tuning.table if math.isclose(r["threshold"], threshold, abs_tol=1e-9)
-                and math.isclose(r["min_area_px"], min_area_px, abs_tol=1e-6) and "score" in r), None)
-    if row is None or row["score"] < tuning.score - margin:
-        return tuning
-    return Tuning(float(threshold), float(min_area_px), float(row["score"]), int(row["n_detections"]), tuning.protocol,
-                  tuning.table)
 
 
 def _pick_on_points(table: list[dict[str, float]], n_ref: int) -> Tuning:
