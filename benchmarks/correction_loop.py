@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/work/bench/loop"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--from-start", action="store_true",
+                    help="every round trains --from the start model (on all answers so far) instead of the last round's")
     ap.add_argument("--start", type=Path, default=None,
                     help="the loop starts from this random arm of an earlier run (its folder, with model/) instead of "
                          "training the smallest fraction again; its training time is read from the model")
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     kinds = parse_marks(args.marks, args.answer)
     args.tag = "" if kinds == parse_marks(DEFAULT_MARKS, "point") else "-" + "+".join(k for k in MARK_KINDS if k in kinds)
+    if args.from_start:
+        args.tag += "-from-start"
     if args.combine:
         combined: list[dict] = []
         for f in args.combine:
@@ -306,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     from pointnuc.pipeline import segment_project
     from pointnuc.suggest import suggest_project
 
+    first = model
     for k in range(1, args.rounds + 1):
         t0 = time.time()
         if "deletions" in kinds:  # the model's detections in the project, to be reviewed (and recorded as written)
@@ -314,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         answers = answer_round(loop, labels, kinds)
         clicks += sum(answers.values())
         t1 = time.time()
-        parent = load_parent(model)
+        parent = load_parent(first if args.from_start else model)
         child = loop / f"model-round{k}"
         train_project(open_project(loop), child, correction_config(parent, overrides={"seed": args.seed}),
                       progress=False, parent=parent)
