@@ -16,7 +16,7 @@ from pointnuc.config import profile_config
 from pointnuc.io import NucleusObject, open_project
 from pointnuc.io.geojson import read_features
 from pointnuc.io.written import read_written
-from pointnuc.labels.marks import BACKGROUND, OUTLINE, RING
+from pointnuc.labels.marks import BACKGROUND, BACKGROUND_POINT_RADIUS, OUTLINE, RING
 from pointnuc.train.detect import detection_radii, initial_mask
 from pointnuc.train.samples import load_training_images
 from pointnuc.train.segment import stage2_targets, unmarked_points
@@ -167,8 +167,12 @@ def test_background_area_and_point_give_background_targets(tmp_path: Path, scene
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
     in_area = (abs(xx - ax) < 9.5) & (abs(yy - ay) < 9.5)
     r1 = detection_radii(config).r1
-    in_disc = np.hypot(xx - px, yy - py) < r1 - 0.5
-    assert (s.marks[in_area] == BACKGROUND).all() and (s.marks[in_disc] == BACKGROUND).all()
+    # a background point marks the spot clicked: a disc of BACKGROUND_POINT_RADIUS r1, nothing beyond it
+    d = np.hypot(xx - px, yy - py)
+    in_disc = d < BACKGROUND_POINT_RADIUS * r1 - 0.5
+    assert in_disc.sum() >= 5 and (s.marks[in_disc] == BACKGROUND).all()
+    assert (s.marks[(d > BACKGROUND_POINT_RADIUS * r1 + 0.5) & (d < r1) & ~in_area] != BACKGROUND).all()
+    assert (s.marks[in_area] == BACKGROUND).all()
     m = initial_mask(s, "ext-GM", detection_radii(config))
     assert (m[in_area] == 0).all() and (m[in_disc] == 0).all()
     t, vor, clu = stage2_targets(s, s.points, config)

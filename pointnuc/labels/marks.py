@@ -3,8 +3,8 @@
 :func:`rasterise_marks` draws an image's marks (:class:`~pointnuc.io.base.ImageAnnotations`) on
 a sample's pixel grid as codes:
 
-- :data:`BACKGROUND`: inside a background area, within r1 of a background point, inside a
-  pointnuc detection the user deleted since the last ``segment``;
+- :data:`BACKGROUND`: inside a background area, within :data:`BACKGROUND_POINT_RADIUS` r1 of a
+  background point, inside a pointnuc detection the user deleted since the last ``segment``;
 - :data:`OUTLINE`: inside a nucleus outline the user drew;
 - :data:`RING`: a thin ring (:data:`RING_UM`) around an outline, outside every outline;
 - :data:`NONE`: no mark.
@@ -29,6 +29,10 @@ from shapely.geometry.base import BaseGeometry
 
 NONE, BACKGROUND, OUTLINE, RING = 0, 1, 2, 3
 RING_UM = 1.0  #: width of the background ring drawn around a user's outline (stage 2)
+#: a background point marks a disc of this many r1 as background: the spot clicked, not the nucleus-sized
+#: disc around it, as "no nucleus here" answers often lie at a nucleus' edge (on MO's loop a disc of r1 cost
+#: AJI: .457 with Background points against .477 without them, benchmarks/results/correction-loop-cpu.md)
+BACKGROUND_POINT_RADIUS = 0.5
 
 
 def _disc_pixels(points_xy: np.ndarray, shape: tuple[int, int], radius: float) -> np.ndarray:
@@ -80,7 +84,7 @@ def rasterise_marks(
             codes[polygon_pixels(g, shape, origin_xy=origin_xy, scale=scale)] = BACKGROUND
     bg_pts = local(background_points_xy)
     if len(bg_pts):
-        codes[_disc_pixels(bg_pts, shape, r1_px)] = BACKGROUND
+        codes[_disc_pixels(bg_pts, shape, BACKGROUND_POINT_RADIUS * r1_px)] = BACKGROUND
     nuc_pts = local(nucleus_points_xy)
     if len(nuc_pts) and codes.any():
         codes[_disc_pixels(nuc_pts, shape, r1_px) & (codes == BACKGROUND)] = NONE
