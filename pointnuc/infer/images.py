@@ -47,9 +47,9 @@ def images_at_once(todo: Sequence[ImagePlan], info: ModelInfo, dev: torch.device
 
 
 def segment_images(todo: Sequence[ImagePlan], net: torch.nn.Module, info: ModelInfo, dev: torch.device, *,
-                 batch_size: int | None, progress: bool, tta: bool, summary: SegmentSummary,
-                 min_area_um2: float) -> Iterator[SlideResult | None]:
-    """Each image of ``todo`` segmented and kept (:func:`_segment_one`), in order; ``summary.images_at_once`` of
+                   batch_size: int | None, progress: bool, tta: bool, summary: SegmentSummary,
+                   min_area_um2: float) -> Iterator[SlideResult | None]:
+    """Each image of ``todo`` segmented and kept (:func:`segment_one`), in order; ``summary.images_at_once`` of
     them side by side (each on its own copy of the network), with one progress bar over the images."""
     import copy
     import queue
@@ -63,7 +63,7 @@ def segment_images(todo: Sequence[ImagePlan], net: torch.nn.Module, info: ModelI
     if n <= 1:
         for plan in todo:
             yield segment_one(plan, net, info, dev, batch_size=batch_size, progress=progress, tta=tta,
-                               summary=summary, min_area_um2=min_area_um2)
+                              summary=summary, min_area_um2=min_area_um2)
         return
     nets: queue.Queue[torch.nn.Module] = queue.Queue()
     for k in range(n):
@@ -73,7 +73,7 @@ def segment_images(todo: Sequence[ImagePlan], net: torch.nn.Module, info: ModelI
         own = nets.get()
         try:
             return segment_one(plan, own, info, dev, batch_size=batch_size, progress=False, tta=tta,
-                                summary=summary, min_area_um2=min_area_um2)
+                               summary=summary, min_area_um2=min_area_um2)
         finally:
             nets.put(own)
 
@@ -103,8 +103,8 @@ def segment_images(todo: Sequence[ImagePlan], net: torch.nn.Module, info: ModelI
 
 
 def segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: torch.device, *,
-                 batch_size: int | None, progress: bool, tta: bool, summary: SegmentSummary,
-                 min_area_um2: float = MIN_NUCLEUS_AREA_UM2) -> SlideResult | None:
+                batch_size: int | None, progress: bool, tta: bool, summary: SegmentSummary,
+                min_area_um2: float = MIN_NUCLEUS_AREA_UM2) -> SlideResult | None:
     """Segment one planned image and keep its result; None (and ``summary.failed``) when it fails."""
     from pointnuc.infer.wsi import segment_slide
     from pointnuc.io.slide import open_slide
