@@ -18,16 +18,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.prepared import prep
 
 from pointnuc.errors import InputError, PixelSizeError
-from pointnuc.infer.tiling import (
-    NET_STRIDE,
-    Box,
-    Tile,
-    TileGrid,
-    fit_tile_size,
-    make_grid,
-    round_halo,
-    tiles_intersecting,
-)
+from pointnuc.infer.tiling import Box, Tile, TileGrid, fit_tile_size, make_grid, round_halo, tiles_intersecting
 from pointnuc.io.slide import RegionReader, SlideLike, read_thumbnail
 from pointnuc.models.bundle import ModelInfo
 from pointnuc.stain import ColourStats, colour_stats
@@ -106,13 +97,7 @@ def plan_slide(
         if area.empty:
             raise InputError("the region to segment lies outside the image")
     small_tile = tile_size if isinstance(tile_size, int) else SMALL_AREA_TILE  # what "small" is counted in
-    if isinstance(tile_size, tuple) and max(area.height, area.width) <= tile_size[1]:
-        # the whole area in one window: no neighbour to overlap, so no halo; the network sees the slide's own
-        # pixels (or glass) beyond the area, not 2 x 92 px of white around it (1.05 Mpx instead of 1.4 for a
-        # 1000 x 1000 image; on MO test Kumar AJI .4903 vs .4885, benchmarks/results/side-by-side.md)
-        halo = 0
-        tile_size = math.ceil(max(tile_size[0], area.height, area.width) / NET_STRIDE) * NET_STRIDE
-    elif isinstance(tile_size, tuple):
+    if isinstance(tile_size, tuple):
         tile_size = fit_tile_size(area.height, area.width, halo=halo, smallest=tile_size[0], largest=tile_size[1])
     grid = make_grid(area.height, area.width, tile_size=tile_size, halo=halo)
     tiles = list(grid)
