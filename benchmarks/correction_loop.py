@@ -30,6 +30,8 @@ pooled detection F1).
   answer is not among them are left unanswered (the ablation of what each kind buys).
   Answers carry the suggestion's rank, as a point reclassified in QuPath does, so ``pointnuc
   inspect`` counts them. Without ``deletions`` the loop's project is not segmented.
+- ``--from-start``: every round trains ``--from`` the start model (on all answers so far) rather than
+  the previous round's, to tell a chain's drift from what the answers teach.
 
     nice -n 10 .venv/bin/python benchmarks/correction_loop.py --profile quick            # the lead's long run
     .venv/bin/python benchmarks/correction_loop.py --profile tiny --images 2 --rounds 1    # smoke run (< 3 min)
