@@ -30,18 +30,20 @@ def images_at_once(todo: Sequence[ImagePlan], info: ModelInfo, dev: torch.device
     network uses the cores; otherwise (a GPU, larger slides, one core) one at a time."""
     import torch
 
+    from pointnuc.infer.slide_tiles import working_halo
     from pointnuc.infer.wsi import DEFAULT_TILE
 
     largest = DEFAULT_TILE["cpu"]
     assert isinstance(largest, tuple)
     if dev.type != "cpu" or len(todo) < 2 or torch.get_num_threads() < 2:
         return 1
+    halo = working_halo(info)
     for p in todo:
         assert p.pixel_size_um is not None
         ds = info.pixel_size_um / p.pixel_size_um
         w, h = (p.image.width, p.image.height) if p.region is None else (
             p.region.bounds[2] - p.region.bounds[0], p.region.bounds[3] - p.region.bounds[1])
-        if max(w, h) / ds > largest[1] - 64:
+        if max(w, h) / ds + 2 * halo > largest[1]:  # (the window holds the image and its halo on both sides)
             return 1
     return 2
 
@@ -54,6 +56,7 @@ def segment_images(todo: Sequence[ImagePlan], net: torch.nn.Module, info: ModelI
     import copy
     import queue
     from concurrent.futures import Future, ThreadPoolExecutor
+    from itertools import islice
 
     import torch
 
@@ -81,13 +84,9 @@ def segment_images(todo: Sequence[ImagePlan], net: torch.nn.Module, info: ModelI
     torch.set_num_threads(max(1, threads // n))
     bar = progress_bar(len(todo), "segment", "image", enabled=progress)
     pool = ThreadPoolExecutor(n, thread_name_prefix="pointnuc-image")
-    pending: list[Future[SlideResult | None]] = []
     try:
         it = iter(todo)
-        for plan in it:
-            pending.append(pool.submit(one, plan))
-            if len(pending) > n:
-                break
+        pending: list[Future[SlideResult | None]] = [pool.submit(one, plan) for plan in islice(it, n + 1)]
         while pending:
             raise_if_stop_requested()
             res = pending.pop(0).result()

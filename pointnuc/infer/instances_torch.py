@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from pointnuc.errors import InputError
+from pointnuc.infer.instances import METHODS
 from pointnuc.models.calibration import Thresholds
 
 if TYPE_CHECKING:
@@ -299,8 +300,8 @@ def instances_torch(
     module doc for what is exact)."""
     if prob.ndim not in (2, 3):
         raise InputError(f"probability map must be 2-D or a batch of them, got shape {tuple(prob.shape)}")
-    if method not in ("cc", "watershed"):
-        raise InputError(f"unknown instance method {method!r}; choose one of cc, watershed")
+    if method not in METHODS:
+        raise InputError(f"unknown instance method {method!r}; choose one of {', '.join(METHODS)}")
     single = prob.ndim == 2
     p = (prob[None] if single else prob).float()
     b, h, w = p.shape
@@ -328,12 +329,9 @@ def tile_labels(fg: torch.Tensor, tiles: Sequence[Tile], ctx: TileContext) -> li
     looks in, from the batch's foreground probability on the device (B, T, T): what ``tile_nuclei`` would compute
     from the same tile (its float16 rounding of the probability included). Tiles whose boxes have the same
     shape go through :func:`instances_torch` together."""
-    from pointnuc.infer.polygons import search_box
+    from pointnuc.infer.polygons import searched
 
-    boxes = []
-    for t in tiles:
-        s = search_box(t, ctx.keep_margin)
-        boxes.append(s.valid.shift(-s.window.y0, -s.window.x0).slices())
+    boxes = [searched(t, ctx.keep_margin)[1].slices() for t in tiles]
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (ys, xs) in enumerate(boxes):
         groups.setdefault((ys.stop - ys.start, xs.stop - xs.start), []).append(i)

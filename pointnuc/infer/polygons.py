@@ -97,8 +97,7 @@ def tile_nuclei(
     p = ctx.params
     if ctx.outline not in OUTLINES:
         raise ValueError(f"unknown outline {ctx.outline!r}; one of {OUTLINES}")
-    tile = search_box(tile, ctx.keep_margin)
-    v = tile.valid.shift(-tile.window.y0, -tile.window.x0)
+    tile, v = searched(tile, ctx.keep_margin)
     # at float16's precision, as worker processes receive it (:func:`worker_job`): sub-pixel outlines
     # follow the probability's values, and threads and processes then give the very same nuclei
     prob = np.ascontiguousarray(prob_fg[v.slices()], dtype=np.float16).astype(np.float32)
@@ -147,6 +146,13 @@ def tile_nuclei(
     scores = sums[idx] / np.maximum(counts[idx], 1)
     meas = measurements_many(geoms, ctx.pixel_size_um)
     return [NucleusObject(g, float(sc), m) for g, sc, m in zip(geoms, scores.tolist(), meas)], n_big
+
+
+def searched(tile: Tile, margin: int | None) -> tuple[Tile, Box]:
+    """The tile cut to the box instances are looked for in (:func:`search_box`), and that box in the tile's
+    window coordinates (what :func:`tile_nuclei` and the device path take of a window's probability)."""
+    cut = search_box(tile, margin)
+    return cut, cut.valid.shift(-cut.window.y0, -cut.window.x0)
 
 
 def search_box(tile: Tile, margin: int | None) -> Tile:

@@ -312,9 +312,9 @@ class SlideSegmenter:
     ) -> Iterator[tuple[Any, ...]]:
         """Each tile with its foreground probability, batch by batch (``half``: float16, for worker processes),
         and with its instance labels where they are computed on the device (``context``: the slide's)."""
-        from pointnuc.infer.instances_torch import tile_labels
-
         s = self.settings
+        if s.instances_on_device:
+            from pointnuc.infer.instances_torch import tile_labels
         norm = self._norm if s.normalise_on_device else None
         for batch in batches(loaded, self.batch_size):
             raise_if_stop_requested()
