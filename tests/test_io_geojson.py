@@ -230,3 +230,16 @@ def test_write_options_are_checked_when_made() -> None:
         WriteOptions("cell", cell_expansion_um=-1.0)
     with pytest.raises(InputError, match="cell expansion"):
         WriteOptions("cell", cell_expansion_um=float("nan"))
+
+
+def test_coordinates_are_written_as_each_value_alone_would_be() -> None:
+    """Coordinate lists go through numpy and json's encoder (the bulk of a file's text): the same text as
+    formatting each value on its own (2 decimals, whole numbers without ``.0``, no ``-0``)."""
+    from pointnuc.io.geojson import _num, _positions
+
+    rng = np.random.default_rng(0)
+    for k in range(400):
+        a = rng.normal(0, 2000, (int(rng.integers(1, 60)), 2))
+        a = [np.round(a), np.round(a * 2) / 2, np.round(a, 2), a][k % 4]
+        c = a.tolist() + [[-0.001, 0.004], [12.0, -3.5], [2.675, 1.005], [-2.675, 0.125]]
+        assert _positions(c) == "[" + ",".join("[" + ", ".join(_num(v) for v in p) + "]" for p in c) + "]"

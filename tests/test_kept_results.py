@@ -94,6 +94,10 @@ def test_images_with_alike_names_keep_their_own_nuclei(trained, tmp_path: Path) 
         assert own > 0.8 and other < 0.3, (stem, own, other)
     kept = sorted((copy / "pointnuc-results").glob("model-*/*.geojson"))  # written/ holds the records of writes
     assert len(kept) == 2 and len({k.name for k in kept}) == 2
+    # a kept result holds outlines and scores; QuPath's measurements are made of what each write writes (the
+    # reused result above was written with them all the same)
+    assert all(set(f["properties"]["measurements"]) == {"pointnuc score"} for k in kept for f in json.loads(k.read_text())["features"])
+    assert all("Nucleus: Area" in f["properties"]["measurements"] for stem in IMAGES for f in _features(copy, stem))
 
 
 def test_a_kept_result_of_another_image_is_never_reused(trained, tmp_path: Path) -> None:
@@ -216,20 +220,27 @@ def test_merge_writes_only_current_kept_results(trained, tmp_path: Path) -> None
     assert feats and all(f["properties"]["measurements"]["Nucleus: Area"] < 60 for f in feats)  # r 5.5 px at 0.25 µm/px
 
 
-def test_small_images_side_by_side_give_what_one_at_a_time_gives(trained, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_small_images_side_by_side_give_what_one_at_a_time_gives(trained, tmp_path: Path, monkeypatch, caplog,
+                                                                 processes: bool) -> None:
     """On the CPU, images that fit one window are segmented two at a time (each on half the threads, its own
-    copy of the network): the very same nuclei, in the same files, as one at a time."""
+    copy of the network), in threads or, from ``PROCESS_MIN_IMAGES`` images on, in worker processes: the very
+    same nuclei and measurements, in the same files, as one at a time; the workers' log lines reach the user."""
     import torch
 
     import pointnuc.infer.images as images
 
     proj, model, _ = trained
+    monkeypatch.setattr(images, "PROCESS_MIN_IMAGES", 2 if processes else 100)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         both = _copy(proj, tmp_path / "both")
         res = _segment(both, model, "--device", "cpu")
         assert "2 at a time" in res.output and torch.get_num_threads() == 2, res.output
+        assert ("in worker processes" in res.output) == processes, res.output
+        for name in IMAGES:  # (logged by segment_one, in a worker with processes)
+            assert f"{name}.tif: 160 x 160 px at 0.5 µm/px, segmented at the model's" in caplog.text, caplog.text
         monkeypatch.setattr(images, "images_at_once", lambda *a: 1)
         one = _copy(proj, tmp_path / "one")
         res = _segment(one, model, "--device", "cpu")

@@ -97,3 +97,44 @@ def test_folding_batch_norms_keeps_the_outputs(encoder: str) -> None:
         after = fused(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_doubling_on_the_cpu_is_bilinear_interpolation() -> None:
+    """Inference on the CPU doubles the decoder's features by a transposed convolution (:func:`_double`): the
+    values ``F.interpolate`` gives, at the edges too, in either memory format, odd and tiny sizes."""
+    import torch.nn.functional as F
+
+    from pointnuc.models.net import _upsample
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1, 12, 37, 52), (2, 5, 8, 8), (1, 3, 1, 1), (1, 4, 2, 3)]:
+        x = torch.rand(*shape, generator=gen)
+        ref = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        with torch.inference_mode():
+            for y in (x, x.to(memory_format=torch.channels_last)):
+                out = _upsample(y, ref.shape[-2:])
+                assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-6), shape
+
+
+def test_slim_blocks_are_torchvision_basic_blocks() -> None:
+    """The compact encoders' own BasicBlock (no torchvision import when a model loads) has torchvision's
+    parameter names and computes what torchvision's does: models saved before load and give the same output."""
+    import sys as _sys
+
+    from torchvision.models.resnet import BasicBlock as TorchvisionBlock
+
+    import pointnuc.models.net as net_module
+
+    ours = build_network(2, "slim", pretrained=False).eval()
+    saved = net_module.BasicBlock
+    try:
+        net_module.BasicBlock = TorchvisionBlock  # type: ignore[misc,assignment]
+        theirs = build_network(2, "slim", pretrained=False).eval()
+    finally:
+        net_module.BasicBlock = saved  # type: ignore[misc]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    assert "torchvision" in _sys.modules  # (imported by this test; a segment of a slim model does not)

@@ -129,6 +129,8 @@ def segment_cmd(project: Path, model_dir: Path | None, images: tuple[str, ...], 
     n_done = len(s.seconds)
     if n_done:
         at_once = f", {s.images_at_once} at a time" if s.images_at_once > 1 else ""
+        if s.workers_seconds:
+            at_once += f" in worker processes started in {s.workers_seconds:.1f} s before"
         click.echo(f"Segmented {n_done} image(s) in {s.wall_seconds:.1f} s ({s.wall_seconds / n_done:.2f} s an image, "
                    f"writing included{at_once})")
     click.echo(f"Per-image results: {s.results_dir}")

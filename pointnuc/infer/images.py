@@ -1,13 +1,16 @@
 """Segmenting the images a run plans (:mod:`pointnuc.infer.project`): each one by
 :func:`pointnuc.infer.wsi.segment_slide` and kept, one at a time or, for small images on the CPU,
-side by side (:func:`images_at_once`)."""
+side by side (:func:`images_at_once`): in threads, or from :data:`PROCESS_MIN_IMAGES` images on in
+worker processes (:class:`ImageWorkers`), whose Python work does not wait for one lock."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pointnuc.config import MIN_NUCLEUS_AREA_UM2
 from pointnuc.errors import PointnucError, is_user_error, raise_if_stop_requested
@@ -21,6 +24,11 @@ if TYPE_CHECKING:
     from pointnuc.models.bundle import ModelInfo
 
 log = logging.getLogger(__name__)
+
+#: side by side images go to worker processes from this many images on: two processes are 1.3x two threads
+#: on 14 MO images (0.49 vs 0.65 s an image, 2 cores: the threads' Python steps wait for one another), and their
+#: start (~2 s: each imports torch and loads the model) is paid back after about six images
+PROCESS_MIN_IMAGES = 6
 
 
 def images_at_once(todo: Sequence[ImagePlan], info: ModelInfo, dev: torch.device) -> int:
@@ -48,57 +56,194 @@ def images_at_once(todo: Sequence[ImagePlan], info: ModelInfo, dev: torch.device
     return 2
 
 
-def segment_images(todo: Sequence[ImagePlan], net: torch.nn.Module, info: ModelInfo, dev: torch.device, *,
+def segment_images(todo: Sequence[ImagePlan], net: torch.nn.Module | None, info: ModelInfo, dev: torch.device, *,
                    batch_size: int | None, progress: bool, tta: bool, summary: SegmentSummary,
-                   min_area_um2: float) -> Iterator[SlideResult | None]:
+                   min_area_um2: float, workers: ImageWorkers | None = None) -> Iterator[SlideResult | None]:
     """Each image of ``todo`` segmented and kept (:func:`segment_one`), in order; ``summary.images_at_once`` of
-    them side by side (each on its own copy of the network), with one progress bar over the images."""
-    import copy
-    import queue
-    from concurrent.futures import Future, ThreadPoolExecutor
+    them side by side, each on its own copy of the network: in ``workers`` when given, else in threads; one
+    progress bar over the images. ``net`` may be None only with ``workers``."""
     from itertools import islice
-
-    import torch
 
     from pointnuc.progress import progress_bar
 
     n = summary.images_at_once
-    if n <= 1:
+    if n <= 1 and workers is None:
+        assert net is not None
         for plan in todo:
             yield segment_one(plan, net, info, dev, batch_size=batch_size, progress=progress, tta=tta,
                               summary=summary, min_area_um2=min_area_um2)
         return
-    nets: queue.Queue[torch.nn.Module] = queue.Queue()
-    for k in range(n):
-        nets.put(net if k == 0 else copy.deepcopy(net))
-
-    def one(plan: ImagePlan) -> SlideResult | None:
-        own = nets.get()
-        try:
-            return segment_one(plan, own, info, dev, batch_size=batch_size, progress=False, tta=tta,
-                               summary=summary, min_area_um2=min_area_um2)
-        finally:
-            nets.put(own)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // n))
+    side: ImageWorkers | _ImageThreads
+    if workers is not None:
+        side = workers
+    else:
+        assert net is not None
+        side = _ImageThreads(net, n, info, dev, summary=summary)
+    job = {"batch_size": batch_size, "tta": tta, "min_area_um2": min_area_um2}
     bar = progress_bar(len(todo), "segment", "image", enabled=progress)
-    pool = ThreadPoolExecutor(n, thread_name_prefix="pointnuc-image")
+    pending: list[Future[Any]] = []
     try:
         it = iter(todo)
-        pending: list[Future[SlideResult | None]] = [pool.submit(one, plan) for plan in islice(it, n + 1)]
+        pending = [side.submit(plan, **job) for plan in islice(it, n + 1)]
         while pending:
             raise_if_stop_requested()
-            res = pending.pop(0).result()
+            res = side.result(pending.pop(0), summary)
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(one, nxt))
+                pending.append(side.submit(nxt, **job))
             bar.update(1)
             yield res
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
+        for f in pending:
+            f.cancel()
+        if workers is None:
+            side.close()  # (the caller closes the workers it started)
         bar.close()
+
+
+class _ImageThreads:
+    """``n`` images side by side in threads, each with its own copy of the network and ``1/n`` of torch's
+    threads (given back by :meth:`close`)."""
+
+    def __init__(self, net: torch.nn.Module, n: int, info: ModelInfo, dev: torch.device, *,
+                 summary: SegmentSummary) -> None:
+        import copy
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        self.nets: queue.Queue[torch.nn.Module] = queue.Queue()
+        for k in range(n):
+            self.nets.put(net if k == 0 else copy.deepcopy(net))
+        self.info, self.dev, self.summary = info, dev, summary
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, self.threads // n))
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="pointnuc-image")
+
+    def _one(self, plan: ImagePlan, **kw: Any) -> SlideResult | None:
+        own = self.nets.get()
+        try:
+            return segment_one(plan, own, self.info, self.dev, progress=False, summary=self.summary, **kw)
+        finally:
+            self.nets.put(own)
+
+    def submit(self, plan: ImagePlan, **kw: Any) -> Future[SlideResult | None]:
+        return self.pool.submit(self._one, plan, **kw)
+
+    @staticmethod
+    def result(fut: Future[SlideResult | None], summary: SegmentSummary) -> SlideResult | None:
+        return fut.result()  # (segment_one filled ``summary`` itself)
+
+    def close(self) -> None:
+        import torch
+
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self.threads)
+
+
+class ImageWorkers:
+    """``n`` worker processes that each segment and keep whole images with their own copy of the model
+    (:func:`segment_one`), on ``threads`` torch threads each. Spawned (no fork of a process that may hold a
+    JVM or OpenMP threads); what they log is logged again here, in order, with each image's result."""
+
+    def __init__(self, model_dir: Path, n: int, threads: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, wait
+
+        from pointnuc.infer.pools import main_not_reimported
+
+        t0 = time.perf_counter()
+        self.n = n
+        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                        initargs=(str(model_dir), threads, logging.getLogger("pointnuc").getEffectiveLevel()))
+        try:
+            with main_not_reimported():
+                ready = [self.pool.submit(_worker_ready) for _ in range(n)]
+            wait(ready)
+            for f in ready:
+                f.result()  # (a worker that cannot start says why here)
+        except BaseException:
+            self.close()
+            raise
+        self.start_seconds = time.perf_counter() - t0
+
+    def submit(self, plan: ImagePlan, **kw: Any) -> Future[Any]:
+        """Segment and keep ``plan``'s image in a worker (:func:`segment_one`'s keywords)."""
+        return self.pool.submit(_worker_segment, plan, **kw)
+
+    @staticmethod
+    def result(fut: Future[Any], summary: SegmentSummary) -> SlideResult | None:
+        """A submitted image's result, its log lines logged here and its figures added to ``summary``."""
+        res, part, records = fut.result()
+        for rec in records:
+            logging.getLogger(rec.name).handle(rec)
+        summary.seconds.update(part.seconds)
+        summary.tiles.update(part.tiles)
+        summary.failed.update(part.failed)
+        return res
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+class _Kept(logging.Handler):
+    """A worker's log records, kept to be sent with the image's result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = record.getMessage(), None  # (the arguments need not pickle)
+        record.exc_info = record.exc_text = None
+        self.records.append(record)
+
+
+def _init_worker(model_dir: str, threads: int, level: int) -> None:
+    """Worker process start: its threads, its log kept for the parent, the model loaded as ``segment`` loads it.
+    Ctrl-C is the parent's to handle: it stops handing out images and lets the running ones end."""
+    import signal
+
+    import torch
+
+    from pointnuc.infer.polygons import preload
+    from pointnuc.models.bundle import load_info, load_network
+    from pointnuc.models.net import fuse_batchnorm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    kept = _Kept()
+    root = logging.getLogger("pointnuc")
+    root.handlers[:] = [kept]
+    root.setLevel(level)
+    root.propagate = False
+    info = load_info(Path(model_dir))
+    net = fuse_batchnorm(load_network(Path(model_dir), "segmenter", info))
+    _WORKER.update(info=info, net=net.eval(), kept=kept)
+    preload(info.config.segmentation.instance_method)
+
+
+def _worker_ready() -> None:
+    """A job that does nothing: each worker has started (and loaded the model) once one has run."""
+
+
+def _worker_segment(plan: ImagePlan, *, batch_size: int | None, tta: bool,
+                    min_area_um2: float) -> tuple[SlideResult | None, SegmentSummary, list[logging.LogRecord]]:
+    """One image in a worker: (its result, a summary with its seconds/tiles/failure, its log records)."""
+    import torch
+
+    from pointnuc.infer.project import SegmentSummary
+
+    kept: _Kept = _WORKER["kept"]
+    kept.records = []
+    part = SegmentSummary(model_dir=Path(), results_dir=Path())
+    res = segment_one(plan, _WORKER["net"], _WORKER["info"], torch.device("cpu"), batch_size=batch_size,
+                      progress=False, tta=tta, summary=part, min_area_um2=min_area_um2)
+    return res, part, kept.records
 
 
 def segment_one(plan: ImagePlan, net: torch.nn.Module, info: ModelInfo, dev: torch.device, *,

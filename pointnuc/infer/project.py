@@ -35,6 +35,7 @@ from pointnuc.models.layout import MODEL_JSON
 if TYPE_CHECKING:
     import torch
 
+    from pointnuc.infer.images import ImageWorkers
     from pointnuc.infer.wsi import SlideResult
     from pointnuc.models.bundle import ModelInfo
 
@@ -89,6 +90,7 @@ class SegmentSummary:
     written: list[Path] = field(default_factory=list)
     images_at_once: int = 1  #: images segmented side by side (:func:`images_at_once`)
     wall_seconds: float = 0.0  #: the whole loop over the images: segmenting, keeping and writing (not loading the model)
+    workers_seconds: float = 0.0  #: starting the worker processes the images went to (0: none), before the loop
 
 
 def shard_filter(names: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
@@ -219,9 +221,10 @@ def keep_result(plan: ImagePlan, nuclei: Sequence[NucleusObject], *, seconds: fl
 
     assert plan.key is not None and plan.pixel_size_um is not None
     record_file(plan.result).unlink(missing_ok=True)
-    # nuclei only, as detections: how they are written into the project is applied on each write
+    # nuclei only, as detections, unmeasured: how they are written into the project, and QuPath's measurements of
+    # what is written, are made on each write
     write_nuclei_file(plan.result, nuclei, pixel_size_um=plan.pixel_size_um,
-                      clip_to=object_area(plan.image.width, plan.image.height, plan.region))
+                      clip_to=object_area(plan.image.width, plan.image.height, plan.region), measured=False)
     st = plan.image.path.stat()
     record = {
         "key": asdict(plan.key),
@@ -297,26 +300,35 @@ def _segment_locked(
     net: torch.nn.Module | None = None
     info: ModelInfo | None = None
     dev: torch.device | None = None
+    workers: ImageWorkers | None = None
+    out_dir.mkdir(parents=True, exist_ok=True)
     if todo:
+        import torch
+
+        from pointnuc.infer.images import PROCESS_MIN_IMAGES, ImageWorkers, images_at_once
+        from pointnuc.infer.polygons import preload
         from pointnuc.models.bundle import load_info, load_network
+        from pointnuc.models.net import fuse_batchnorm
         from pointnuc.train.fit import resolve_device
 
         info = load_info(model_dir)
-        from pointnuc.models.net import fuse_batchnorm
-
-        net = fuse_batchnorm(load_network(model_dir, "segmenter", info))  # (this copy only segments)
         dev = resolve_device(device)
-        net.to(dev)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        summary.images_at_once = n = images_at_once(todo, info, dev)
+        if n > 1 and len(todo) >= PROCESS_MIN_IMAGES:
+            workers = ImageWorkers(model_dir, n, max(1, torch.get_num_threads() // n))
+            summary.workers_seconds = workers.start_seconds
+        else:
+            net = fuse_batchnorm(load_network(model_dir, "segmenter", info))  # (this copy only segments)
+            net.to(dev)
+            preload(info.config.segmentation.instance_method)  # (start-up, not the first image's time)
     t0 = time.perf_counter()
     done: Iterator[SlideResult | None] = iter(())
     if todo:
-        assert net is not None and info is not None and dev is not None
-        from pointnuc.infer.images import images_at_once, segment_images
+        assert info is not None and dev is not None
+        from pointnuc.infer.images import segment_images
 
-        summary.images_at_once = images_at_once(todo, info, dev)
         done = segment_images(todo, net, info, dev, batch_size=batch_size, progress=progress, tta=tta,
-                            summary=summary, min_area_um2=min_area_um2)
+                              summary=summary, min_area_um2=min_area_um2, workers=workers)
     try:
         for plan in plans:
             name = plan.image.name
@@ -338,5 +350,7 @@ def _segment_locked(
                 )
     finally:
         getattr(done, "close", lambda: None)()  # (stops the images still being segmented beside)
+        if workers is not None:
+            workers.close()
     summary.wall_seconds = time.perf_counter() - t0
     return summary

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from shapely.geometry import mapping, shape
+import numpy as np
+import shapely
+from shapely.geometry import Polygon, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from pointnuc import fileio
@@ -166,9 +169,32 @@ def _num(v: float) -> str:
     return repr(r)
 
 
+_WHOLE = re.compile(r"\.0(?=[,\]])")  # a whole number's ".0" in json's float text
+
+
+def _positions(c: Sequence[Sequence[float]]) -> str:
+    """A list of [x, y] positions as :func:`_num` writes each value, through numpy and json's C encoder:
+    values rounded to 2 decimals, whole ones without ``.0`` (the coordinates are most of a file's text)."""
+    try:
+        x = np.asarray(c, dtype=float)
+    except (ValueError, TypeError):  # ragged
+        x = np.zeros(0)
+    a = np.round(x, 2) + 0.0  # + 0.0: no "-0"
+    with np.errstate(invalid="ignore"):
+        near_half = np.abs(x * 100 - np.floor(x * 100) - 0.5) < 1e-6  # where numpy's rounding may differ from round()
+    if near_half.any():
+        a[near_half] = [round(float(v), 2) + 0.0 for v in x[near_half]]
+    if a.ndim != 2 or not np.isfinite(a).all() or (np.abs(a) >= 1e15).any():  # float text would use an exponent
+        return "[" + ",".join(_coords(x) for x in c) + "]"
+    text = json.dumps(a.tolist(), separators=(", ", ":")).replace("], [", "],[")
+    return _WHOLE.sub("", text)
+
+
 def _coords(c: Any) -> str:
     if isinstance(c, (list, tuple)) and c and isinstance(c[0], (int, float)):
         return "[" + ", ".join(_num(v) for v in c) + "]"
+    if isinstance(c, (list, tuple)) and c and isinstance(c[0], (list, tuple)) and c[0] and isinstance(c[0][0], (int, float)):
+        return _positions(c)
     return "[" + ",".join(_coords(x) for x in c) + "]"
 
 
@@ -193,6 +219,8 @@ def _value(v: Any) -> str:
     if isinstance(v, str):
         return _str(v)
     if isinstance(v, dict):
+        if all(type(x) is float or type(x) is int for x in v.values()):  # measurements: json's C encoder, same text
+            return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
         return "{" + ",".join(_str(k) + ":" + _value(x) for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
         if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
@@ -232,6 +260,9 @@ def dumps_features(features: Sequence[dict[str, Any]], layout: str = "collection
 
 
 def _geometry_dict(geom: BaseGeometry) -> dict[str, Any]:
+    if isinstance(geom, Polygon):  # most of what is written: its rings' coordinates straight from shapely's arrays
+        rings = [geom.exterior, *geom.interiors]
+        return {"type": "Polygon", "coordinates": [shapely.get_coordinates(r).tolist() for r in rings]}
     g = mapping(geom)
     return {"type": g["type"], "coordinates": _listify(g["coordinates"])}
 
@@ -250,14 +281,15 @@ def nuclei_features(
     color: tuple[int, int, int] | None = None,
     clip_to: BaseGeometry | None = None,
     pixels: RegionReader | None = None,
+    measured: bool = True,
 ) -> list[dict[str, Any]]:
     """QuPath Features for pointnuc's nuclei (see :func:`~pointnuc.io.records.nucleus_records`, which
-    measures stains when given the image's ``pixels``), each with a new UUID4, of type and class
-    ``options`` says (``color``: the class colour, QuPath's by default)."""
+    measures stains when given the image's ``pixels``, and nothing with ``measured=False``), each with a new
+    UUID4, of type and class ``options`` says (``color``: the class colour, QuPath's by default)."""
     rgb = list(color if color is not None else class_color(options.class_name))
     feats = []
     for geom, nucleus, meas in nucleus_records(nuclei, options=options, pixel_size_um=pixel_size_um, clip_to=clip_to,
-                                               pixels=pixels):
+                                               pixels=pixels, measured=measured):
         f: dict[str, Any] = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": _geometry_dict(geom)}
         if nucleus is not None:
             f["nucleusGeometry"] = _geometry_dict(nucleus)
@@ -284,9 +316,12 @@ def write_nuclei_file(
     pixel_size_um: float | None = None,
     color: tuple[int, int, int] | None = None,
     clip_to: BaseGeometry | None = None,
+    measured: bool = True,
 ) -> Path:
-    """Write nuclei as a QuPath FeatureCollection (File > Import objects reads it)."""
-    feats = nuclei_features(nuclei, options=options, pixel_size_um=pixel_size_um, color=color, clip_to=clip_to)
+    """Write nuclei as a QuPath FeatureCollection (File > Import objects reads it); ``measured``: with QuPath's
+    shape measurements."""
+    feats = nuclei_features(nuclei, options=options, pixel_size_um=pixel_size_um, color=color, clip_to=clip_to,
+                            measured=measured)
     return write_features(path, feats)
 
 

@@ -85,10 +85,7 @@ def export_candidates(image_name: str) -> list[str]:
 
 def _written(feature: dict) -> WrittenObject:
     """A Feature pointnuc writes as the record of :mod:`pointnuc.io.written` keeps it (a cell by its nucleus)."""
-    from shapely.geometry import shape
-
-    geom = feature.get("nucleusGeometry") or feature["geometry"]
-    return WrittenObject(feature.get("id"), shape(geom))
+    return WrittenObject(feature.get("id"), feature.get("nucleusGeometry") or feature["geometry"])
 
 
 class GeoJSONFolderProject:

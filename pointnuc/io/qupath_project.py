@@ -324,7 +324,7 @@ class QuPathProjectFile:
                                        color=class_color(class_name), replace_within=dict(replace_within or {}))
         for (path, removed, added, ids), name in zip(done, names):
             log.info("%s: replaced %d pointnuc objects with %d", name, removed, added)
-            written = [WrittenObject(i, nucleus if nucleus is not None else geom)
+            written = [WrittenObject.of(i, nucleus if nucleus is not None else geom)
                        for i, (geom, nucleus, _) in zip(ids, records[name])]
             record_written(self.root, name, written, (replace_within or {}).get(name))
         prune_backups(self.output_dir / BACKUP_FOLDER, self.qpproj.name)

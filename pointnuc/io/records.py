@@ -75,6 +75,7 @@ def nucleus_records(
     clip_to: BaseGeometry | None = None,
     pixels: RegionReader | None = None,
     stains: Stains | None = None,
+    measured: bool = True,
 ) -> list[Record]:
     """(geometry, nucleus geometry or None, measurements) per nucleus, ready to write.
 
@@ -90,7 +91,8 @@ def nucleus_records(
     ...; a cell's also ``Cell: ...`` and ``Nucleus/Cell area ratio``) of the outlines written, and
     with ``pixels`` (the image) the stains' optical densities (``Nucleus: Hematoxylin OD mean``, ...,
     a cell's also ``Cell: ...`` and ``Cytoplasm: ...``; ``stains``: QuPath's H&E default unless
-    given); then the nucleus' other measurements, and the marker ``pointnuc score``.
+    given); then the nucleus' other measurements, and the marker ``pointnuc score``. ``measured=False``: none of
+    QuPath's (a kept result: every write into a project measures what it writes).
     """
     cell = options.object_type == "cell"
     polys = [n.polygon for n in nuclei]
@@ -108,10 +110,12 @@ def nucleus_records(
         dist_px = options.cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
         cells = [_rounded_polygon(c) for c in expand_cells(nuc, dist_px, within=clip_to)]
         geoms = [c if c is not None and c.covers(p) else p for c, p in zip(cells, nuc)]
-        computed = measure(nuc, geoms, pixel_size_um=pixel_size_um, pixels=pixels, stains=stains)
+        computed = measure(nuc, geoms, pixel_size_um=pixel_size_um, pixels=pixels, stains=stains) if measured else None
     else:
         geoms = nuc
-        computed = measure(nuc, pixel_size_um=pixel_size_um, pixels=pixels, stains=stains)
+        computed = measure(nuc, pixel_size_um=pixel_size_um, pixels=pixels, stains=stains) if measured else None
+    if computed is None:
+        computed = [{} for _ in nuc]
     out = []
     for (n, poly), geom, meas in zip(kept, geoms, computed):
         # computed measurements are always those of the outlines written here (cut, rounded)

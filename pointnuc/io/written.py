@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from shapely.geometry import mapping, shape
@@ -45,10 +47,20 @@ Present = tuple[str | None, float, float]
 
 @dataclass(frozen=True)
 class WrittenObject:
-    """One object pointnuc wrote: its id in the project (None when unknown) and its nucleus outline."""
+    """One object pointnuc wrote: its id in the project (None when unknown) and its nucleus outline, as the
+    GeoJSON geometry it is recorded as (a shapely geometry only when one is asked for: a write records
+    hundreds of objects and reads none of them)."""
 
     id: str | None
-    outline: BaseGeometry  #: full-resolution QuPath x/y
+    geometry: Mapping[str, Any]  #: GeoJSON geometry, full-resolution QuPath x/y
+
+    @classmethod
+    def of(cls, id: str | None, outline: BaseGeometry) -> WrittenObject:
+        return cls(id, mapping(outline))
+
+    @cached_property
+    def outline(self) -> BaseGeometry:
+        return shape(self.geometry)
 
 
 def record_path(root: Path, image_name: str) -> Path:
@@ -65,7 +77,10 @@ def read_written(root: Path, image_name: str) -> list[WrittenObject] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc.get("image") != image_name or doc.get("format") != RECORD_FORMAT:
             return None
-        return [WrittenObject(f.get("id"), shape(f["geometry"])) for f in doc["features"]]
+        objects = [WrittenObject(f.get("id"), f["geometry"]) for f in doc["features"]]
+        for o in objects:
+            o.outline  # noqa: B018 (made here, where a broken record is caught)
+        return objects
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -78,7 +93,7 @@ def record_written(root: Path, image_name: str, new: Sequence[WrittenObject], ar
     """Record that ``new`` was written into ``image_name``, replacing the recorded objects inside ``area``
     (None: all of them). Returns the record's path."""
     kept = [] if area is None else [o for o in (read_written(root, image_name) or []) if not inside(o.outline, area)]
-    feats = [{"type": "Feature", "id": o.id, "geometry": mapping(o.outline), "properties": {}} for o in [*kept, *new]]
+    feats = [{"type": "Feature", "id": o.id, "geometry": o.geometry, "properties": {}} for o in [*kept, *new]]
     doc = {"type": "FeatureCollection", "format": RECORD_FORMAT, "image": image_name, "features": feats}
     path = record_path(root, image_name)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -132,9 +132,24 @@ class _Up(nn.Module):
 def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize in ``x``'s own dtype: under autocast (bf16 on the CPU, fp16 on CUDA) the features are
     not cast to float32 and back around it and the concatenation after it (0.17 -> 0.15 s for the ``slim``
-    U-Net on a 1024-px tile, 2 CPU threads, bf16)."""
+    U-Net on a 1024-px tile, 2 CPU threads, bf16). Inference on the CPU doubles the size by :func:`_double`."""
     with torch.autocast(device_type=x.device.type, enabled=False):
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return _double(x)
         return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)`` as one depthwise transposed
+    convolution (each output pixel 3/4 of its nearer and 1/4 of its farther input row and column, the edge
+    repeated): the same values to float rounding, and 1.3-1.8x faster on the CPU, where the decoder's last
+    resize (12 channels to the whole tile) took a quarter of the ``slim`` U-Net's time."""
+    c = x.shape[1]
+    k = torch.tensor([0.25, 0.75, 0.75, 0.25], dtype=x.dtype)
+    w = (k[:, None] * k[None, :]).expand(c, 1, 4, 4).contiguous()
+    if x.is_contiguous(memory_format=torch.channels_last):
+        w = w.to(memory_format=torch.channels_last)
+    return F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w, stride=2, padding=3, groups=c)
 
 
 def _tiny_encoder() -> tuple[nn.ModuleList, list[int]]:
@@ -158,10 +173,27 @@ SLIM_ENCODERS: dict[str, tuple[tuple[int, int, int, int, int], tuple[int, int, i
 }
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block, as torchvision's (the same parameter names, so the same state dicts): defined here so
+    that a compact model loads without importing torchvision (1.5 s of ``segment``'s start on a 2-core VM)."""
+
+    def __init__(self, ci: int, co: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(ci, co, 3, stride, 1, bias=False)
+        self.bn1: nn.Module = nn.BatchNorm2d(co)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(co, co, 3, 1, 1, bias=False)
+        self.bn2: nn.Module = nn.BatchNorm2d(co)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
 def _slim_encoder(encoder: str) -> tuple[nn.ModuleList, list[int]]:
     """A narrow ResNet (:data:`SLIM_ENCODERS`): a 3x3 stride-2 stem, then BasicBlock stages at /4 ... /32."""
-    from torchvision.models.resnet import BasicBlock
-
     chans, blocks = SLIM_ENCODERS[encoder]
 
     def layer(ci: int, co: int, n: int, stride: int) -> nn.Sequential:
@@ -285,7 +317,6 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     into it: the same outputs (to float rounding), one pass less over each feature map (about 6 % of the
     ``slim`` U-Net's CPU time). For inference only: the folded network cannot be trained on."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
-    from torchvision.models.resnet import BasicBlock, Bottleneck
 
     model.eval()
     for m in model.modules():
@@ -294,7 +325,7 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
                 conv, bn = m[k], m[k + 1]
                 if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                     m[k], m[k + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
-        elif isinstance(m, BasicBlock | Bottleneck):
+        elif hasattr(m, "conv1") and hasattr(m, "bn1"):  # a ResNet block (ours, torchvision's BasicBlock, Bottleneck)
             for i in (1, 2, 3):
                 c, b = getattr(m, f"conv{i}", None), getattr(m, f"bn{i}", None)
                 if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
