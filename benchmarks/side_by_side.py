@@ -12,9 +12,9 @@ On the 14 MoNuSeg "MO" test images (1000 x 1000 px at their 0.25 µm/px, as TIFF
 * ``pointnuc segment`` (the real command, in a child process, ``--device cpu``) on a folder
   project of the same TIFFs, torch limited to ``--threads`` threads (``OMP_NUM_THREADS``).
   Seconds per image: the run of the images as ``segment`` reports it ("Segmented N image(s) in X
-  s": segmenting, small images two at a time on the CPU, keeping and writing each image's GeoJSON
-  with its measurements) over N; the one-off start (imports, loading the model) is left out and
-  reported apart. The table also shows each image's own time as pointnuc records it.
+  s": segmenting, small images two at a time on the CPU (from 6 images on in two worker processes),
+  keeping and writing each image's GeoJSON with its measurements) over N; the one-off start (imports,
+  loading the model, starting the worker processes) is left out and reported apart. The table also shows each image's own time as pointnuc records it.
 
 Both results are rasterised to label images (a pixel whose centre lies in a nucleus) and scored
 against the ground-truth labels: Kumar's AJI (mean over images) and detection F1 (polygon
@@ -156,9 +156,9 @@ def run_pointnuc(paths: list[Path], model: Path, threads: int, work: Path) -> Ru
     loop = float(m.group(2))
     return Run(seconds=seconds, polygons=polygons, wall=wall, cpu=cpu, per_image=loop / len(paths), loop=loop,
                notes=[(f"`{' '.join(['pointnuc', *cmd[3:]])}` with OMP_NUM_THREADS={threads} "
-                      "(pointnuc's own CPU defaults otherwise: images that fit one network window two at a time, each with half the "
-                      "threads; such an image is one window with no halo; batch norms folded, channels-last, bf16 where "
-                      "the CPU has it; 2 reader/post-processing threads per image)")])
+                      "(pointnuc's own CPU defaults otherwise: images that fit one network window two at a time, from 6 "
+                      "images on in two worker processes, each with half the threads; batch norms folded, channels-last, "
+                      "bf16 where the CPU has it; 2 reader/post-processing threads per image)")])
 
 
 def score(polygons: list[Any], truth: np.ndarray) -> tuple[float, Any]:
@@ -217,7 +217,7 @@ def report(names: list[str], sizes: dict[str, tuple[int, int]], truth: dict[str,
              "(segmenting, keeping and writing each image's GeoJSON with its measurements).", "", *rows, ""]
     for label, run, sec, key, fixed in (
         ("QuPath 0.6.0 cell detection", qp, qs, "qp", "JVM start, reading the images and returning the cells"),
-        ("pointnuc segment", pn, ps, "pn", "start-up and loading the model"),
+        ("pointnuc segment", pn, ps, "pn", "start-up, loading the model, starting the worker processes"),
     ):
         lines.append(f"- **{label}**: {sec:.2f} s per image over the run of {len(names)} images, "
                      f"**{mpx_total / run.loop:.3f} full-resolution Mpx/s**, Kumar AJI {np.mean(ajis[key]):.4f} (mean), "

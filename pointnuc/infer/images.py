@@ -6,6 +6,7 @@ worker processes (:class:`ImageWorkers`), whose Python work does not wait for on
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 #: on 14 MO images (0.49 vs 0.65 s an image, 2 cores: the threads' Python steps wait for one another), and their
 #: start (~2 s: each imports torch and loads the model) is paid back after about six images
 PROCESS_MIN_IMAGES = 6
+#: the thread counts of OpenMP and the math libraries, set for each worker before it starts
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def images_at_once(todo: Sequence[ImagePlan], info: ModelInfo, dev: torch.device) -> int:
@@ -157,9 +160,16 @@ class ImageWorkers:
         self.n = n
         self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                         initargs=(str(model_dir), threads, logging.getLogger("pointnuc").getEffectiveLevel()))
+        saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
         try:
+            os.environ.update({k: str(threads) for k in THREAD_VARIABLES})  # (read as a worker starts)
             with main_not_reimported():
                 ready = [self.pool.submit(_worker_ready) for _ in range(n)]
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             wait(ready)
             for f in ready:
                 f.result()  # (a worker that cannot start says why here)
