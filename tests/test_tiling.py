@@ -179,3 +179,21 @@ def test_tiles_intersecting_a_coarse_mask() -> None:
     assert [(t.row, t.col) for t in tiles_intersecting(g, mask, 4.0)] == [(1, 2)]
     # the same grid laid over a region starting at image (row 32, col 0): now core row 0
     assert [(t.row, t.col) for t in tiles_intersecting(g, mask, 4.0, origin=(32, 0))] == [(0, 2)]
+
+
+def test_an_area_that_fits_one_window_shows_its_context_and_little_white() -> None:
+    """One window for an area that fits (the CPU's fitted tiles): its core is the area, its window the area's
+    context where the image goes on and EDGE_PX of white beyond the image's edge, not the tiles' whole halo."""
+    from pointnuc.infer.slide_tiles import EDGE_PX, one_window
+
+    image = Box(0, 0, 1000, 1000)
+    (whole,) = one_window(image, 80, image, 1536).tiles  # type: ignore[union-attr]
+    assert whole.core == whole.valid == image and whole.window == Box(-EDGE_PX, -EDGE_PX, 1056 - EDGE_PX, 1056 - EDGE_PX)
+    # a region's area at the image's left edge: 80 px of context inside the image, the same white as the whole
+    # image beyond its edge (grid coordinates are the area's)
+    grid = one_window(Box(100, 0, 400, 300), 80, image, 1536)
+    assert grid is not None and grid.tile_size == 480 and grid.halo == 0
+    (part,) = grid.tiles
+    assert part.core == Box(0, 0, 300, 300) and part.window == Box(-80, -EDGE_PX, 400, 464)
+    assert one_window(Box(0, 0, 1500, 1500), 80, Box(0, 0, 1500, 1500), 1536).tile_size == 1536  # type: ignore[union-attr]
+    assert one_window(Box(0, 0, 1600, 1600), 80, Box(0, 0, 1600, 1600), 1536) is None

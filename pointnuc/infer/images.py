@@ -41,7 +41,7 @@ def images_at_once(todo: Sequence[ImagePlan], info: ModelInfo, dev: torch.device
     network uses the cores; otherwise (a GPU, larger slides, one core) one at a time."""
     import torch
 
-    from pointnuc.infer.slide_tiles import working_halo
+    from pointnuc.infer.slide_tiles import EDGE_PX, working_halo
     from pointnuc.infer.wsi import DEFAULT_TILE
 
     largest = DEFAULT_TILE["cpu"]
@@ -52,9 +52,12 @@ def images_at_once(todo: Sequence[ImagePlan], info: ModelInfo, dev: torch.device
     for p in todo:
         assert p.pixel_size_um is not None
         ds = info.pixel_size_um / p.pixel_size_um
-        w, h = (p.image.width, p.image.height) if p.region is None else (
-            p.region.bounds[2] - p.region.bounds[0], p.region.bounds[3] - p.region.bounds[1])
-        if max(w, h) / ds + 2 * halo > largest[1]:  # (the window holds the image and its halo on both sides)
+        if p.region is None:  # (the window holds the image and a white edge: slide_tiles.one_window)
+            side = max(p.image.width, p.image.height) / ds + 2 * EDGE_PX
+        else:  # (at most: the region's box, its margin and its context, each a halo on both sides)
+            x0, y0, x1, y1 = p.region.bounds
+            side = max(x1 - x0, y1 - y0) / ds + 4 * halo
+        if side > largest[1]:
             return 1
     return 2
 

@@ -18,7 +18,16 @@ from shapely.geometry.base import BaseGeometry
 from shapely.prepared import prep
 
 from pointnuc.errors import InputError, PixelSizeError
-from pointnuc.infer.tiling import Box, Tile, TileGrid, fit_tile_size, make_grid, round_halo, tiles_intersecting
+from pointnuc.infer.tiling import (
+    NET_STRIDE,
+    Box,
+    Tile,
+    TileGrid,
+    fit_tile_size,
+    make_grid,
+    round_halo,
+    tiles_intersecting,
+)
 from pointnuc.io.slide import RegionReader, SlideLike, read_thumbnail
 from pointnuc.models.bundle import ModelInfo
 from pointnuc.stain import ColourStats, colour_stats
@@ -31,6 +40,9 @@ CONTEXT_PX = 32
 #: (tiles of the size given; with a fitted size, of :data:`SMALL_AREA_TILE` px)
 ALL_TILES_UP_TO = 16
 SMALL_AREA_TILE = 512
+#: white px a single window shows beyond the image's edge (:func:`one_window`): none, and the network's own zero
+#: padding made 1-px slivers of "nucleus" along an edge of synthetic images; the tiles' whole halo is 80 px for MO
+EDGE_PX = 16
 #: Tiles read to estimate a slide's colour statistics (spread evenly over the tissue tiles).
 COLOUR_SAMPLE_TILES = 8
 #: Of those pixels, every this many give the stain statistics (two percentiles; ~400k pixels of 8 tiles of 448² cores)
@@ -97,9 +109,11 @@ def plan_slide(
         if area.empty:
             raise InputError("the region to segment lies outside the image")
     small_tile = tile_size if isinstance(tile_size, int) else SMALL_AREA_TILE  # what "small" is counted in
-    if isinstance(tile_size, tuple):
-        tile_size = fit_tile_size(area.height, area.width, halo=halo, smallest=tile_size[0], largest=tile_size[1])
-    grid = make_grid(area.height, area.width, tile_size=tile_size, halo=halo)
+    grid = one_window(area, halo, Box(0, 0, wh, ww), tile_size[1]) if isinstance(tile_size, tuple) else None
+    if grid is None:
+        if isinstance(tile_size, tuple):
+            tile_size = fit_tile_size(area.height, area.width, halo=halo, smallest=tile_size[0], largest=tile_size[1])
+        grid = make_grid(area.height, area.width, tile_size=tile_size, halo=halo)
     tiles = list(grid)
     core = max(small_tile - 2 * halo, 32)
     if tissue and math.ceil(area.height / core) * math.ceil(area.width / core) > ALL_TILES_UP_TO:
@@ -114,6 +128,25 @@ def plan_slide(
         ]
         tiles = [t for t, b in zip(tiles, boxes) if prepared.intersects(b)]
     return SlidePlan(grid, (area.y0, area.x0), tuple(tiles), ds, float(px))
+
+
+def one_window(area: Box, halo: int, image: Box, largest: int, edge: int = EDGE_PX) -> TileGrid | None:
+    """The grid of one tile over ``area`` (image working px) when the area with its ``halo``, cut to the ``image``
+    grown by ``edge`` px, fits one window of at most ``largest`` px; None otherwise (tiles with their halos).
+
+    The tile's core is the area; its window holds the area's context where the image goes on and only ``edge``
+    px of white beyond the image's edge (the grid's tiles show ``halo``: 1.12 instead of 1.40 Mpx for a 1000 x
+    1000 image with a halo of 80). A ``--within`` region at the image's edge is seen as the whole image is there.
+    """
+    grown = Box(area.y0 - halo, area.x0 - halo, area.y1 + halo, area.x1 + halo).intersect(
+        Box(image.y0 - edge, image.x0 - edge, image.y1 + edge, image.x1 + edge))
+    side = math.ceil(max(grown.height, grown.width) / NET_STRIDE) * NET_STRIDE
+    if side > largest:
+        return None
+    core = Box(0, 0, area.height, area.width)  # (grid coordinates: the area's origin is the grid's)
+    y0, x0 = grown.y0 - area.y0, grown.x0 - area.x0
+    tile = Tile(0, 0, 0, core, Box(y0, x0, y0 + side, x0 + side), core, (True, True, True, True))
+    return TileGrid(area.height, area.width, side, 0, (tile,))
 
 
 def sampled_colour_stats(
