@@ -243,3 +243,19 @@ def test_coordinates_are_written_as_each_value_alone_would_be() -> None:
         a = [np.round(a), np.round(a * 2) / 2, np.round(a, 2), a][k % 4]
         c = a.tolist() + [[-0.001, 0.004], [12.0, -3.5], [2.675, 1.005], [-2.675, 0.125]]
         assert _positions(c) == "[" + ",".join("[" + ", ".join(_num(v) for v in p) + "]" for p in c) + "]"
+
+
+def test_outlines_rounded_together_are_rounded_as_one_by_one() -> None:
+    """:func:`rounded_polygons` (one shapely call for the valid polygons) gives what rounding each alone gives,
+    also for an invalid bow-tie, a speck, an empty polygon and None."""
+    import shapely
+
+    from pointnuc.io.records import _rounded_polygon, rounded_polygons
+
+    rng = np.random.default_rng(0)
+    polys = [shapely.Point(*rng.uniform(0, 1000, 2)).buffer(rng.uniform(1, 9), quad_segs=6) for _ in range(50)]
+    polys += [shapely.Polygon([(0, 0), (10, 10), (10, 0), (0, 10)]), None, shapely.Polygon(),
+              shapely.Point(1, 1).buffer(1e-3)]
+    for a, p in zip(rounded_polygons(polys), polys, strict=True):
+        b = _rounded_polygon(p) if p is not None else None
+        assert (a is None and b is None) or (a is not None and b is not None and shapely.equals_exact(a, b, 0))

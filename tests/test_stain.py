@@ -12,6 +12,7 @@ from pointnuc.stain import (
     colour_normalize,
     colour_reference,
     colour_stats,
+    colour_stats_and_apply,
     reinhard_apply,
     reinhard_normalize,
     stain_apply,
@@ -95,3 +96,19 @@ def test_lab_stats_match_scikit_image() -> None:
     np.testing.assert_allclose(std, lab.std(0), atol=1e-3)
     with pytest.raises(InputError):
         lab_stats(img[..., 0])
+
+
+def test_statistics_and_normalisation_of_one_window_at_once_are_those_made_apart() -> None:
+    """An image that is one window: its core's statistics and the whole window normalised with them, the LAB
+    planes computed once, are exactly :func:`colour_stats` of the core and :func:`colour_apply` of the window;
+    also with the stain step, and for a reference without it."""
+    rng = np.random.default_rng(5)
+    ref = colour_reference([_tissue(rng, (0.1, 1.5), (0.2, 0.7)), _tissue(rng, (0.2, 1.2), (0.3, 0.9))])
+    window = np.full((120, 100, 3), 255, np.uint8)
+    window[8:110, 5:95] = _tissue(rng, (0.3, 0.9), (0.2, 0.6))[:102, :90]  # white around, as beyond an image's edge
+    core = (slice(8, 110), slice(5, 95))
+    for r in (ref, {"mean": ref["mean"], "std": ref["std"]}):
+        stats, out = colour_stats_and_apply(window, core, r, stain_stride=3)
+        apart = colour_stats(np.ascontiguousarray(window[core]).reshape(-1, 1, 3), r, stain_stride=3)
+        assert all(np.array_equal(a, b) for a, b in zip(stats[:2], apart[:2])) and stats[2] == apart[2]
+        assert np.array_equal(out, colour_apply(window, apart, r))

@@ -51,13 +51,20 @@ from pointnuc.infer.polygons import (
 )
 from pointnuc.infer.pools import ThreadSlides, batches, bounded, main_not_reimported
 from pointnuc.infer.predict import foreground_batch
-from pointnuc.infer.slide_tiles import MAX_NUCLEUS_RADIUS_FACTOR, SlidePlan, plan_slide, read_tile, sampled_colour_stats
+from pointnuc.infer.slide_tiles import (
+    MAX_NUCLEUS_RADIUS_FACTOR,
+    STAIN_STRIDE,
+    SlidePlan,
+    plan_slide,
+    read_tile,
+    sampled_colour_stats,
+)
 from pointnuc.infer.tiling import Tile
 from pointnuc.io.base import NucleusObject
 from pointnuc.io.slide import SlideLike
 from pointnuc.models.bundle import ModelInfo
 from pointnuc.progress import progress_bar
-from pointnuc.stain import ColourStats, colour_apply
+from pointnuc.stain import ColourStats, colour_apply, colour_stats_and_apply
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +183,7 @@ class SlideSegmenter:
         self._slides: ThreadSlides | None = None
         self._plan: SlidePlan | None = None
         self._norm: tuple[ColourStats, Mapping[str, Sequence[float]]] | None = None
+        self._window: tuple[int, np.ndarray] | None = None  #: (tile index, its normalised window) read with the statistics
 
     @property
     def batch_size(self) -> int:
@@ -287,10 +295,20 @@ class SlideSegmenter:
     ) -> tuple[ColourStats, Mapping[str, Sequence[float]]] | None:
         """(the slide's colour statistics, the model's reference), or None when the model normalises no colour."""
         ref = self.info.norm_reference
+        self._window = None
         if not ref:
             return None
         slides = self._slides
         assert slides is not None
+        if len(plan.tiles) == 1 and not self.settings.normalise_on_device:  # one window: its pixels and colours once
+            (tile,) = plan.tiles
+            window = read_tile(slides.get(), plan, tile)
+            y0, x0 = tile.core.y0 - tile.window.y0, tile.core.x0 - tile.window.x0
+            core = (slice(y0, y0 + tile.core.height), slice(x0, x0 + tile.core.width))
+            if tile.core.height * tile.core.width >= 16:
+                stats, normalised = colour_stats_and_apply(window, core, ref, STAIN_STRIDE)
+                self._window = (tile.index, normalised)
+                return stats, ref
         source = sampled_colour_stats(slide, plan, read=lambda t: read_tile(slides.get(), plan, t), pool=readers, ref=ref)
         return (source, ref) if source is not None else None
 
@@ -300,9 +318,12 @@ class SlideSegmenter:
         """The tile's window at the working resolution (colour-normalised here unless on the device); reader threads."""
         assert self._slides is not None and self._plan is not None
         t0 = time.perf_counter()
-        img = read_tile(self._slides.get(), self._plan, tile)
-        if self._norm is not None and not self.settings.normalise_on_device:
-            img = colour_apply(img, *self._norm)
+        if self._window is not None and self._window[0] == tile.index:
+            img, self._window = self._window[1], None  # (read and normalised with the colour statistics)
+        else:
+            img = read_tile(self._slides.get(), self._plan, tile)
+            if self._norm is not None and not self.settings.normalise_on_device:
+                img = colour_apply(img, *self._norm)
         with self._timings_lock:
             self.timings["read"] += time.perf_counter() - t0
         return img

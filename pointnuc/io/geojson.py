@@ -245,7 +245,7 @@ def feature_text(feature: dict[str, Any]) -> str:
     props = feature.get("properties") or {}
     order = ["objectType", "name", "color", "classification", "isLocked", "measurements", "metadata"]
     keys = [k for k in order if k in props] + [k for k in props if k not in order]
-    parts.append('"properties":' + "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _value(props[k]) for k in keys) + "}")
+    parts.append('"properties":' + "{" + ",".join(_str(k) + ":" + _value(props[k]) for k in keys) + "}")
     return "{" + ",".join(parts) + "}"
 
 

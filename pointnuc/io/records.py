@@ -67,6 +67,24 @@ def _rounded_polygon(poly: BaseGeometry) -> BaseGeometry | None:
     return rounded if rounded.is_valid and not rounded.is_empty else valid_polygon(rounded)
 
 
+def rounded_polygons(polys: Sequence[BaseGeometry | None]) -> list[BaseGeometry | None]:
+    """:func:`_rounded_polygon` of each, the valid polygons (nearly all) rounded in one call to shapely."""
+    arr = np.asarray([p if p is not None else shapely.Polygon() for p in polys], dtype=object)
+    if len(arr) == 0:
+        return []
+    plain = (shapely.get_type_id(arr) == 3) & shapely.is_valid(arr) & ~shapely.is_empty(arr) & (shapely.area(arr) > 0)
+    out: list[BaseGeometry | None] = [None] * len(arr)
+    rounded = shapely.transform(arr[plain], lambda xy: np.round(xy, 2))
+    good = shapely.is_valid(rounded) & ~shapely.is_empty(rounded)
+    for i, r, g in zip(np.flatnonzero(plain).tolist(), rounded, good):
+        out[i] = r if g else valid_polygon(r)
+    for j in np.flatnonzero(~plain).tolist():
+        p = polys[j]
+        if p is not None:
+            out[j] = _rounded_polygon(p)
+    return out
+
+
 def nucleus_records(
     nuclei: Sequence[NucleusObject],
     *,
@@ -98,11 +116,7 @@ def nucleus_records(
     polys = [n.polygon for n in nuclei]
     if clip_to is not None:
         polys = clip_polygons([p if p is not None else shapely.Polygon() for p in polys], clip_to)
-    kept: list[tuple[NucleusObject, BaseGeometry]] = []
-    for n, p in zip(nuclei, polys):
-        poly = _rounded_polygon(p) if p is not None else None
-        if poly is not None:
-            kept.append((n, poly))
+    kept = [(n, poly) for n, poly in zip(nuclei, rounded_polygons(polys)) if poly is not None]
     if not kept:
         return []
     nuc = [p for _, p in kept]
