@@ -244,8 +244,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segmentation.crf_beta": 10.0,
     },
     # the quick schedule with the compact "slim" U-Net (7.9 GMAC/Mpx, 13x fewer than resnet34's 102):
-    # 3.3x faster `segment` on 2 CPU cores (0.80 s vs 2.66 s per 1000x1000 image), Kumar AJI .489 vs .512 on MO test,
-    # a shorter training (benchmarks/results/side-by-side.md, network-speed.md; issue #28)
+    # `segment` 0.47-0.58 s per 1000x1000 image on 2 CPU cores (quick: 2.66 s), Kumar AJI .469-.489 over three
+    # trainings vs quick's .512 on MO test, a training of 17-32 min (benchmarks/results/side-by-side.md; issue #28)
     "cpu": {},  # filled below: quick's entries + the encoder
     # the README's example: one 1000x1000 40x tile, train + segment in < 10 min on 2 CPU cores
     # (~37 epochs of 16 patches, about 5 min on 2 idle cores). No self-training round: with
