@@ -165,19 +165,20 @@ class ImageWorkers:
         from pointnuc.infer.pools import main_not_reimported
 
         t0 = time.perf_counter()
-        self.n = n
         self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                         initargs=(str(model_dir), threads, logging.getLogger("pointnuc").getEffectiveLevel()))
         saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
         try:
-            os.environ.update({k: str(threads) for k in THREAD_VARIABLES})  # (read as a worker starts)
-            with main_not_reimported():
-                ready = [self.pool.submit(_worker_ready) for _ in range(n)]
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            try:
+                os.environ.update({k: str(threads) for k in THREAD_VARIABLES})  # (read as a worker starts)
+                with main_not_reimported():
+                    ready = [self.pool.submit(_worker_ready) for _ in range(n)]
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             wait(ready)
             for f in ready:
                 f.result()  # (a worker that cannot start says why here)
@@ -246,7 +247,8 @@ def _init_worker(model_dir: str, threads: int, level: int) -> None:
 
 
 def _worker_ready() -> None:
-    """A job that does nothing: each worker has started (and loaded the model) once one has run."""
+    """A job that does nothing, one submitted per worker so that the workers start (and load the model) before the
+    images are handed out; a worker that is still starting when they have run counts in the images' time."""
 
 
 def _worker_segment(plan: ImagePlan, *, batch_size: int | None, tta: bool,
