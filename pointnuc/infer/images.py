@@ -165,8 +165,11 @@ class ImageWorkers:
         from pointnuc.infer.pools import main_not_reimported
 
         t0 = time.perf_counter()
-        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                        initargs=(str(model_dir), threads, logging.getLogger("pointnuc").getEffectiveLevel()))
+        context = multiprocessing.get_context("spawn")
+        started = context.Barrier(n)  # (each ready job waits at it: one per worker, so every worker has started)
+        self.pool = ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker,
+                                        initargs=(str(model_dir), threads, logging.getLogger("pointnuc").getEffectiveLevel(),
+                                                  started))
         saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
         try:
             try:
@@ -222,7 +225,7 @@ class _Kept(logging.Handler):
         self.records.append(record)
 
 
-def _init_worker(model_dir: str, threads: int, level: int) -> None:
+def _init_worker(model_dir: str, threads: int, level: int, started: Any) -> None:
     """Worker process start: its threads, its log kept for the parent, the model loaded as ``segment`` loads it.
     Ctrl-C is the parent's to handle: it stops handing out images and lets the running ones end."""
     import signal
@@ -242,13 +245,14 @@ def _init_worker(model_dir: str, threads: int, level: int) -> None:
     root.propagate = False
     info = load_info(Path(model_dir))
     net = fuse_batchnorm(load_network(Path(model_dir), "segmenter", info))
-    _WORKER.update(info=info, net=net.eval(), kept=kept)
+    _WORKER.update(info=info, net=net.eval(), kept=kept, started=started)
     preload(info.config.segmentation.instance_method)
 
 
 def _worker_ready() -> None:
-    """A job that does nothing, one submitted per worker so that the workers start (and load the model) before the
-    images are handed out; a worker that is still starting when they have run counts in the images' time."""
+    """One per worker before the images are handed out: it returns once every worker has started and loaded the
+    model (a worker that took two would have left the other's start in the images' time: a core idle for 1-2 s)."""
+    _WORKER["started"].wait(timeout=600)
 
 
 def _worker_segment(plan: ImagePlan, *, batch_size: int | None, tta: bool,
