@@ -251,3 +251,27 @@ def test_small_images_side_by_side_give_what_one_at_a_time_gives(trained, tmp_pa
         a, b = _features(both, stem), _features(one, stem)
         assert len(a) > 5 and [f["geometry"] for f in a] == [f["geometry"] for f in b]
         assert [f["properties"].get("measurements") for f in a] == [f["properties"].get("measurements") for f in b]
+
+
+def test_an_image_failing_in_a_worker_process_is_reported_and_the_others_written(trained, tmp_path: Path,
+                                                                                 monkeypatch, caplog) -> None:
+    """In worker processes too, an image that cannot be read fails on its own: its error reaches the user, the
+    run exits 1, and the other image is segmented and written."""
+    import torch
+
+    import pointnuc.infer.images as images
+
+    proj, model, _ = trained
+    monkeypatch.setattr(images, "PROCESS_MIN_IMAGES", 2)
+    copy = _copy(proj, tmp_path / "p")
+    (copy / "slide_a.tif").write_bytes((copy / "slide_a.tif").read_bytes()[:400])  # truncated
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = CliRunner().invoke(main, ["segment", str(copy), "--model", str(model), "--no-progress", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 1 and "in worker processes" in res.output, res.output
+    assert "slide_a.tif" in res.stderr and "truncated" in res.stderr and "Traceback" not in res.output, res.stderr
+    assert "slide_a.tif failed" in caplog.text  # (logged in the worker, logged again here)
+    assert len(_features(copy, "slide a")) > 5 and not (copy / "pointnuc-geojson" / "slide_a.geojson").exists()
