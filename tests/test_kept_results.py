@@ -228,7 +228,7 @@ def test_small_images_side_by_side_give_what_one_at_a_time_gives(trained, tmp_pa
     same nuclei and measurements, in the same files, as one at a time; the workers' log lines reach the user."""
     import torch
 
-    import pointnuc.infer.images as images
+    from pointnuc.infer import images
 
     proj, model, _ = trained
     monkeypatch.setattr(images, "PROCESS_MIN_IMAGES", 2 if processes else 100)
@@ -259,7 +259,7 @@ def test_an_image_failing_in_a_worker_process_is_reported_and_the_others_written
     run exits 1, and the other image is segmented and written."""
     import torch
 
-    import pointnuc.infer.images as images
+    from pointnuc.infer import images
 
     proj, model, _ = trained
     monkeypatch.setattr(images, "PROCESS_MIN_IMAGES", 2)
