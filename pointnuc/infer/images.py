@@ -260,8 +260,6 @@ def _worker_segment(plan: ImagePlan, *, batch_size: int | None, tta: bool,
     """One image in a worker: (its result, a summary with its seconds/tiles/failure, its log records)."""
     import torch
 
-    from pointnuc.infer.project import SegmentSummary
-
     kept: _Kept = _WORKER["kept"]
     kept.records = []
     part = SegmentSummary(model_dir=Path(), results_dir=Path())

@@ -174,10 +174,14 @@ def sampled_colour_stats(
     chosen = [tiles[i] for i in picks]
     images = pool.map(reader, chosen) if pool is not None else map(reader, chosen)
     for t, img in zip(chosen, images):
-        y0, x0 = t.core.y0 - t.window.y0, t.core.x0 - t.window.x0
-        pixels.append(img[y0 : y0 + t.core.height, x0 : x0 + t.core.width].reshape(-1, 3))
+        pixels.append(img[core_in_window(t)].reshape(-1, 3))
     flat = np.concatenate(pixels)
     return colour_stats(flat[:, None, :], ref or {}, stain_stride=STAIN_STRIDE) if len(flat) >= 16 else None
+
+
+def core_in_window(tile: Tile) -> tuple[slice, slice]:
+    """Where the tile's core lies in its window's pixels."""
+    return tile.core.shift(-tile.window.y0, -tile.window.x0).slices()
 
 
 def read_tile(slide: RegionReader, plan: SlidePlan, tile: Tile) -> np.ndarray:

@@ -55,6 +55,7 @@ from pointnuc.infer.slide_tiles import (
     MAX_NUCLEUS_RADIUS_FACTOR,
     STAIN_STRIDE,
     SlidePlan,
+    core_in_window,
     plan_slide,
     read_tile,
     sampled_colour_stats,
@@ -303,10 +304,8 @@ class SlideSegmenter:
         if len(plan.tiles) == 1 and not self.settings.normalise_on_device:  # one window: its pixels and colours once
             (tile,) = plan.tiles
             window = read_tile(slides.get(), plan, tile)
-            y0, x0 = tile.core.y0 - tile.window.y0, tile.core.x0 - tile.window.x0
-            core = (slice(y0, y0 + tile.core.height), slice(x0, x0 + tile.core.width))
-            if tile.core.height * tile.core.width >= 16:
-                stats, normalised = colour_stats_and_apply(window, core, ref, STAIN_STRIDE)
+            if tile.core.height * tile.core.width >= 16:  # (as sampled_colour_stats asks)
+                stats, normalised = colour_stats_and_apply(window, core_in_window(tile), ref, STAIN_STRIDE)
                 self._window = (tile.index, normalised)
                 return stats, ref
         source = sampled_colour_stats(slide, plan, read=lambda t: read_tile(slides.get(), plan, t), pool=readers, ref=ref)

@@ -122,7 +122,7 @@ def nucleus_records(
     nuc = [p for _, p in kept]
     if cell:
         dist_px = options.cell_expansion_um / (pixel_size_um if pixel_size_um else 0.25)
-        cells = [_rounded_polygon(c) for c in expand_cells(nuc, dist_px, within=clip_to)]
+        cells = rounded_polygons(expand_cells(nuc, dist_px, within=clip_to))
         geoms = [c if c is not None and c.covers(p) else p for c, p in zip(cells, nuc)]
         computed = measure(nuc, geoms, pixel_size_um=pixel_size_um, pixels=pixels, stains=stains) if measured else None
     else:
