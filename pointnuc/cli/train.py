@@ -40,7 +40,7 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
               help="Model folder to create [default: PROJECT_FOLDER/pointnuc-models/DATE-PROFILE].")
 @click.option("--profile", type=click.Choice(["auto", "paper", "quick", "cpu", "example", "tiny"]), default="auto", show_default=True,
               help="Training schedule. paper: the paper's (a GPU: ~9 min for 12 images on an H200; hours on a CPU); quick: a 2-core CPU in under an hour; "
-              "cpu: quick's schedule with a compact network (about 5x faster to segment on a CPU, Kumar AJI about .03 lower on MoNuSeg); example: the README example; tiny: seconds, for trying the commands. auto: paper with a CUDA GPU, quick otherwise.")
+              "cpu: quick's schedule with a compact network (several times faster to segment on a CPU, Kumar AJI about .03 lower on MoNuSeg); example: the README example; tiny: seconds, for trying the commands. auto: paper with a CUDA GPU, quick otherwise.")
 @click.option("--variant", type=click.Choice(["GM", "ext-GM", "ST-nu", "ST-bg"]), default=None,
               help="Stage-1 label variant (paper Table I) [default: ST-bg].")
 @point_class_option
