@@ -67,7 +67,7 @@ def main() -> None:
     dark = 1.0 - ndi.uniform_filter(img.astype(np.float32).mean(-1) / 255.0, 3, mode="nearest")
     prob = (1.0 / (1.0 + np.exp(-30.0 * (dark - 0.45)))).astype(np.float32)
     params = instance_params(info)
-    kw = dict(threshold=params.threshold, min_area_px=params.min_area_px, h_px=params.h_px)
+    kw = {"threshold": params.threshold, "min_area_px": params.min_area_px, "h_px": params.h_px}
     print(f"# tile {args.tile} px at {args.model_px} µm/px (halo {working_halo(info)}), method {params.method}, h {params.h_px:.2f}")
     print(f"read (level 0, downsample {ds:g}): {t_read * 1e3:.0f} ms;  colour normalisation (Reinhard + stain): {t_norm * 1e3:.0f} ms")
     t_cc, lab_cc = best(lambda: inst.instances_from_probability(prob, method="cc", **kw), args.repeats)

@@ -69,7 +69,7 @@ class BenchNet(nn.Module):
 
 
 def make_slide(path: Path, size: int, tissue: float, seed: int = 0) -> SynthSlide:
-    tissue_x1 = int(round(size * tissue))
+    tissue_x1 = round(size * tissue)
     centres, radii = lattice_discs(size, size, tissue_x1, 44.0, seed)
     truth = SynthSlide(size, size, centres, radii, tissue_x1)
     write_slide(path, truth, SLIDE_PX, levels=4, compression="jpeg")

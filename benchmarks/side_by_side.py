@@ -36,8 +36,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -210,11 +210,11 @@ def report(names: list[str], sizes: dict[str, tuple[int, int]], truth: dict[str,
     rows.append(f"| **mean** (F1 pooled) | {mpx_total / len(names):.2f} | **{np.mean(list(qp.seconds.values())):.2f}** | "
                 f"**{np.mean(list(pn.seconds.values())):.2f}** | | | | "
                 f"**{np.mean(ajis['qp']):.4f}** | **{np.mean(ajis['pn']):.4f}** | **{f1['qp']:.4f}** | **{f1['pn']:.4f}** |")
-    lines = [f"{len(names)} images, {threads} thread(s) each. Seconds in the table: each image's own time (QuPath's "
+    lines = [(f"{len(names)} images, {threads} thread(s) each. Seconds in the table: each image's own time (QuPath's "
              "`runPlugin`; pointnuc's segmenting of that image, beside another one where it runs two at a time). "
              "The ratio compares seconds per image over the whole run: QuPath's `runPlugin` times summed (one image "
              "after another, its image reading left out), pointnuc's run of the images as `segment` reports it "
-             "(segmenting, keeping and writing each image's GeoJSON with its measurements).", "", *rows, ""]
+             "(segmenting, keeping and writing each image's GeoJSON with its measurements)."), "", *rows, ""]
     for label, run, sec, key, fixed in (
         ("QuPath 0.6.0 cell detection", qp, qs, "qp", "JVM start, reading the images and returning the cells"),
         ("pointnuc segment", pn, ps, "pn", "start-up, loading the model, starting the worker processes"),

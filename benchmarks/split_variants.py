@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- command: `{' '.join(['python', 'benchmarks/split_variants.py', *(argv if argv is not None else sys.argv[1:])])}`",
         f"- date: {stamp}; machine: {machine_line(torch.device('cpu'))}; {time.time() - t0:.0f} s",
-        f"- the 14 MO test images at full resolution, flip TTA, threshold 0.5 unless a row says otherwise; "
-        f"instances under {ma:.0f} px dropped; the default h is {h_default:g} px (full resolution)",
+        (f"- the 14 MO test images at full resolution, flip TTA, threshold 0.5 unless a row says otherwise; "
+        f"instances under {ma:.0f} px dropped; the default h is {h_default:g} px (full resolution)"),
         "",
         "| split | Acc | F1 | Dice_obj | AJI (Kumar) | AJI (authors' code) |",
         "|---|---|---|---|---|---|",

@@ -84,13 +84,13 @@ def to_working(img: np.ndarray, scale: float) -> np.ndarray:
     if scale == 1.0:
         return img
     h, w = img.shape[:2]
-    size = (int(round(w / scale)), int(round(h / scale)))
+    size = (round(w / scale), round(h / scale))
     return np.asarray(Image.fromarray(img).resize(size, Image.BOX if scale > 1 else Image.BILINEAR))
 
 
 def sample_points(gt_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """10% of the nuclei, without replacement (at least one)."""
-    n = max(1, int(round(POINT_FRACTION * len(gt_xy))))
+    n = max(1, round(POINT_FRACTION * len(gt_xy)))
     return gt_xy[np.sort(rng.choice(len(gt_xy), n, replace=False))]
 
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.protocol == "user" and "data.patches_per_image" not in overrides:  # as many patches as 12 images give
         cfg = cfg.replace(**{"data.patches_per_image": max(1, round(cfg.data.patches_per_image * 12 / 16))})
     device = resolve_device(args.device)
-    train, val, test_l, gts, ref, scale, truth = mo_samples(cfg, args.seed, args.images, args.protocol)
+    train, val, test_l, gts, _ref, scale, truth = mo_samples(cfg, args.seed, args.images, args.protocol)
     if cfg.for_detection() is not cfg:  # as `pointnuc train`: the segmenter's samples, resampled for stage 1
         train, val = detection_samples(train, cfg), detection_samples(val, cfg)
         test_l = list(zip(detection_samples([s for s, _ in test_l], cfg), [lab for _, lab in test_l]))
@@ -238,15 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/stage1.py'] + (argv if argv is not None else sys.argv[1:]))}`",
         f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='minutes')}",
         f"- machine: {machine_line(device)}",
-        f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px (r1 = {res.metrics['r1_px']:.2f} px), "
+        (f"- config: encoder {cfg.encoder}, {cfg.data.pixel_size_um} µm/px (r1 = {res.metrics['r1_px']:.2f} px), "
         f"{cfg.detection.epochs} epochs initial + {cfg.detection.rounds} round(s) x "
         f"{cfg.detection.round_epochs or cfg.detection.epochs} epochs, "
         f"batch {cfg.detection.batch_size}, lr {cfg.detection.lr}, {cfg.data.patches_per_image} patches/image, "
-        f"crop {cfg.data.crop_size}, colour: Reinhard{' + stain step' if cfg.data.stain_normalise else ''}, stain jitter {cfg.data.stain_jitter}, flip TTA on probability maps; ImageNet weights: {'yes' if _has_imagenet(cfg) else 'no (random init)'}",
-        f"- data: {data_line(train, val, res.metrics['n_points'])}, {len(test)} test images "
-        f"({sum(len(g) for _, g in test)} nuclei); match radius {MATCH_RADIUS_FULL:g} px full-res, pooled",
-        f"- wall time: {wall / 60:.1f} min (training + per-round scoring {t_train / 60:.1f} min); "
-        f"throughput {pps:.1f} training patches/s, data wait {100 * wait:.1f}% of step time",
+        f"crop {cfg.data.crop_size}, colour: Reinhard{' + stain step' if cfg.data.stain_normalise else ''}, stain jitter {cfg.data.stain_jitter}, flip TTA on probability maps; ImageNet weights: {'yes' if _has_imagenet(cfg) else 'no (random init)'}"),
+        (f"- data: {data_line(train, val, res.metrics['n_points'])}, {len(test)} test images "
+        f"({sum(len(g) for _, g in test)} nuclei); match radius {MATCH_RADIUS_FULL:g} px full-res, pooled"),
+        (f"- wall time: {wall / 60:.1f} min (training + per-round scoring {t_train / 60:.1f} min); "
+        f"throughput {pps:.1f} training patches/s, data wait {100 * wait:.1f}% of step time"),
         "",
         "| method | selection | threshold | min area px | P | R | F1 | μ_d | σ_d |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{sc['F1']:.4f} | {mu:.2f} | {sd:.2f} |")
     for name, (p, r, f, mu, sd) in PAPER.items():
         lines.append(f"| paper {name} (GPU, ImageNet, 3 rounds x 80 ep) | not stated | – | – | {p:.4f} | {r:.4f} | {f:.4f} | {mu:.2f} | {sd:.2f} |")
-    lines += ["", f"Final model: `{final}`. μ_d/σ_d in full-resolution pixels. Selection `test` is the best pair on the test "
-              "images' masks: not a valid selection, printed only to show what the choice on held-back data costs.",
+    lines += ["", (f"Final model: `{final}`. μ_d/σ_d in full-resolution pixels. Selection `test` is the best pair on the test "
+              "images' masks: not a valid selection, printed only to show what the choice on held-back data costs."),
               "Per-round epoch losses: " + "; ".join(f"{k}: " + ", ".join(f"{v:.4f}" for v in h.losses) for k, h in res.history.items())]
     text = "\n".join(lines) + "\n"
     print(text)

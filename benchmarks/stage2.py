@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update(parse_set(args.set))
     cfg = profile_config(args.profile, **overrides)
     device = resolve_device(args.device)
-    train, val, test, gts, ref, scale, truth = mo_samples(cfg, args.seed, args.images)
+    train, val, test, gts, _ref, scale, truth = mo_samples(cfg, args.seed, args.images)
     work = args.work or Path(f"/tmp/pointnuc-bench-stage2-{args.profile}-{args.points}")
     layout = ModelLayout(work)
 
@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- points: {stage1_note}",
         f"- data: {len(train)} train, {len(val)} val ({sum(len(s.holdout) for s in val)} held-back points), {len(test)} test images",
         f"- wall time: {wall / 60:.1f} min (stage 1 {t1 / 60:.1f} min, stage 2 training + selection {t2 / 60:.1f} min)",
-        f"- labels: Voronoi + cluster label of one 1000x1000 image ({len(gts[n0])} points) in {label_full_s:.2f} s; "
-        f"all {len(train)} train images at the working resolution in {res.metrics['label_seconds']:.1f} s",
+        (f"- labels: Voronoi + cluster label of one 1000x1000 image ({len(gts[n0])} points) in {label_full_s:.2f} s; "
+        f"all {len(train)} train images at the working resolution in {res.metrics['label_seconds']:.1f} s"),
         f"- CRF cost per training step: plain {plain_s:.2f} s, with CRF {crf_s:.2f} s (x{crf_s / plain_s:.2f}); in training: "
         + ", ".join(f"{k} {np.mean([e.patches_per_s for e in h.epochs]):.2f} patches/s" for k, h in res.history.items()),
         f"- selection (points): threshold {thr.prob:.2f}, score {res.metrics.get('selection_score', float('nan')):.4f}; "
@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{pr['acc']:.4f} | {pr['F1']:.4f} | {pr['dice_obj']:.4f} | – | {pr['aji_authors']:.4f} |")
     lines.append("| QuPath 0.6.0 cell detection (no training) | – | watershed | – | no | "
                  + " | ".join(f"{QUPATH[k]:.4f}" for k in METRICS) + " |")
-    lines += ["", "Label quality on the train images (share of true nucleus pixels among pixels labelled nucleus; "
-              "share of true background among pixels labelled background; labelled share):", "",
+    lines += ["", ("Label quality on the train images (share of true nucleus pixels among pixels labelled nucleus; "
+              "share of true background among pixels labelled background; labelled share):"), "",
               "| image | Voronoi nuc prec | Voronoi bg prec | Voronoi labelled | cluster nuc prec | cluster bg prec | cluster labelled | cluster nuc recall |",
               "|---|---|---|---|---|---|---|---|"]
     for r in lq:

@@ -31,7 +31,7 @@ def _energy_and_grad(fn, y, *args, **kw):
 
 def test_full_window_equals_brute_force():
     y, image, valid = _case()
-    kw = dict(sigma_xy_px=3.0, sigma_rgb=0.1)
+    kw = {"sigma_xy_px": 3.0, "sigma_rgb": 0.1}
     e_ref, g_ref = _energy_and_grad(crf_energy_exact, y, image, valid, **kw)
     e, g = _energy_and_grad(crf_loss, y, image, valid, radius_sigmas=24 / 3.0, **kw)  # window covers the image
     assert e.item() == pytest.approx(e_ref.item(), rel=1e-10)
@@ -40,7 +40,7 @@ def test_full_window_equals_brute_force():
 
 def test_default_window_is_close_to_brute_force():
     y, image, valid = _case(1)
-    kw = dict(sigma_xy_px=3.0, sigma_rgb=0.1)
+    kw = {"sigma_xy_px": 3.0, "sigma_rgb": 0.1}
     e_ref, g_ref = _energy_and_grad(crf_energy_exact, y, image, valid, **kw)
     e, g = _energy_and_grad(crf_loss, y, image, valid, **kw)
     rel_e = abs(e.item() - e_ref.item()) / e_ref.item()
@@ -62,10 +62,10 @@ def test_energy_is_zero_for_a_hard_uniform_map_and_counts_cut_pairs():
 
 
 def test_filter_is_symmetric_operator():
-    y, image, _ = _case(2)
+    _y, image, _ = _case(2)
     a = torch.rand(2, 1, 24, 24, dtype=torch.float64)
     b = torch.rand(2, 1, 24, 24, dtype=torch.float64)
-    kw = dict(sigma_xy_px=2.0, sigma_rgb=0.2)
+    kw = {"sigma_xy_px": 2.0, "sigma_rgb": 0.2}
     lhs = (a * bilateral_filter(b, image, **kw)).sum()
     rhs = (b * bilateral_filter(a, image, **kw)).sum()
     assert lhs.item() == pytest.approx(rhs.item(), rel=1e-12)
@@ -79,7 +79,7 @@ def test_bad_shapes_raise():
 def test_downsampled_energy_is_close_to_brute_force():
     y, image, valid = _case(3, size=32)
     y = torch.nn.functional.avg_pool2d(y[:, None], 5, 1, 2, count_include_pad=False)[:, 0]  # smooth, like a network's map
-    kw = dict(sigma_xy_px=6.0, sigma_rgb=0.1)
+    kw = {"sigma_xy_px": 6.0, "sigma_rgb": 0.1}
     e_ref, g_ref = _energy_and_grad(crf_energy_exact, y, image, valid, **kw)
     e, g = _energy_and_grad(crf_loss, y, image, valid, downsample=2, **kw)
     rel_e = abs(e.item() - e_ref.item()) / e_ref.item()
@@ -111,8 +111,8 @@ def test_grouped_filter_equals_the_offset_loop(group_elements):
 
     y, image, valid = _case(2, size=20)
     values = torch.stack([valid.to(y.dtype), y * valid], 1)
-    for kw in (dict(sigma_xy_px=3.0, sigma_rgb=0.1, radius_sigmas=2.5),
-               dict(sigma_xy_px=4.5, sigma_rgb=0.2, radius_sigmas=6.0)):  # a window wider than the image
+    for kw in ({"sigma_xy_px": 3.0, "sigma_rgb": 0.1, "radius_sigmas": 2.5},
+               {"sigma_xy_px": 4.5, "sigma_rgb": 0.2, "radius_sigmas": 6.0}):  # a window wider than the image
         ref = _filter(values, image, **kw)
         out = _filter_grouped(values, image, group_elements=group_elements, **kw)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
@@ -124,7 +124,7 @@ def test_grouped_path_energy_and_gradient_equal_brute_force(monkeypatch):
 
     monkeypatch.setattr(crf, "_filter", lambda v, i, **kw: crf._filter_grouped(v, i, group_elements=20000, **kw))
     y, image, valid = _case()
-    kw = dict(sigma_xy_px=3.0, sigma_rgb=0.1)
+    kw = {"sigma_xy_px": 3.0, "sigma_rgb": 0.1}
     e_ref, g_ref = _energy_and_grad(crf_energy_exact, y, image, valid, **kw)
     e, g = _energy_and_grad(crf_loss, y, image, valid, radius_sigmas=24 / 3.0, **kw)
     assert e.item() == pytest.approx(e_ref.item(), rel=1e-10)

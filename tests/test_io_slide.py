@@ -128,7 +128,7 @@ def test_odd_sized_pyramid_reads_level_pixels_exactly(tmp_path: Path):
         # a box deep inside level 1, in full-res coordinates
         ds = 401 / 200
         x, y = 100 * ds, 60 * ds
-        out = s.read_region(int(round(x)), int(round(y)), int(round(40 * ds)), int(round(30 * ds)), downsample=ds)
+        out = s.read_region(round(x), round(y), round(40 * ds), round(30 * ds), downsample=ds)
         assert out.shape == (30, 40, 3)
 
 

@@ -183,7 +183,7 @@ def test_images_in_a_sibling_folder_of_a_moved_project_are_found(shared: Path, t
     assert relocated(Path("/a/images/x.tif"), None, Path("/b/p")) is None
 
 
-def test_backups_keep_the_newest_few_per_image(fake_project: Path) -> None:
+def test_backups_keep_the_newest_few_per_image(fake_project: Path) -> None:  # noqa: F811
     # #8: pointnuc-backup/ grew by one folder per write, without limit
     from test_io_qupath import A7, B0, FAKE
 

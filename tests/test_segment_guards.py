@@ -387,7 +387,7 @@ def test_lock_and_kept_results_work_through_the_project_protocol(tmp_path: Path,
     from pointnuc.pipeline import segment_project
 
     model = _stand_in_model(tmp_path / "model", monkeypatch)
-    img, centres = fat_tile()
+    img, _centres = fat_tile()
     write_tiff(tmp_path / "fat.tif", img, PX)
 
     class StandInProject:

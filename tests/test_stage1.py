@@ -199,7 +199,7 @@ def _toy_dataset() -> PatchDataset:
 def test_fit_resume_equals_uninterrupted(tmp_path: Path, schedule: str, ema: float) -> None:
     ds = _toy_dataset()
     settings = FitSettings(epochs=3, lr=1e-2, batch_size=4, seed=3, schedule=schedule, ema=ema)
-    kw = dict(device="cpu", stage_name="toy", progress=False, num_workers=0)
+    kw = {"device": "cpu", "stage_name": "toy", "progress": False, "num_workers": 0}
     torch.manual_seed(0)
     m1 = build_network(1, "tiny")
     h1 = fit(m1, ds, weighted_mse, settings, checkpoint_dir=tmp_path / "a", resume=False, **kw)

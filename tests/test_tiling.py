@@ -108,7 +108,7 @@ def _disc_image(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_tiled_equals_untiled_fake_model() -> None:
-    img, lab = _disc_image(150, 210, seed=3)
+    img, _lab = _disc_image(150, 210, seed=3)
     tiled = tiled_predict(img, _blur_model, tile_size=64, halo=16, pad_value=255)
     ref = untiled_reference(img, _blur_model, tile_size=64, halo=16, pad_value=255)
     np.testing.assert_allclose(tiled, ref, atol=1e-6)

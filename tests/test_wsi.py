@@ -7,6 +7,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pytest
@@ -73,7 +74,7 @@ def _rss_mb() -> float:
 class PeakRSS:
     """Peak resident memory (MiB) of this process while the block runs, sampled every 2 ms."""
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Self:
         self.base = self.peak = _rss_mb()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
