@@ -313,14 +313,14 @@ def _segment_locked(
         info = load_info(model_dir)
         dev = resolve_device(device)
         # loaded here also when worker processes segment: a damaged model is refused in one line, before any work
-        net = fuse_batchnorm(load_network(model_dir, "segmenter", info))  # (this copy only segments)
+        net = load_network(model_dir, "segmenter", info)
         summary.images_at_once = n = images_at_once(todo, info, dev)
         if n > 1 and len(todo) >= PROCESS_MIN_IMAGES:
             net = None
             workers = ImageWorkers(model_dir, n, max(1, torch.get_num_threads() // n))
             summary.workers_seconds = workers.start_seconds
         else:
-            net.to(dev)
+            net = fuse_batchnorm(net).to(dev)  # (this copy only segments)
             preload(info.config.segmentation.instance_method)  # (start-up, not the first image's time)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

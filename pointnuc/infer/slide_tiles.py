@@ -43,6 +43,8 @@ SMALL_AREA_TILE = 512
 #: white px a single window shows beyond the image's edge (:func:`one_window`): none, and the network's own zero
 #: padding made 1-px slivers of "nucleus" along an edge of synthetic images; the tiles' whole halo is 80 px for MO
 EDGE_PX = 16
+#: fewer pixels than this give no colour statistics (the colour is then left as it is)
+MIN_COLOUR_PIXELS = 16
 #: Tiles read to estimate a slide's colour statistics (spread evenly over the tissue tiles).
 COLOUR_SAMPLE_TILES = 8
 #: Of those pixels, every this many give the stain statistics (two percentiles; ~400k pixels of 8 tiles of 448² cores)
@@ -176,7 +178,7 @@ def sampled_colour_stats(
     for t, img in zip(chosen, images):
         pixels.append(img[core_in_window(t)].reshape(-1, 3))
     flat = np.concatenate(pixels)
-    return colour_stats(flat[:, None, :], ref or {}, stain_stride=STAIN_STRIDE) if len(flat) >= 16 else None
+    return colour_stats(flat[:, None, :], ref or {}, stain_stride=STAIN_STRIDE) if len(flat) >= MIN_COLOUR_PIXELS else None
 
 
 def core_in_window(tile: Tile) -> tuple[slice, slice]:

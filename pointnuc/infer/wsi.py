@@ -53,6 +53,7 @@ from pointnuc.infer.pools import ThreadSlides, batches, bounded, main_not_reimpo
 from pointnuc.infer.predict import foreground_batch
 from pointnuc.infer.slide_tiles import (
     MAX_NUCLEUS_RADIUS_FACTOR,
+    MIN_COLOUR_PIXELS,
     STAIN_STRIDE,
     SlidePlan,
     core_in_window,
@@ -304,7 +305,7 @@ class SlideSegmenter:
         if len(plan.tiles) == 1 and not self.settings.normalise_on_device:  # one window: its pixels and colours once
             (tile,) = plan.tiles
             window = read_tile(slides.get(), plan, tile)
-            if tile.core.height * tile.core.width >= 16:  # (as sampled_colour_stats asks)
+            if tile.core.height * tile.core.width >= MIN_COLOUR_PIXELS:
                 stats, normalised = colour_stats_and_apply(window, core_in_window(tile), ref, STAIN_STRIDE)
                 self._window = (tile.index, normalised)
                 return stats, ref
