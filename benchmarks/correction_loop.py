@@ -140,7 +140,7 @@ def answer_round(proj: Path, labels: dict[str, np.ndarray], kinds: frozenset[str
     the deleted ones (whose ids :mod:`pointnuc.io.written` recorded: the next training reads
     them as background). Suggestions left unanswered are not exported.
     """
-    from shapely.geometry import mapping, shape
+    from shapely.geometry import shape
 
     from pointnuc.geometry import labels_to_polygons
     from pointnuc.io.geojson import feature_is_pointnuc
@@ -166,13 +166,12 @@ def answer_round(proj: Path, labels: dict[str, np.ndarray], kinds: frozenset[str
             k = int(lab[min(int(s["y"]), lab.shape[0] - 1), min(int(s["x"]), lab.shape[1] - 1)])
             if k > 0 and kinds & {"points", "outlines"}:
                 if "outlines" in kinds:
-                    poly = labels_to_polygons(np.where(lab == k, 1, 0).astype(np.int32))[1]
-                    geom = {"type": "Polygon", "coordinates": json.loads(json.dumps(mapping(poly)["coordinates"]))}
+                    user.append(outline_feature(labels_to_polygons(np.where(lab == k, 1, 0).astype(np.int32))[1],
+                                                s["rank"]))
                     clicks["outlines"] += 1
                 else:
-                    geom = {"type": "Point", "coordinates": list(centres[k])}
+                    user.append(feature({"type": "Point", "coordinates": list(centres[k])}, "Nucleus", s["rank"]))
                     clicks["points"] += 1
-                user.append(feature(geom, "Nucleus", s["rank"]))
             elif k == 0:
                 on = false_near(det_xy, false, deleted, s["x"], s["y"], r) if s.get("detected") else []
                 if on:  # the suggestion sits on a false detection: deleting it is the answer
@@ -187,6 +186,24 @@ def answer_round(proj: Path, labels: dict[str, np.ndarray], kinds: frozenset[str
         doc["features"] = user + [f for j, f in enumerate(dets) if j not in deleted]
         export.write_text(json.dumps(doc))
     return clicks
+
+
+def outline_feature(poly, rank: float | None = None) -> dict:
+    """A true nucleus' outline (shapely polygon) as a ``Nucleus`` polygon annotation (a user's outline)."""
+    from shapely.geometry import mapping
+
+    return feature({"type": "Polygon", "coordinates": json.loads(json.dumps(mapping(poly)["coordinates"]))}, "Nucleus",
+                   rank)
+
+
+def write_outlines(export: Path, lab: np.ndarray, centres_xy: np.ndarray) -> None:
+    """Replace an image's marks by the true outlines of the nuclei whose centres are ``centres_xy``."""
+    from pointnuc.geometry import labels_to_polygons
+
+    ids = {c: k for k, c in centres_by_label(lab).items()}
+    polys = labels_to_polygons(lab.astype(np.int32))
+    feats = [outline_feature(polys[ids[(float(x), float(y))]]) for x, y in centres_xy]
+    export.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
 
 
 def _points(path: Path) -> list:
@@ -223,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer", choices=("point", "outline"), default="point",
                     help="a nucleus is answered by a Nucleus point at its centre or by its true outline (a Nucleus "
                          "polygon annotation)")
+    ap.add_argument("--random-outlines", action="store_true",
+                    help="the random arms give their nuclei as true outlines (Nucleus polygon annotations: full masks in "
+                         "stage 2, their centres points in stage 1) instead of points; fraction 1 is full supervision")
     ap.add_argument("--marks", default=DEFAULT_MARKS,
                     help=f"the kinds of answers the annotator gives, a comma list of {', '.join(MARK_KINDS)} "
                          "(outlines: nuclei answered by outlines, as --answer outline); the others are left "
@@ -243,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args.tag = "" if kinds == parse_marks(DEFAULT_MARKS, "point") else "-" + "+".join(k for k in MARK_KINDS if k in kinds)
     if args.from_start:
         args.tag += "-from-start"
+    if args.random_outlines:
+        args.tag += "-random-outlines"
     if args.combine:
         combined: list[dict] = []
         for f in args.combine:
@@ -282,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in train_names:
             pts = sample_fraction(gts[n], fraction, rng)
             n_clicks += len(pts)
-            _write(proj, n, raw[n][0], pts)
+            _write(proj, n, raw[n][0], np.zeros((0, 2)) if args.random_outlines else pts)
+            if args.random_outlines:
+                write_outlines(proj / f"{n}.geojson", labels[n], pts)
         t0 = time.time()
         train_project(open_project(proj), proj / "model", config, progress=False, offline=True)
         return proj, proj / "model", n_clicks, time.time() - t0
@@ -300,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in fractions:
         proj, model, clicks, secs = fresh(f)
         fresh_models[f] = (proj, model, clicks, secs)
-        rows.append({"arm": f"random {f:.0%}", "round": 0, "clicks": clicks, "train_s": round(secs, 1),
+        rows.append({"arm": f"random {f:.0%}" + (" outlines" if args.random_outlines else ""), "round": 0, "clicks": clicks, "train_s": round(secs, 1),
                      "round_s": round(secs, 1), **score(model, test, data)})
         print(rows[-1], flush=True)
     start = min(fresh_models)

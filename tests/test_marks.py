@@ -150,6 +150,27 @@ def test_outline_becomes_a_full_mask_in_stage2_and_a_point_in_stage1(tmp_path: P
     assert (t[0][ring] == 0).all() and (t[1][ring] == 0).all()
 
 
+def test_held_back_outline_is_not_trained_on(tmp_path: Path, scene: dict):
+    """An outline whose centre is held back for tuning is no mask either: the check must not see a nucleus it was shown."""
+    labels = scene["labels"]
+    outlines = []
+    for x, y in scene["points"]:
+        rr, cc = np.nonzero(labels == labels[int(y), int(x)])
+        outlines.append(box(cc.min(), rr.min(), cc.max() + 1, rr.max() + 1))
+    folder = write_geojson_project(tmp_path / "proj", NAME, scene["image"], np.zeros((0, 2)), pixel_size_um=0.25,
+                                   extra_features=[_feature(g, "Nucleus") for g in outlines])
+    config = profile_config("tiny", **{"data.holdout_fraction": 0.3})
+    (s,), _, counts = load_training_images(open_project(folder), config)
+    assert counts[IMG] == len(outlines) and len(s.holdout) and len(s.points) + len(s.holdout) == len(outlines)
+    for g in outlines:
+        c = np.array([g.centroid.x, g.centroid.y])
+        r0, r1, c0, c1 = int(g.bounds[1]), int(g.bounds[3]), int(g.bounds[0]), int(g.bounds[2])
+        held = np.min(np.hypot(*(s.holdout - c).T)) < 1e-6
+        assert held != (np.min(np.hypot(*(s.points - c).T)) < 1e-6)
+        on = s.marks[r0:r1, c0:c1] == OUTLINE
+        assert (not on.any()) if held else on.mean() > 0.5  # boxes may overlap a neighbour's
+
+
 def test_background_area_and_point_give_background_targets(tmp_path: Path, scene: dict):
     (ax, ay), _, (px, py) = scene["places"]
     area = box(ax - 10, ay - 10, ax + 10, ay + 10)

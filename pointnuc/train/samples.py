@@ -146,16 +146,22 @@ def mark_anchors(ann: ImageAnnotations) -> np.ndarray:
 
 
 def sample_marks(ann: ImageAnnotations, shape: tuple[int, int], origin_xy: tuple[float, float], scale: float,
-                 config: TrainConfig) -> np.ndarray | None:
-    """The image's marks rasterised on one sample's grid (:func:`pointnuc.labels.marks.rasterise_marks`)."""
+                 config: TrainConfig, held_back: Sequence[int] = ()) -> np.ndarray | None:
+    """The image's marks rasterised on one sample's grid (:func:`pointnuc.labels.marks.rasterise_marks`).
+
+    ``held_back``: indices into ``ann.nucleus_points_xy`` held back for tuning; their outlines are
+    left out, so the held-back check never sees a nucleus the network was shown.
+    """
     from pointnuc.labels.marks import RING_UM, rasterise_marks
 
-    if not (ann.outlines or ann.has_background_marks):
+    held, first = {int(i) for i in held_back}, len(ann.points_xy)  # the outlines' centres follow the clicked points
+    outlines = [g for i, g in enumerate(ann.outlines) if first + i not in held]
+    if not (outlines or ann.has_background_marks):
         return None
     return rasterise_marks(shape, origin_xy=origin_xy, scale=scale, r1_px=config.data.px(config.data.nucleus_radius_um),
                            ring_px=config.data.px(RING_UM), background_areas=ann.background_areas,
                            background_points_xy=ann.background_points_xy, deleted=ann.deleted,
-                           outlines=ann.outlines, nucleus_points_xy=ann.points_xy)
+                           outlines=outlines, nucleus_points_xy=ann.points_xy)
 
 
 def load_training_images(
@@ -201,7 +207,7 @@ def load_training_images(
             continue
         px = pixel_size_or_error(image, pixel_size_um)
         ds = config.data.pixel_size_um / px
-        boxes = []  # (k, pixels, valid mask, points in working px, which points lie in the box, origin, scale, marks)
+        boxes = []  # (k, pixels, valid mask, points in working px, which points lie in the box, origin, scale)
         anchors = np.concatenate([nuclei_xy, mark_anchors(ann)])
         with open_slide(image.path, pixel_size_um=px) as slide:
             for k, (x, y, w, h, geom) in enumerate(_boxes_for_image(image, ann.regions, anchors, ds, config)):
@@ -217,17 +223,18 @@ def load_training_images(
                 ij = np.floor(local).astype(int)
                 inside = (ij[:, 0] >= 0) & (ij[:, 1] >= 0) & (ij[:, 0] < ww) & (ij[:, 1] < hh)
                 inside[inside] = valid[ij[inside, 1], ij[inside, 0]]
-                marks = sample_marks(ann, (hh, ww), (float(x), float(y)), float(scale), config)
-                if marks is not None and not (marks[valid] != 0).any():
-                    marks = None
-                if inside.any() or marks is not None:
-                    boxes.append((k, arr, valid, local, inside, (float(x), float(y)), float(scale), marks))
+                boxes.append((k, arr, valid, local, inside, (float(x), float(y)), float(scale)))
         # held-back points are drawn per image, so a point in two overlapping windows or regions
         # is never trained on in one and held back in the other
         in_any = np.flatnonzero(np.any([b[4] for b in boxes], axis=0)) if boxes else np.zeros(0, int)
         train_idx, hold_idx = split_holdout(in_any, config.data.holdout_fraction, rng)
         total += len(in_any)
-        for k, arr, valid, local, inside, origin, scale, marks in boxes:
+        for k, arr, valid, local, inside, origin, scale in boxes:
+            marks = sample_marks(ann, valid.shape, origin, scale, config, held_back=hold_idx)
+            if marks is not None and not (marks[valid] != 0).any():
+                marks = None
+            if not inside.any() and marks is None:
+                continue
             raw.append(
                 TrainingImage(
                     name=f"{image.name}#{k}",
