@@ -146,7 +146,7 @@ def mark_anchors(ann: ImageAnnotations) -> np.ndarray:
 
 
 def sample_marks(ann: ImageAnnotations, shape: tuple[int, int], origin_xy: tuple[float, float], scale: float,
-                 config: TrainConfig, held_back: Sequence[int] = ()) -> np.ndarray | None:
+                 config: TrainConfig, held_back: Sequence[int] | np.ndarray = ()) -> np.ndarray | None:
     """The image's marks rasterised on one sample's grid (:func:`pointnuc.labels.marks.rasterise_marks`).
 
     ``held_back``: indices into ``ann.nucleus_points_xy`` held back for tuning; their outlines are
