@@ -208,12 +208,13 @@ def write_outlines(export: Path, lab: np.ndarray, centres_xy: np.ndarray) -> Non
 
 
 def _points(path: Path) -> list:
-    """The Nucleus points of a user's export."""
+    """The Nucleus marks of a user's export: each point's coordinates, each outline's first ring."""
     out: list = []
     for feat in json.loads(path.read_text())["features"]:
         if feat["properties"].get("classification", {}).get("name") == "Nucleus":
             g = feat["geometry"]
-            out += [g["coordinates"]] if g["type"] == "Point" else list(g["coordinates"]) if g["type"] == "MultiPoint" else []
+            out += ([g["coordinates"]] if g["type"] in ("Point", "Polygon") else
+                    list(g["coordinates"]) if g["type"] == "MultiPoint" else [])
     return out
 
 
